@@ -1,0 +1,32 @@
+"""Library defaults, in one place. CLI options default to ``None`` and are filled in from here."""
+
+from __future__ import annotations
+
+#: Encoder used when none is named: offline weights installed from the package registry.
+DEFAULT_ENCODER = "efficientnet-lite0"
+
+#: Lattice cells per block side. A block is one super-tile read and one unit of work.
+BLOCK_CELLS = 32
+
+#: Cells per Zarr chunk side (a multiple of BLOCK_CELLS).
+CHUNK_CELLS = 64
+
+#: A spot is kept when at least this fraction of its disk lies on tissue.
+MIN_TISSUE_FRACTION = 0.5
+
+#: Thumbnail resolution used for tissue detection (µm per pixel).
+TISSUE_MPP = 8.0
+
+#: Encoder sub-batch size on CPU and on GPU (patches per forward pass).
+CPU_BATCH = 64
+GPU_BATCH = 256
+
+#: Pixel size plausibility window (µm/px): outside it a stated MPP is treated as absent
+#: (72-dpi defaults in TIFF tags become 352.8 µm/px, which is not a microscope scan).
+MPP_PLAUSIBLE = (0.05, 50.0)
+
+#: Largest plain (untiled) image we decode whole, in pixels.
+MAX_PLAIN_IMAGE_PIXELS = 2_000_000_000
+
+#: Expression array dtype in the output cube.
+EXPRESSION_DTYPE = "float16"

@@ -1,0 +1,89 @@
+"""One exception hierarchy for the whole tool.
+
+Every error subclasses :class:`HistoSGEError` *and* the builtin it resembles, so callers can catch
+either. Each carries an ``exit_code`` that the CLI returns; the codes are documented in the README
+("Failure behaviour") and must not change meaning between releases.
+"""
+
+from __future__ import annotations
+
+
+class HistoSGEError(Exception):
+    """Base class. ``str(err)`` is a one-line message that names the file and the fix."""
+
+    exit_code = 1
+
+
+class UsageError(HistoSGEError, ValueError):
+    """Bad options or parameters."""
+
+    exit_code = 2
+
+
+class SlideNotFoundError(HistoSGEError, FileNotFoundError):
+    """The slide (or another input file) does not exist."""
+
+    exit_code = 3
+
+
+class SlideFormatError(HistoSGEError, ValueError):
+    """The file is not a slide we can read, or it is truncated/corrupt."""
+
+    exit_code = 4
+
+
+class MPPMissingError(HistoSGEError, ValueError):
+    """The slide carries no (plausible) pixel size and no override was given."""
+
+    exit_code = 5
+
+
+class NoTissueError(HistoSGEError, ValueError):
+    """Tissue detection found nothing to predict on."""
+
+    exit_code = 6
+
+
+class OutputExistsError(HistoSGEError, FileExistsError):
+    """The output path holds something else, or a run with other parameters."""
+
+    exit_code = 7
+
+
+class ModelError(HistoSGEError, ValueError):
+    """A checkpoint or encoder cannot be loaded or does not fit together."""
+
+    exit_code = 8
+
+
+class EncoderWeightsError(ModelError, FileNotFoundError):
+    """Encoder weights are not available offline."""
+
+    exit_code = 8
+
+
+class CorruptTileError(SlideFormatError):
+    """A tile of the slide failed to decode."""
+
+    exit_code = 4
+
+
+class DataFormatError(HistoSGEError, ValueError):
+    """Training/evaluation data (counts, spot files, AnnData) is malformed."""
+
+    exit_code = 9
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success (or nothing to do: output already complete)",
+    1: "unexpected internal error (rerun with --debug and report it)",
+    2: "bad usage or parameters",
+    3: "input file not found",
+    4: "not a readable slide, or a corrupt/truncated slide",
+    5: "slide has no pixel size (MPP); pass --mpp",
+    6: "no tissue found",
+    7: "output exists with other content or other parameters; use --overwrite or another --out",
+    8: "model or encoder cannot be loaded, or they do not fit together",
+    9: "training/evaluation data is malformed",
+    130: "interrupted (Ctrl-C / SIGTERM); rerun to resume",
+}

@@ -1,0 +1,441 @@
+"""Whole-slide images behind one small interface.
+
+``Slide`` opens a file with the first backend that can read it: tiffslide (SVS, pyramidal and
+OME-TIFF, generic tiled TIFF), OpenSlide (DICOM, MRXS, NDPI, ... via openslide-bin), or a plain RGB
+image (JPEG, PNG, untiled TIFF: e.g. the full-resolution H&E of a Visium or legacy ST run). All
+coordinates are level-0 pixels. A ``Slide`` is picklable: it keeps the path and reopens its backend
+lazily in each DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import config
+from .errors import CorruptTileError, MPPMissingError, SlideFormatError, SlideNotFoundError
+
+PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass(frozen=True)
+class MPP:
+    """Pixel size of level 0 in µm/px, and where it came from."""
+
+    x: float
+    y: float
+    source: str
+
+    @property
+    def mean(self) -> float:
+        return (self.x + self.y) / 2.0
+
+
+class Backend(Protocol):
+    name: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    vendor: str
+    properties: dict[str, str]
+    associated_images: dict[str, tuple[int, int]]
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
+
+    def stated_mpp(self) -> tuple[float, float, str] | None: ...
+
+    def close(self) -> None: ...
+
+
+def _plausible(mpp: float) -> bool:
+    lo, hi = config.MPP_PLAUSIBLE
+    return lo <= mpp <= hi
+
+
+def _rgb(arr: np.ndarray) -> np.ndarray:
+    """Return an (h, w, 3) uint8 array; alpha composited on white, greyscale expanded."""
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.dtype != np.uint8:
+        if arr.dtype == np.uint16:
+            arr = (arr >> 8).astype(np.uint8)
+        else:
+            raise SlideFormatError(f"unsupported pixel type {arr.dtype}; convert the slide to 8-bit RGB")
+    if arr.shape[2] == 4:
+        alpha = arr[..., 3:4].astype(np.uint16)
+        rgb = arr[..., :3].astype(np.uint16)
+        arr = ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+class TiffSlideBackend:
+    name = "tiffslide"
+
+    def __init__(self, path: Path) -> None:
+        import tiffslide
+
+        self._slide = tiffslide.TiffSlide(path)
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.properties = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
+        self.vendor = self.properties.get("tiffslide.vendor") or self._guess_vendor()
+        self.associated_images = {k: (0, 0) for k in self._slide.associated_images}
+
+    def _guess_vendor(self) -> str:
+        tf = self._slide.ts_tifffile
+        if tf.is_ome:
+            return "ome"
+        return "generic-tiff"
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        arr = self._slide.read_region(location, level, size, as_array=True)
+        return _rgb(np.asarray(arr))
+
+    def stated_mpp(self) -> tuple[float, float, str] | None:
+        mx = self.properties.get("tiffslide.mpp-x")
+        my = self.properties.get("tiffslide.mpp-y") or mx
+        if not mx:
+            return None
+        if self.vendor == "aperio":
+            source = "aperio image description (MPP)"
+        elif self.vendor == "ome":
+            source = "OME-XML PhysicalSizeX/Y"
+        else:
+            source = "TIFF resolution tags"
+        return float(mx), float(my or mx), source
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class OpenSlideBackend:
+    name = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        self._slide = openslide.OpenSlide(path)
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.properties = dict(self._slide.properties)
+        self.vendor = self.properties.get("openslide.vendor", "unknown")
+        self.associated_images = {k: (0, 0) for k in self._slide.associated_images}
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        import openslide
+
+        try:
+            img = self._slide.read_region(location, level, size)
+        except openslide.OpenSlideError as exc:
+            raise CorruptTileError(f"OpenSlide failed to read region at {location}: {exc}") from exc
+        return _rgb(np.asarray(img))
+
+    def stated_mpp(self) -> tuple[float, float, str] | None:
+        mx = self.properties.get("openslide.mpp-x")
+        my = self.properties.get("openslide.mpp-y") or mx
+        if not mx:
+            return None
+        return float(mx), float(my or mx), f"{self.vendor} metadata (openslide.mpp-x/y)"
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """Width and height from a JPEG or PNG header, without decoding (and without PIL's global limit)."""
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+        if head.startswith(b"\x89PNG\r\n\x1a\n"):
+            w, h = struct.unpack(">II", head[16:24])
+            return int(w), int(h)
+        if not head.startswith(b"\xff\xd8"):
+            raise SlideFormatError(f"{path}: not a JPEG or PNG file (bad signature)")
+        fh.seek(2)
+        while True:
+            marker = fh.read(2)
+            if len(marker) < 2 or marker[0] != 0xFF:
+                raise SlideFormatError(f"{path}: truncated or corrupt JPEG header")
+            code = marker[1]
+            if code in (0xD8, 0x01) or 0xD0 <= code <= 0xD7:
+                continue
+            seg_len_bytes = fh.read(2)
+            if len(seg_len_bytes) < 2:
+                raise SlideFormatError(f"{path}: truncated JPEG header")
+            (seg_len,) = struct.unpack(">H", seg_len_bytes)
+            if code in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                data = fh.read(5)
+                h, w = struct.unpack(">HH", data[1:5])
+                return int(w), int(h)
+            fh.seek(seg_len - 2, os.SEEK_CUR)
+
+
+class PlainImageBackend:
+    """A single-resolution RGB image decoded whole (once per process) and cut in memory.
+
+    Plain images have no random access, so this is only for images that fit in memory (the
+    full-resolution H&E of a spatial-transcriptomics run is ~100 Mpx); the size is checked from
+    the header before decoding.
+    """
+
+    name = "plain-image"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        w, h = _image_size(path)
+        if w <= 0 or h <= 0 or w * h > config.MAX_PLAIN_IMAGE_PIXELS:
+            raise SlideFormatError(
+                f"{path}: image header says {w}x{h} px, beyond the plain-image limit of "
+                f"{config.MAX_PLAIN_IMAGE_PIXELS} px; convert it to a tiled pyramidal TIFF"
+            )
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+        self.vendor = "jpeg" if path.suffix.lower() in {".jpg", ".jpeg"} else "png"
+        self.properties: dict[str, str] = {}
+        self.associated_images: dict[str, tuple[int, int]] = {}
+        self._pixels: np.ndarray | None = None
+
+    def _array(self) -> np.ndarray:
+        if self._pixels is None:
+            import imagecodecs
+
+            try:
+                arr = imagecodecs.imread(str(self.path))
+            except Exception as exc:
+                raise SlideFormatError(f"{self.path}: image failed to decode ({exc}); the file is corrupt") from exc
+            arr = _rgb(np.asarray(arr))
+            if arr.shape[1] != self.level_dimensions[0][0] or arr.shape[0] != self.level_dimensions[0][1]:
+                raise SlideFormatError(f"{self.path}: decoded size differs from the header; the file is corrupt")
+            self._pixels = arr
+        return self._pixels
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        arr = self._array()
+        x, y = location
+        w, h = size
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, arr.shape[1]), min(y + h, arr.shape[0])
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = arr[y0:y1, x0:x1]
+        return out
+
+    def stated_mpp(self) -> tuple[float, float, str] | None:
+        # JFIF/PNG densities are screen DPI defaults, never a microscope's pixel size.
+        return None
+
+    def close(self) -> None:
+        self._pixels = None
+
+
+def _open_backend(path: Path) -> Backend:
+    if path.suffix.lower() in PLAIN_SUFFIXES:
+        return PlainImageBackend(path)
+    errors: list[str] = []
+    try:
+        return TiffSlideBackend(path)
+    except Exception as exc:  # noqa: BLE001 - try the next reader, report all reasons
+        errors.append(f"tiffslide: {type(exc).__name__}: {str(exc)[:160]}")
+    try:
+        return OpenSlideBackend(path)
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"openslide: {type(exc).__name__}: {str(exc)[:160]}")
+    raise SlideFormatError(
+        f"{path}: not a slide any reader can open ({'; '.join(errors)}). "
+        "Check that the file is complete and is a supported format (SVS, TIFF/OME-TIFF, NDPI, MRXS, "
+        "DICOM WSI, JPEG/PNG)."
+    )
+
+
+@dataclass
+class Slide:
+    """A whole-slide image. Open with ``Slide(path, mpp=None)``."""
+
+    path: Path
+    mpp_override: float | None = None
+    _backend: Backend | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.path.exists():
+            raise SlideNotFoundError(f"{self.path}: no such file; check the path")
+        if self.path.is_dir():
+            raise SlideFormatError(f"{self.path}: is a directory, not a slide file (MRXS: pass the .mrxs file)")
+        if self.path.stat().st_size == 0:
+            raise SlideFormatError(f"{self.path}: file is empty (0 bytes); re-copy the slide")
+        if self.mpp_override is not None and not (self.mpp_override > 0):
+            raise MPPMissingError(f"--mpp must be a positive number of µm/px, got {self.mpp_override}")
+        _ = self.backend  # open now so format errors surface at construction
+
+    # -- pickling: keep the path, reopen lazily in each worker --------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "mpp_override": self.mpp_override}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self.mpp_override = state["mpp_override"]
+        self._backend = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = _open_backend(self.path)
+        return self._backend
+
+    # -- metadata ---------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.backend.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.backend.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self.backend.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self.backend.level_downsamples
+
+    @property
+    def vendor(self) -> str:
+        return self.backend.vendor
+
+    @cached_property
+    def mpp(self) -> MPP:
+        """Level-0 pixel size: user override, else what the file states (if plausible), else an error."""
+        stated = self.backend.stated_mpp()
+        if stated is not None and not (_plausible(stated[0]) and _plausible(stated[1])):
+            implausible = stated
+            stated = None
+        else:
+            implausible = None
+        if self.mpp_override is not None:
+            if stated is not None and abs(stated[0] - self.mpp_override) / stated[0] > 0.1:
+                warnings.warn(
+                    f"{self.path}: --mpp {self.mpp_override} overrides the file's {stated[0]:.4f} µm/px "
+                    f"({stated[2]})",
+                    stacklevel=2,
+                )
+            return MPP(self.mpp_override, self.mpp_override, "user override (--mpp)")
+        if stated is not None:
+            return MPP(stated[0], stated[1], stated[2])
+        hint = ""
+        if implausible is not None:
+            hint = (
+                f" The file states {implausible[0]:.4g} µm/px ({implausible[2]}), which is not a microscope "
+                "scan (likely a 72-dpi default)."
+            )
+        raise MPPMissingError(
+            f"{self.path}: the slide has no pixel size.{hint} Pass --mpp with the scan's µm per pixel "
+            "(e.g. --mpp 0.5 for 20x, 0.25 for 40x)."
+        )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Content fingerprint: size plus the first and last MiB (fast on multi-GB files)."""
+        h = hashlib.blake2b(digest_size=16)
+        size = self.path.stat().st_size
+        h.update(str(size).encode())
+        with open(self.path, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read(1 << 20))
+        return h.hexdigest()
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp.mean * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The coarsest level whose pixels are at least as fine as ``target_mpp`` (1% tolerance)."""
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= target_mpp * 1.01:
+                best = level
+        return best
+
+    # -- pixels -----------------------------------------------------------------------------
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``size`` at ``level``, top-left at level-0 ``location``."""
+        try:
+            return self.backend.read_region(location, level, size)
+        except (CorruptTileError, SlideFormatError):
+            raise
+        except Exception as exc:
+            raise CorruptTileError(
+                f"{self.path}: failed to decode the region at level-0 {location}, level {level}, size {size} "
+                f"({type(exc).__name__}: {exc}); the slide is corrupt or truncated"
+            ) from exc
+
+    def thumbnail_shape(self, mpp: float) -> tuple[int, int]:
+        """(rows, cols) of the thumbnail at ``mpp`` µm/px."""
+        w0, h0 = self.dimensions
+        return max(1, round(h0 * self.mpp.y / mpp)), max(1, round(w0 * self.mpp.x / mpp))
+
+    def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
+        """An RGB thumbnail at about ``mpp`` µm/px; returns (array, its actual µm/px along x).
+
+        Read in horizontal strips from the coarsest adequate level, so memory stays bounded on
+        single-level gigapixel files.
+        """
+        from PIL import Image
+
+        w0, h0 = self.dimensions
+        th, tw = self.thumbnail_shape(mpp)
+        level = self.best_level_for_mpp(mpp)
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        out = np.empty((th, tw, 3), dtype=np.uint8)
+        rows_per_strip = max(1, min(th, (64 << 20) // max(1, 3 * lw) * th // max(1, lh)))
+        for ty0 in range(0, th, rows_per_strip):
+            ty1 = min(th, ty0 + rows_per_strip)
+            ly0 = int(np.floor(ty0 * lh / th))
+            ly1 = max(ly0 + 1, min(lh, int(np.ceil(ty1 * lh / th))))
+            strip = self.read_region((0, int(ly0 * ds)), level, (lw, ly1 - ly0))
+            out[ty0:ty1] = np.asarray(Image.fromarray(strip).resize((tw, ty1 - ty0), Image.Resampling.BOX))
+        return out, self.mpp.x * w0 / tw
+
+    def info(self) -> dict[str, Any]:
+        """Everything `wsi-histosge info` shows, JSON-serialisable."""
+        try:
+            mpp: dict[str, Any] = {"x": self.mpp.x, "y": self.mpp.y, "source": self.mpp.source}
+        except MPPMissingError as exc:
+            mpp = {"x": None, "y": None, "source": None, "error": str(exc)}
+        return {
+            "path": str(self.path),
+            "backend": self.backend.name,
+            "vendor": self.vendor,
+            "dimensions": list(self.dimensions),
+            "levels": [
+                {"level": i, "dimensions": list(d), "downsample": ds}
+                for i, (d, ds) in enumerate(zip(self.level_dimensions, self.level_downsamples, strict=True))
+            ],
+            "mpp": mpp,
+            "associated_images": sorted(self.backend.associated_images),
+            "fingerprint": self.fingerprint,
+        }
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+    """Open ``path`` as a :class:`Slide` (see the module docstring for supported formats)."""
+    return Slide(Path(path), mpp_override=mpp)
