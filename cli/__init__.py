@@ -1,0 +1,1 @@
+"""The `wsi-histosge` command line (installed as ``wsi_histosge.cli``)."""

@@ -1,0 +1,368 @@
+"""Whole-slide inference: slide -> tissue -> lattice -> super-tiles -> encoder -> head -> Zarr cube."""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__, config
+from .encoders import Encoder, create_encoder
+from .errors import ModelError, NoTissueError
+from .grid import Block, Grid, make_grid
+from .loader import BlockDataset, block_loader, encode_tile
+from .model import Model, default_model_path, load_model
+from .slide import Slide, open_slide
+from .store import ATTR_KEY, CubeStore, run_fingerprint
+from .tissue import TissueMask, detect_tissue, load_tissue_mask, require_tissue, write_geojson
+
+
+@dataclass
+class InferOptions:
+    """Options of one inference run; ``None`` means "the library default"."""
+
+    model: str | Path | None = None
+    encoder_weights: str | Path | None = None
+    allow_download: bool = False
+    mpp: float | None = None
+    stride_um: float | None = None
+    spot_um: float | None = None
+    context_um: float | None = None
+    origin_um: tuple[float, float] | None = None
+    tissue_mask: str | Path | None = None
+    min_tissue_fraction: float | None = None
+    device: str | None = None
+    precision: str | None = None  # "fp32", "bf16", "fp16"; default bf16/fp16 on GPU, fp32 on CPU
+    batch_size: int | None = None
+    num_workers: int | None = None
+    compile: bool = False
+    overwrite: bool = False
+    write_geojson: bool = True
+
+
+@dataclass
+class InferResult:
+    status: str  # "complete" (computed now), "already-complete", "resumed"
+    out: str
+    slide: str
+    spots: int
+    tiles: int
+    chunks_written: int
+    grid_shape: tuple[int, int]
+    stride_um: float
+    tissue_area_mm2: float
+    mpp: float
+    mpp_source: str
+    model: str
+    encoder: str
+    device: str
+    precision: str
+    timings_s: dict[str, float] = field(default_factory=dict)
+    spots_per_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[str, int, int], None]  # (event, advance, total)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(device: torch.device, precision: str | None) -> torch.dtype:
+    if precision is None or precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise ModelError(f"precision must be one of {sorted(table)}, got {precision!r}")
+    return table[precision]
+
+
+def neighbour_cells(model: Model, stride_um: float) -> np.ndarray:
+    """The model's attention-group offsets as lattice cell offsets (dx, dy); (0, 0) first, unique."""
+    cells: list[tuple[int, int]] = []
+    for ox, oy in model.meta.neighbour_offsets_um:
+        c = (round(ox / stride_um), round(oy / stride_um))
+        if c not in cells:
+            cells.append(c)
+    if not cells or cells[0] != (0, 0):
+        raise ModelError(f"{model.source}: neighbour offsets must start with [0, 0]")
+    return np.asarray(cells, dtype=np.int64)
+
+
+def predict_block(model: Model, grid: Grid, feats: torch.Tensor, iy: np.ndarray, ix: np.ndarray, block: Block,
+                  offsets: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Head predictions for the block's core kept cells, using neighbours from the halo'd range."""
+    hh, hw = block.hy1 - block.hy0, block.hx1 - block.hx0
+    dim = feats.shape[1]
+    dense = torch.zeros(hh * hw + 1, dim, device=device)  # last row: padding for absent neighbours
+    lin = (iy - block.hy0) * hw + (ix - block.hx0)
+    dense[torch.as_tensor(lin, device=device)] = feats
+    present = np.zeros(hh * hw + 1, dtype=bool)
+    present[lin] = True
+    core = (iy >= block.y0) & (iy < block.y1) & (ix >= block.x0) & (ix < block.x1)
+    cy, cx = iy[core], ix[core]
+    ny_ = cy[:, None] + offsets[None, :, 1]
+    nx_ = cx[:, None] + offsets[None, :, 0]
+    inside = (ny_ >= block.hy0) & (ny_ < block.hy1) & (nx_ >= block.hx0) & (nx_ < block.hx1)
+    nlin = np.where(inside, (ny_ - block.hy0) * hw + (nx_ - block.hx0), hh * hw)
+    valid = present[nlin] & inside
+    if model.head.cfg.position_mode == "absolute":
+        pos = np.stack([nx_, ny_], axis=-1).astype(np.float32)
+    else:
+        pos = (offsets[None, :, :] * grid.stride_um).astype(np.float32).repeat(len(cy), axis=0)
+    with torch.inference_mode():
+        preds = model.head(dense[torch.as_tensor(nlin, device=device)], torch.as_tensor(pos, device=device),
+                           torch.as_tensor(valid, device=device))
+    return cy, cx, preds
+
+
+class _ChunkWriter(threading.Thread):
+    """Collects block predictions into whole chunks and writes each once complete."""
+
+    def __init__(self, store: CubeStore, n_genes: int, shape: tuple[int, int], blocks_per_chunk: dict[tuple[int, int], int]):
+        super().__init__(daemon=True, name="wsi-histosge-writer")
+        self.store = store
+        self.n_genes = n_genes
+        self.shape = shape
+        self.pending = dict(blocks_per_chunk)
+        self.buffers: dict[tuple[int, int], np.ndarray] = {}
+        self.q: queue.Queue[tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(maxsize=8)
+        self.error: BaseException | None = None
+        self.chunks_written = 0
+        self.write_s = 0.0
+
+    def run(self) -> None:
+        c = config.CHUNK_CELLS
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    return
+                key, cy, cx, preds = item
+                buf = self.buffers.get(key)
+                if buf is None:
+                    h = min(c, self.shape[0] - key[0] * c)
+                    w = min(c, self.shape[1] - key[1] * c)
+                    buf = np.full((self.n_genes, h, w), np.nan, dtype=config.EXPRESSION_DTYPE)
+                    self.buffers[key] = buf
+                buf[:, cy - key[0] * c, cx - key[1] * c] = preds.T
+                self.pending[key] -= 1
+                if self.pending[key] == 0:
+                    t0 = time.perf_counter()
+                    self.store.write_chunk(key[0], key[1], self.buffers.pop(key))
+                    self.write_s += time.perf_counter() - t0
+                    self.chunks_written += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+            while True:  # drain so the producer never blocks forever
+                try:
+                    if self.q.get_nowait() is None:
+                        return
+                except queue.Empty:
+                    time.sleep(0.01)
+
+    def put(self, item: tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _tissue(slide: Slide, options: InferOptions) -> TissueMask:
+    if options.tissue_mask is not None:
+        mask = load_tissue_mask(options.tissue_mask, slide)
+    else:
+        mask = detect_tissue(slide)
+    require_tissue(mask, slide)
+    return mask
+
+
+def infer_slide(slide_path: str | Path, out: str | Path, options: InferOptions | None = None, *,
+                progress: ProgressFn | None = None, log: Callable[[str], None] | None = None) -> InferResult:
+    """Predict the expression cube of one slide into ``out`` (a Zarr v3 group); resumable."""
+    options = options or InferOptions()
+    say = log or (lambda _msg: None)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    slide = open_slide(slide_path, mpp=options.mpp)
+    mpp = slide.mpp
+    model_path = Path(options.model) if options.model is not None else default_model_path()
+    model = load_model(model_path)
+    if options.model is None:
+        say(f"using the built-in model {model.meta.name} ({model.n_genes} genes, encoder {model.meta.encoder})")
+    encoder = create_encoder(model.meta.encoder, weights=options.encoder_weights, allow_download=options.allow_download)
+    _check_fit(model, encoder)
+
+    t0 = time.perf_counter()
+    tissue = _tissue(slide, options)
+    timings["tissue"] = time.perf_counter() - t0
+    stride = options.stride_um or model.meta.spot_um / 2.0
+    spot = options.spot_um or model.meta.spot_um
+    context = options.context_um or model.meta.context_um
+    grid = make_grid(slide, tissue, stride_um=stride, spot_um=spot, context_um=context, origin_um=options.origin_um,
+                     min_tissue_fraction=options.min_tissue_fraction)
+    if grid.n_spots == 0:
+        raise NoTissueError(f"{slide.path}: tissue was found but no spot passes the tissue-fraction threshold; "
+                            "lower --min-tissue-fraction or check --tissue-mask")
+    offsets = neighbour_cells(model, stride)
+    grid = grid.with_halo(int(np.abs(offsets).max()))
+
+    device = resolve_device(options.device)
+    dtype = resolve_precision(device, options.precision)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    mask_hash = hashlib.sha256(np.packbits(tissue.mask).tobytes()).hexdigest()[:16]
+    fp_parts = {
+        "slide": slide.fingerprint, "model": model.sha256, "encoder": encoder.weights_hash, "mpp": [mpp.x, mpp.y],
+        "stride_um": stride, "spot_um": spot, "context_um": context, "origin_um": list(grid.origin_um),
+        "min_tissue_fraction": options.min_tissue_fraction, "tissue_mask": mask_hash, "precision": precision,
+        "genes": len(model.meta.genes),
+    }
+    fingerprint = run_fingerprint(fp_parts)
+    attrs = _cube_attributes(slide, model, encoder, grid, tissue, fingerprint, precision)
+    store, state = CubeStore.open_for_run(out, fingerprint=fingerprint, shape=(model.n_genes, *grid.shape),
+                                          attrs=attrs, tissue=grid.keep, tissue_fraction=grid.tissue_fraction,
+                                          overwrite=options.overwrite)
+    base = dict(out=str(out), slide=str(slide.path), spots=grid.n_spots, grid_shape=grid.shape, stride_um=stride,
+                tissue_area_mm2=tissue.area_um2 / 1e6, mpp=mpp.mean, mpp_source=mpp.source,
+                model=model.meta.name, encoder=model.meta.encoder, device=str(device), precision=precision)
+    if state.status == "complete":
+        say(f"{out}: already complete for this slide, model and parameters; nothing to do")
+        return InferResult(status="already-complete", tiles=0, chunks_written=0, **base)  # type: ignore[arg-type]
+    if state.status == "resume":
+        say(f"{out}: resuming ({state.chunks_done} chunks already written)")
+    if options.write_geojson:
+        write_geojson(tissue, Path(str(out).rstrip("/") + ".tissue.geojson"))
+
+    done = store.done_marks()
+    all_blocks = list(grid.blocks())
+    blocks_per_chunk: dict[tuple[int, int], int] = {}
+    for b in all_blocks:
+        blocks_per_chunk[b.chunk_key] = blocks_per_chunk.get(b.chunk_key, 0) + 1
+    todo = [b for b in all_blocks if not done[b.chunk_key]]
+    for cy in range(done.shape[0]):  # chunks without tissue: nothing to compute, mark them
+        for cx in range(done.shape[1]):
+            if not done[cy, cx] and (cy, cx) not in blocks_per_chunk:
+                store.write_chunk(cy, cx, None)
+    todo_spots = sum(int(grid.keep[b.y0 : b.y1, b.x0 : b.x1].sum()) for b in todo)
+    if progress:
+        progress("start", 0, todo_spots)
+
+    level = slide.best_level_for_mpp(encoder.cfg.mpp)
+    encoder = encoder.to(device)
+    model.head.to(device)
+    enc_module: Any = torch.compile(encoder) if options.compile else encoder
+    batch = options.batch_size or (config.GPU_BATCH if device.type == "cuda" else config.CPU_BATCH)
+    writer = _ChunkWriter(store, model.n_genes, grid.shape,
+                          {k: v for k, v in blocks_per_chunk.items() if not done[k]})
+    writer.start()
+    dataset = BlockDataset(slide, grid, todo, level)
+    t_wait = t_enc = t_head = 0.0
+    spots_done = 0
+    try:
+        t_last = time.perf_counter()
+        for item in block_loader(dataset, num_workers=options.num_workers, pin_memory=device.type == "cuda"):
+            t_wait += time.perf_counter() - t_last
+            block = todo[int(item["index"])]  # type: ignore[call-overload]
+            iy, ix = item["iy"], item["ix"]
+            centres = grid.centres_level0(iy, ix)  # type: ignore[arg-type]
+            t1 = time.perf_counter()
+            feats = encode_tile(enc_module, item["tile"], item["geom"], centres, grid.mpp, grid.context_um,  # type: ignore[arg-type]
+                                batch=batch, device=device, dtype=dtype)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            cy, cx, preds = predict_block(model, grid, feats, iy, ix, block, offsets, device)  # type: ignore[arg-type]
+            preds_np = preds.float().cpu().numpy()
+            t3 = time.perf_counter()
+            t_enc += t2 - t1
+            t_head += t3 - t2
+            writer.put((block.chunk_key, cy, cx, preds_np))
+            spots_done += len(cy)
+            if progress:
+                progress("advance", len(cy), todo_spots)
+            t_last = time.perf_counter()
+        writer.finish()
+    except BaseException:
+        writer.q.put(None)
+        raise
+    timings.update({"loader_wait": t_wait, "encoder": t_enc, "head": t_head, "write": writer.write_s})
+    elapsed = time.perf_counter() - t_start
+    timings["total"] = elapsed
+    result = InferResult(status="resumed" if state.status == "resume" else "complete", tiles=len(todo),
+                         chunks_written=writer.chunks_written, timings_s=timings,
+                         spots_per_s=spots_done / max(elapsed, 1e-9), **base)  # type: ignore[arg-type]
+    store.mark_complete(fingerprint, {"spots": grid.n_spots, "tiles": len(all_blocks)})
+    return result
+
+
+def _check_fit(model: Model, encoder: Encoder) -> None:
+    if encoder.cfg.embed_dim != model.head.cfg.in_dim:
+        raise ModelError(
+            f"{model.source}: the model expects {model.head.cfg.in_dim}-d features but encoder "
+            f"{encoder.cfg.name!r} gives {encoder.cfg.embed_dim}-d; use the encoder the model was trained with "
+            f"({model.meta.encoder})"
+        )
+    if model.meta.encoder_weights_sha256 and encoder.weights_hash != model.meta.encoder_weights_sha256:
+        raise ModelError(
+            f"{model.source}: trained on encoder weights {model.meta.encoder_weights_sha256[:12]}… but the loaded "
+            f"weights hash to {encoder.weights_hash[:12]}…; pass the same --encoder-weights as in training"
+        )
+
+
+def _cube_attributes(slide: Slide, model: Model, encoder: Encoder, grid: Grid, tissue: TissueMask,
+                     fingerprint: str, precision: str) -> dict[str, Any]:
+    ox, oy = grid.origin_um
+    s = grid.stride_um
+    return {
+        ATTR_KEY: {
+            "software": "wsi-histosge", "version": __version__,
+            "slide": {"path": str(slide.path.resolve()), "fingerprint": slide.fingerprint,
+                      "dimensions": list(slide.dimensions), "backend": slide.backend.name, "vendor": slide.vendor},
+            "mpp": {"x": slide.mpp.x, "y": slide.mpp.y, "source": slide.mpp.source},
+            "model": {"name": model.meta.name, "source": model.source, "sha256": model.sha256,
+                      "training": model.meta.training.get("summary", "")},
+            "encoder": {"name": encoder.cfg.name, "weights_sha256": encoder.weights_hash,
+                        "input_px": encoder.cfg.input_px, "mpp": encoder.cfg.mpp},
+            "tissue": {"source": tissue.source, "area_mm2": tissue.area_um2 / 1e6},
+            "precision": precision,
+        },
+        "genes": list(model.meta.genes),
+        "units": model.meta.units,
+        "stride_um": s, "spot_um": grid.spot_um, "context_um": grid.context_um,
+        "origin_um": [ox, oy],
+        "affine_level0": grid.affine_level0(),
+        "min_tissue_fraction": float(grid.keep.any() and grid.tissue_fraction[grid.keep].min()),
+        "ome": {
+            "version": "0.5",
+            "multiscales": [{
+                "name": slide.path.stem,
+                "axes": [{"name": "c", "type": "channel"},
+                         {"name": "y", "type": "space", "unit": "micrometer"},
+                         {"name": "x", "type": "space", "unit": "micrometer"}],
+                "datasets": [{"path": "expression", "coordinateTransformations": [
+                    {"type": "scale", "scale": [1.0, s, s]},
+                    {"type": "translation", "translation": [0.0, oy, ox]}]}],
+            }],
+        },
+    }

@@ -1,0 +1,174 @@
+"""Streaming pixels to the encoder: one super-tile read per block, patches cut on the device.
+
+``BlockDataset`` is picklable (it holds a :class:`Slide`, which reopens lazily in each worker) and
+yields one uint8 super-tile per block: the region covering the block's cells and their halo plus half
+the context on every side, read at the pyramid level just finer than the encoder's pixel size. The
+consumer moves it to the device, cuts every spot's context patch with ``roi_align`` (crop + resize
+in one op, bilinear with area sampling when shrinking), and normalises there. Each pixel is decoded
+about once per block, whatever the ratio of context to stride.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .encoders import Encoder
+from .grid import Block, Grid
+from .slide import Slide
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Where a super-tile sits: level-0 top-left, level read, its downsample and µm/px."""
+
+    level0_xy: tuple[int, int]
+    level: int
+    downsample: float
+    size: tuple[int, int]  # (w, h) at `level`
+
+
+def tile_for_points(slide: Slide, centres_level0: np.ndarray, context_um: float, level: int) -> TileGeometry:
+    """The region at ``level`` that holds the context patch of every centre."""
+    ds = slide.level_downsamples[level]
+    half_x = context_um / 2.0 / slide.mpp.x
+    half_y = context_um / 2.0 / slide.mpp.y
+    x0 = int(np.floor(centres_level0[:, 0].min() - half_x)) - 2
+    y0 = int(np.floor(centres_level0[:, 1].min() - half_y)) - 2
+    x1 = int(np.ceil(centres_level0[:, 0].max() + half_x)) + 2
+    y1 = int(np.ceil(centres_level0[:, 1].max() + half_y)) + 2
+    w = max(1, int(np.ceil((x1 - x0) / ds)))
+    h = max(1, int(np.ceil((y1 - y0) / ds)))
+    return TileGeometry((x0, y0), level, ds, (w, h))
+
+
+def read_tile(slide: Slide, geom: TileGeometry) -> np.ndarray:
+    """Read a region that may extend past the slide edges; outside is white (glass)."""
+    w0, h0 = slide.dimensions
+    x0, y0 = geom.level0_xy
+    w, h = geom.size
+    ds = geom.downsample
+    if x0 >= 0 and y0 >= 0 and x0 + w * ds <= w0 and y0 + h * ds <= h0:
+        return slide.read_region((x0, y0), geom.level, (w, h))
+    cx0, cy0 = max(0, x0), max(0, y0)
+    cx1, cy1 = min(w0, int(np.ceil(x0 + w * ds))), min(h0, int(np.ceil(y0 + h * ds)))
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    if cx1 <= cx0 or cy1 <= cy0:
+        return out
+    ox, oy = round((cx0 - x0) / ds), round((cy0 - y0) / ds)
+    rw = max(1, min(w - ox, int(np.ceil((cx1 - cx0) / ds))))
+    rh = max(1, min(h - oy, int(np.ceil((cy1 - cy0) / ds))))
+    region = slide.read_region((cx0, cy0), geom.level, (rw, rh))
+    out[oy : oy + rh, ox : ox + rw] = region[:rh, :rw]
+    return out
+
+
+def cut_patches(tile: torch.Tensor, geom: TileGeometry, centres_level0: np.ndarray, context_px_level0: tuple[float, float],
+                out_px: int, encoder: Encoder, dtype: torch.dtype) -> torch.Tensor:
+    """Crop + resize + normalise every centre's patch from a (h, w, 3) uint8 tile on its device."""
+    from torchvision.ops import roi_align
+
+    device = tile.device
+    img = tile.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
+    ds = geom.downsample
+    cx = (centres_level0[:, 0] - geom.level0_xy[0]) / ds
+    cy = (centres_level0[:, 1] - geom.level0_xy[1]) / ds
+    hx = context_px_level0[0] / 2.0 / ds
+    hy = context_px_level0[1] / 2.0 / ds
+    boxes = np.stack([np.zeros_like(cx), cx - hx, cy - hy, cx + hx, cy + hy], axis=1)
+    rois = torch.as_tensor(boxes, dtype=torch.float32, device=device)
+    patches = roi_align(img, rois, output_size=(out_px, out_px), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return encoder.normalise(patches).to(dtype)
+
+
+class BlockDataset(Dataset[dict[str, object]]):
+    """One item per block: its super-tile (uint8 tensor) and the cells it holds."""
+
+    def __init__(self, slide: Slide, grid: Grid, blocks: list[Block], level: int) -> None:
+        self.slide = slide
+        self.grid = grid
+        self.blocks = blocks
+        self.level = level
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def cells(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """Kept cells of the block's halo'd range (the ones to encode), as (iy, ix)."""
+        sub = self.grid.keep[block.hy0 : block.hy1, block.hx0 : block.hx1]
+        iy, ix = np.nonzero(sub)
+        return iy + block.hy0, ix + block.hx0
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        block = self.blocks[i]
+        iy, ix = self.cells(block)
+        centres = self.grid.centres_level0(iy, ix)
+        geom = tile_for_points(self.slide, centres, self.grid.context_um, self.level)
+        tile = read_tile(self.slide, geom)
+        return {"index": i, "tile": torch.from_numpy(tile), "geom": geom, "iy": iy, "ix": ix}
+
+
+def _collate_one(items: list[dict[str, object]]) -> dict[str, object]:
+    return items[0]
+
+
+def default_workers() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, n - 1))
+
+
+def block_loader(dataset: BlockDataset, *, num_workers: int | None = None, pin_memory: bool = False,
+                 prefetch: int = 2) -> Iterator[dict[str, object]]:
+    """Iterate super-tiles in block order with background workers and prefetch."""
+    workers = default_workers() if num_workers is None else num_workers
+    kwargs: dict[str, object] = {}
+    if workers > 0:
+        kwargs = {"prefetch_factor": prefetch, "persistent_workers": False}
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_collate_one,
+                        pin_memory=pin_memory, **kwargs)  # type: ignore[arg-type]
+    yield from loader
+
+
+@torch.inference_mode()
+def encode_tile(encoder: Encoder, tile: torch.Tensor, geom: TileGeometry, centres_level0: np.ndarray,
+                mpp: tuple[float, float], context_um: float, *, batch: int, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Features (N, D) of every centre's patch in a tile, in fixed sub-batches (deterministic)."""
+    tile = tile.to(device, non_blocking=True)
+    ctx = (context_um / mpp[0], context_um / mpp[1])
+    feats = []
+    autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    for start in range(0, len(centres_level0), batch):
+        patches = cut_patches(tile, geom, centres_level0[start : start + batch], ctx, encoder.cfg.input_px,
+                              encoder, torch.float32 if autocast else dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            feats.append(encoder(patches).float())
+    return torch.cat(feats) if feats else torch.zeros(0, encoder.cfg.embed_dim, device=device)
+
+
+def encode_points(slide: Slide, centres_level0: np.ndarray, encoder: Encoder, *, context_um: float,
+                  device: torch.device | None = None, batch: int = 64, tile_um: float = 2000.0) -> np.ndarray:
+    """Features of arbitrary points (e.g. measured spots), read as super-tiles of about ``tile_um``."""
+    device = device or torch.device("cpu")
+    level = slide.best_level_for_mpp(encoder.cfg.mpp)
+    out = np.zeros((len(centres_level0), encoder.cfg.embed_dim), dtype=np.float32)
+    cell = tile_um / slide.mpp.x
+    keys = np.floor(centres_level0 / cell).astype(np.int64)
+    order = np.lexsort((keys[:, 0], keys[:, 1]))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in order:
+        groups.setdefault((int(keys[i, 1]), int(keys[i, 0])), []).append(int(i))
+    encoder = encoder.to(device)
+    for idx in groups.values():
+        pts = centres_level0[idx]
+        geom = tile_for_points(slide, pts, context_um, level)
+        tile = torch.from_numpy(read_tile(slide, geom))
+        f = encode_tile(encoder, tile, geom, pts, (slide.mpp.x, slide.mpp.y), context_um, batch=batch,
+                        device=device, dtype=torch.float32)
+        out[idx] = f.cpu().numpy()
+    return out

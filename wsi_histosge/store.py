@@ -1,0 +1,161 @@
+"""The output cube: one Zarr v3 group per slide, written chunk by chunk, resumable.
+
+Layout::
+
+    slide.zarr/
+      expression      (gene, y, x) float16, chunks (genes, 64, 64), zstd; NaN = not predicted
+      tissue          (y, x) uint8: 1 where a spot was predicted
+      tissue_fraction (y, x) float16
+      chunk_done      (cy, cx) uint8, one object per mark: 1 once that expression chunk is written
+      zarr.json       attributes: genes, units, geometry, provenance, OME-NGFF metadata, and last of
+                      all ``completed`` with the run fingerprint
+
+Order of writes: chunk data, then its done mark; the completion marker after every mark. A missing
+chunk reads as NaN (the fill value), never as expression.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from . import config
+from .errors import OutputExistsError
+
+ATTR_KEY = "wsi_histosge"
+
+
+def run_fingerprint(parts: dict[str, Any]) -> str:
+    """Stable hash of everything that determines the cube's content."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class OpenState:
+    status: str  # "new", "resume", "complete"
+    chunks_done: int = 0
+
+
+class CubeStore:
+    """A Zarr v3 expression cube on a local path."""
+
+    def __init__(self, path: str | Path, group: zarr.Group) -> None:
+        self.path = Path(path)
+        self.group = group
+        self.expression: zarr.Array = group["expression"]  # type: ignore[assignment]
+        self.done: zarr.Array = group["chunk_done"]  # type: ignore[assignment]
+
+    # -- opening ------------------------------------------------------------------------------
+    @staticmethod
+    def inspect(path: str | Path) -> dict[str, Any] | None:
+        """Our attributes if ``path`` is a cube written by this tool, None if absent.
+
+        Raises OutputExistsError when the path exists but holds something else.
+        """
+        path = Path(path)
+        if not path.exists():
+            return None
+        if path.is_dir() and not any(path.iterdir()):
+            return None
+        meta = path / "zarr.json"
+        try:
+            attrs = json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            attrs = None
+        if not attrs or ATTR_KEY not in attrs:
+            raise OutputExistsError(
+                f"{path}: exists and is not a wsi-histosge output; choose another --out (nothing was changed)"
+            )
+        return dict(attrs)
+
+    @classmethod
+    def open_for_run(cls, path: str | Path, *, fingerprint: str, shape: tuple[int, int, int],
+                     attrs: dict[str, Any], tissue: np.ndarray, tissue_fraction: np.ndarray,
+                     overwrite: bool = False, compressor: str = "zstd") -> tuple[CubeStore, OpenState]:
+        path = Path(path)
+        existing = cls.inspect(path)
+        if existing is not None:
+            previous = existing[ATTR_KEY].get("run_fingerprint")
+            if previous == fingerprint:
+                group = zarr.open_group(str(path), mode="r+")
+                store = cls(path, group)
+                if existing.get("completed", {}).get("run_fingerprint") == fingerprint:
+                    return store, OpenState("complete", store.chunks_done())
+                return store, OpenState("resume", store.chunks_done())
+            if not overwrite:
+                raise OutputExistsError(
+                    f"{path}: holds a run with other parameters, model or slide; pass --overwrite to replace "
+                    "it or choose another --out"
+                )
+            shutil.rmtree(path)
+        return cls._create(path, fingerprint, shape, attrs, tissue, tissue_fraction, compressor), OpenState("new")
+
+    @classmethod
+    def _create(cls, path: Path, fingerprint: str, shape: tuple[int, int, int], attrs: dict[str, Any],
+                tissue: np.ndarray, tissue_fraction: np.ndarray, compressor: str) -> CubeStore:
+        n_genes, ny, nx = shape
+        c = config.CHUNK_CELLS
+        codec = ZstdCodec(level=3) if compressor == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group.create_array("expression", shape=shape, chunks=(n_genes, c, c), dtype=config.EXPRESSION_DTYPE,
+                           fill_value=np.nan, compressors=[codec], dimension_names=["gene", "y", "x"])
+        t = group.create_array("tissue", shape=(ny, nx), chunks=(min(ny, 1024), min(nx, 1024)), dtype="uint8",
+                               fill_value=0, compressors=[ZstdCodec(level=3)], dimension_names=["y", "x"])
+        t[:] = tissue.astype(np.uint8)
+        f = group.create_array("tissue_fraction", shape=(ny, nx), chunks=(min(ny, 1024), min(nx, 1024)),
+                               dtype="float16", fill_value=0, compressors=[ZstdCodec(level=3)],
+                               dimension_names=["y", "x"])
+        f[:] = tissue_fraction.astype(np.float16)
+        ncy, ncx = -(-ny // c), -(-nx // c)
+        group.create_array("chunk_done", shape=(ncy, ncx), chunks=(1, 1), dtype="uint8", fill_value=0,
+                           dimension_names=["cy", "cx"])
+        full = dict(attrs)
+        full[ATTR_KEY] = {**attrs.get(ATTR_KEY, {}), "run_fingerprint": fingerprint,
+                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        group.attrs.update(full)
+        return cls(path, group)
+
+    # -- chunks -------------------------------------------------------------------------------
+    def chunk_grid(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.done.shape)  # type: ignore[return-value]
+
+    def done_marks(self) -> np.ndarray:
+        return np.asarray(self.done[:], dtype=bool)
+
+    def chunks_done(self) -> int:
+        return int(self.done_marks().sum())
+
+    def write_chunk(self, cy: int, cx: int, data: np.ndarray | None) -> None:
+        """Write one whole expression chunk (or nothing for an empty one), then its done mark."""
+        c = config.CHUNK_CELLS
+        if data is not None:
+            self.expression[:, cy * c : cy * c + data.shape[1], cx * c : cx * c + data.shape[2]] = data
+        self.done[cy, cx] = 1
+
+    def mark_complete(self, fingerprint: str, summary: dict[str, Any]) -> None:
+        marks = self.done_marks()
+        if not marks.all():
+            raise RuntimeError(f"{self.path}: {int((~marks).sum())} chunks not written; not marking complete")
+        self.group.attrs.update({"completed": {"run_fingerprint": fingerprint,
+                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}})
+
+
+def open_cube(path: str | Path) -> zarr.Group:
+    """Open a finished cube read-only; refuses incomplete ones."""
+    attrs = CubeStore.inspect(path)
+    if attrs is None:
+        raise FileNotFoundError(f"{path}: no such cube")
+    if "completed" not in attrs:
+        raise OutputExistsError(f"{path}: the cube is incomplete (a run stopped early); rerun `wsi-histosge infer` "
+                                "with the same options to finish it")
+    return zarr.open_group(str(path), mode="r")
