@@ -1,5 +1,194 @@
+"""The `wsi-histosge` command line: parse, call the library, render. Every command works from Python too."""
+
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from wsi_histosge.errors import EXIT_CODES, HistoSGEError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Predict spatial gene expression from H&E whole-slide images (HisToSGE).")
+console = Console(stderr=True)
+out_console = Console()
+_DEBUG = {"on": False}
+
+
+def _fail(exc: BaseException) -> None:
+    if _DEBUG["on"]:
+        raise exc
+    if isinstance(exc, HistoSGEError):
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
+        raise typer.Exit(130)
+    console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    _DEBUG["on"] = debug
+
+
+@app.command()
+def infer(
+    slide: Annotated[Path, typer.Argument(help="Slide file (SVS, TIFF, NDPI, MRXS, DICOM, JPEG/PNG with --mpp).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output Zarr folder (default: <slide>.zarr).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder from `train` (default: the built-in model).")] = None,
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights file.")] = None,
+    allow_download: Annotated[bool, typer.Option(help="Allow fetching encoder weights from the HF hub.")] = False,
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px, overriding the file.")] = None,
+    stride_um: Annotated[Optional[float], typer.Option(help="Lattice step in µm (default: half the model's spot).")] = None,
+    spot_um: Annotated[Optional[float], typer.Option(help="Spot diameter in µm (default: the model's).")] = None,
+    context_um: Annotated[Optional[float], typer.Option(help="Image context per spot in µm (default: the model's).")] = None,
+    tissue_mask: Annotated[Optional[Path], typer.Option(help="GeoJSON (level-0 px) or mask image.")] = None,
+    min_tissue_fraction: Annotated[Optional[float], typer.Option(help="Keep spots with this tissue fraction.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 (default: bf16/fp16 on GPU).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Patches per encoder forward pass.")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an output made with other parameters.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
+) -> None:
+    """Predict a slide's expression cube (Zarr v3). Reruns resume; a complete output is left alone."""
+    from wsi_histosge.infer import InferOptions, infer_slide
+
+    out = out or slide.with_name(slide.name + ".zarr")
+    opts = InferOptions(model=model, encoder_weights=encoder_weights, allow_download=allow_download, mpp=mpp,
+                        stride_um=stride_um, spot_um=spot_um, context_um=context_um, tissue_mask=tissue_mask,
+                        min_tissue_fraction=min_tissue_fraction, device=device, precision=precision,
+                        batch_size=batch_size, num_workers=workers, compile=compile, overwrite=overwrite)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]} spots/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=console, transient=False, disable=as_json)
+    task: dict[str, Any] = {}
+
+    def on_progress(event: str, advance: int, total: int) -> None:
+        if event == "start":
+            progress.start()
+            task["id"] = progress.add_task(slide.name, total=total, rate="-")
+        else:
+            progress.advance(task["id"], advance)
+            t = progress.tasks[0]
+            rate = t.finished_speed or t.speed
+            progress.update(task["id"], rate=f"{rate:.1f}" if rate else "-")
+
+    try:
+        result = infer_slide(slide, out, opts, progress=on_progress, log=lambda m: console.print(m, highlight=False))
+    except BaseException as exc:  # noqa: BLE001
+        progress.stop()
+        _fail(exc)
+        return
+    progress.stop()
+    report = result.to_dict()
+    if as_json:
+        out_console.print_json(json.dumps(report))
+        return
+    table = Table(title=f"{slide.name} -> {out}", show_header=False)
+    for key in ("status", "spots", "tiles", "grid_shape", "stride_um", "tissue_area_mm2", "mpp", "mpp_source",
+                "model", "encoder", "device", "precision", "spots_per_s"):
+        value = report[key]
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    for key, value in report["timings_s"].items():
+        table.add_row(f"time {key} (s)", f"{value:.2f}")
+    console.print(table)
+
+
+@app.command()
+def info(
+    slide: Annotated[Path, typer.Argument(help="Slide file.")],
+    mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px override.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Levels, size, pixel size and its source, vendor, associated images."""
+    from wsi_histosge.slide import open_slide
+
+    try:
+        data = open_slide(slide, mpp=mpp).info()
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    if as_json:
+        out_console.print_json(json.dumps(data))
+        return
+    table = Table(title=str(slide), show_header=False)
+    table.add_row("backend / vendor", f"{data['backend']} / {data['vendor']}")
+    table.add_row("dimensions (level 0)", f"{data['dimensions'][0]} x {data['dimensions'][1]} px")
+    m = data["mpp"]
+    table.add_row("MPP", f"{m['x']:.4f} x {m['y']:.4f} µm/px ({m['source']})" if m["x"] else f"[red]{m['error']}")
+    for lv in data["levels"]:
+        table.add_row(f"level {lv['level']}", f"{lv['dimensions'][0]} x {lv['dimensions'][1]} (x{lv['downsample']:.2f})")
+    table.add_row("associated images", ", ".join(data["associated_images"]) or "-")
+    table.add_row("fingerprint", data["fingerprint"])
+    out_console.print(table)
+
+
+@app.command()
+def encoders(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The encoder registry: input contract, weight source, licence."""
+    from wsi_histosge.encoders import list_encoders
+
+    rows = list_encoders()
+    if as_json:
+        out_console.print_json(json.dumps([{
+            "name": c.name, "architecture": c.architecture, "embed_dim": c.embed_dim, "input_px": c.input_px,
+            "mpp": c.mpp, "context_um": c.context_um, "weights": c.hf_hub_id or "package", "license": c.license,
+            "gated": c.gated, "description": c.description} for c in rows]))
+        return
+    table = Table(title="encoders (also: timm:<architecture>)")
+    for col in ("name", "dim", "input", "µm/px", "weights", "license", "description"):
+        table.add_column(col)
+    for c in rows:
+        table.add_row(c.name, str(c.embed_dim), f"{c.input_px}px", f"{c.mpp:g}",
+                      (c.hf_hub_id or "installed package") + (" (gated)" if c.gated else ""), c.license, c.description)
+    out_console.print(table)
+
+
+@app.command()
+def train(
+    sections: Annotated[list[str], typer.Argument(help="Legacy-ST sections as COUNTS.tsv[.gz]:SPOTS.tsv:IMAGE triples.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    genes: Annotated[Optional[Path], typer.Option(help="Gene list (.txt one per line, or .npy of strings).")] = None,
+    val: Annotated[Optional[list[str]], typer.Option(help="Validation section(s), same triple form.")] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder name (see `encoders`).")] = "efficientnet-lite0",
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights file.")] = None,
+    n_genes: Annotated[int, typer.Option(help="Top-N most variable genes when no --genes list.")] = 1000,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 400,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model folder.")] = False,
+) -> None:
+    """Train a model from legacy ST sections (HER2ST layout); early stopping on --val sections."""
+    from wsi_histosge.train import train_from_triples
+
+    try:
+        summary = train_from_triples(sections, out, genes=genes, val=val or [], encoder=encoder,
+                                     encoder_weights=encoder_weights, n_genes=n_genes, epochs=epochs,
+                                     overwrite=overwrite, log=lambda m: console.print(m, highlight=False))
+    except BaseException as exc:  # noqa: BLE001
+        _fail(exc)
+        return
+    out_console.print_json(json.dumps(summary))
+
+
+@app.command("exit-codes")
+def exit_codes() -> None:
+    """The documented exit codes."""
+    for code, meaning in EXIT_CODES.items():
+        out_console.print(f"{code:>3}  {meaning}")
 
 
 def main() -> None:
-    raise SystemExit("not yet")
+    app()
+
+
+if __name__ == "__main__":
+    main()

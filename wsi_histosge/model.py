@@ -38,13 +38,13 @@ POSITION_MODES = ("relative-um", "absolute")
 class HeadConfig:
     in_dim: int
     n_genes: int
-    dim: int = 256  # model width after the input projection (reference: in_dim, no projection)
+    dim: int = 128  # model width after the input projection (reference: in_dim, no projection)
     depth: int = 1
     heads: int = 4
     dim_head: int = 64
     mlp_dim: int | None = None  # reference: = dim
-    hidden: int = 1024  # gene head width (reference: 2048)
-    dropout: float = 0.1
+    hidden: int = 512  # gene head width (reference: 2048)
+    dropout: float = 0.3
     position_mode: str = "relative-um"
     position_scale_um: float = 100.0
     n_frequencies: int = 8

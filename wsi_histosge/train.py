@@ -116,8 +116,8 @@ def summarise_r(r: np.ndarray) -> dict[str, float]:
 @dataclass
 class FitConfig:
     epochs: int = 400
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    lr: float = 3e-4
+    weight_decay: float = 1e-3
     patience: int = 40
     seed: int = 1234
     batch_size: int = 256
@@ -211,3 +211,75 @@ def build_model(head: HisToSGEHead, genes: list[str], encoder: Encoder, *, spot_
         training=training, metrics=metrics, name=name,
     )
     return Model(meta, head)
+
+
+def select_genes(sections: Sequence[STSection], n_genes: int) -> list[str]:
+    """Top-``n_genes`` by variance of log1p(CP10k) over the pooled training spots (genes in every section)."""
+    common = set(sections[0].genes)
+    for s in sections[1:]:
+        common &= set(s.genes)
+    genes = sorted(common)
+    pooled = np.concatenate([s.log_cp10k(genes) for s in sections])
+    order = np.argsort(-pooled.var(0), kind="stable")[:n_genes]
+    return [genes[i] for i in order]
+
+
+def read_gene_list(path: Path) -> list[str]:
+    if path.suffix == ".npy":
+        return [str(g) for g in np.load(path, allow_pickle=False)]
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _parse_triple(spec: str) -> STSection:
+    from .errors import UsageError
+    from .stdata import read_legacy_st
+
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise UsageError(f"section {spec!r}: expected COUNTS.tsv[.gz]:SPOTS.tsv:IMAGE")
+    return read_legacy_st(*parts)
+
+
+def train_from_triples(sections: Sequence[str], out: str | Path, *, genes: Path | None = None,
+                       val: Sequence[str] = (), encoder: str = "efficientnet-lite0",
+                       encoder_weights: Path | None = None, n_genes: int = 1000, epochs: int = 400,
+                       overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train and save a model from legacy-ST sections; returns the metrics summary."""
+    from .encoders import create_encoder
+    from .errors import OutputExistsError
+    from .model import save_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
+    train_secs = [_parse_triple(s) for s in sections]
+    val_secs = [_parse_triple(s) for s in val]
+    gene_list = read_gene_list(genes) if genes else select_genes(train_secs, n_genes)
+    enc = create_encoder(encoder, weights=encoder_weights)
+    context_um = enc.cfg.context_um
+
+    def to_set(sec: STSection) -> TrainSet:
+        log(f"features: {sec.name} ({len(sec.centres_level0)} spots)")
+        return TrainSet(section_features(sec, enc, context_um=context_um), sec.log_cp10k(gene_list),
+                        lattice_groups(sec))
+
+    train_sets = [to_set(s) for s in train_secs]
+    val_sets = [to_set(s) for s in val_secs]
+    head_cfg = HeadConfig(in_dim=enc.cfg.embed_dim, n_genes=len(gene_list))
+    fit = FitConfig(epochs=epochs)
+    head, info = fit_head(head_cfg, train_sets, val_sets or None, fit,
+                          on_epoch=lambda e, loss, r: log(f"epoch {e}: loss {loss:.4f} val r {r:.3f}") if e % 10 == 0 else None)
+    metrics: dict[str, Any] = {"fit": info}
+    for sec, vs in zip(val_secs, val_sets, strict=True):
+        metrics[f"val_{sec.name}_head"] = summarise_r(pearson_per_gene(predict_set(head, vs), vs.targets))
+        metrics[f"val_{sec.name}_ridge"] = summarise_r(pearson_per_gene(ridge_baseline(train_sets, vs), vs.targets))
+    pitch = train_secs[0].pitch_um
+    model = build_model(head, gene_list, enc, spot_um=train_secs[0].spot_um, context_um=context_um, pitch_um=pitch,
+                        neighbours=SQUARE_NEIGHBOURS, name=out.name,
+                        training={"summary": f"{len(train_secs)} legacy-ST sections",
+                                  "sections": [s.name for s in train_secs],
+                                  "spots": int(sum(len(t.features) for t in train_sets))},
+                        metrics=metrics)
+    save_model(model, out)
+    log(f"wrote {out}")
+    return metrics
