@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_histosge.encoders import create_encoder, get_encoder_cfg, list_encoders
+from wsi_histosge.errors import EncoderWeightsError, ModelError
+from wsi_histosge.model import HeadConfig, HisToSGEHead, default_model_path, load_model
+
+
+def test_checkpoint_round_trip(tiny_model: Path) -> None:
+    m = load_model(tiny_model)
+    assert m.n_genes == 12 and m.meta.encoder == "tiny-test"
+    feats = torch.randn(3, 5, 16)
+    pos = torch.zeros(3, 5, 2)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    out = m.head(feats, pos, valid)
+    assert out.shape == (3, 12) and (out >= 0).all()
+
+
+def test_masked_neighbours_are_ignored() -> None:
+    torch.manual_seed(0)
+    head = HisToSGEHead(HeadConfig(in_dim=8, n_genes=4, dim=16, hidden=16, dropout=0.0)).eval()
+    feats = torch.randn(1, 3, 8)
+    pos = torch.tensor([[[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]]])
+    valid = torch.tensor([[True, True, False]])
+    a = head(feats, pos, valid)
+    feats2 = feats.clone()
+    feats2[0, 2] = 1e3  # garbage in an absent token must not matter
+    assert torch.allclose(a, head(feats2, pos, valid))
+    assert not torch.allclose(a, head(feats, pos, torch.ones(1, 3, dtype=torch.bool)))
+
+
+def test_absolute_mode_refuses_large_indices() -> None:
+    head = HisToSGEHead(HeadConfig(in_dim=8, n_genes=4, dim=16, hidden=16, position_mode="absolute")).eval()
+    with pytest.raises(ModelError, match="512"):
+        head(torch.randn(1, 1, 8), torch.tensor([[[600.0, 3.0]]]), torch.ones(1, 1, dtype=torch.bool))
+
+
+class _Sentinel:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.write_text, (Path(self.path), "pwned"))
+
+
+def test_pickle_checkpoint_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    sentinel = tmp_path / "sentinel"
+    (bad / "model.safetensors").write_bytes(pickle.dumps(_Sentinel(str(sentinel))))
+    meta = json.loads((bad / "model.json").read_text())
+    meta.pop("weights_sha256")
+    (bad / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError):
+        load_model(bad)
+    assert not sentinel.exists()
+
+
+def test_tampered_weights_fail_the_hash(tiny_model: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "tampered"
+    shutil.copytree(tiny_model, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="do not match"):
+        load_model(bad)
+
+
+def test_default_model_ships_and_fits_its_encoder() -> None:
+    m = load_model(default_model_path())
+    enc = create_encoder(m.meta.encoder)
+    assert enc.cfg.embed_dim == m.head.cfg.in_dim
+    assert enc.weights_hash == m.meta.encoder_weights_sha256
+    assert len(m.meta.genes) == 785 and "FN1" in m.meta.genes
+    assert m.meta.metrics["head_top50_hvg"]["mean_r"] > m.meta.metrics["ridge_top50_hvg"]["mean_r"]
+    assert (default_model_path() / "model.safetensors").stat().st_size < 5 * 2**20
+
+
+def test_registry_entries() -> None:
+    names = {c.name for c in list_encoders()}
+    assert {"uni", "uni2-h", "h-optimus-0", "virchow2", "phikon-v2", "prov-gigapath", "conch",
+            "efficientnet-lite0"} <= names
+    assert get_encoder_cfg("uni").context_um == pytest.approx(112.0)
+    assert get_encoder_cfg("timm:resnet18").embed_dim == 512
+
+
+def test_gated_encoder_without_weights_says_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    token = "hf_" + "x" * 34
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(EncoderWeightsError, match="--encoder-weights") as info:
+        create_encoder("uni")
+    assert token not in str(info.value)
+
+
+def test_efficientnet_features_are_deterministic() -> None:
+    enc = create_encoder("efficientnet-lite0")
+    x = enc.normalise(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+    with torch.inference_mode():
+        a, b = enc(x), enc(x)
+    assert a.shape == (2, 1280)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import need_shared, synthetic_tissue, write_pyramid
+from wsi_histosge.errors import MPPMissingError, SlideFormatError, SlideNotFoundError
+from wsi_histosge.slide import open_slide
+
+
+def test_generated_pyramid_levels_and_mpp(pyramid_slide: Path) -> None:
+    s = open_slide(pyramid_slide)
+    assert s.dimensions == (4000, 3000)
+    assert s.level_count == 3
+    assert s.mpp.x == pytest.approx(0.5)
+    assert s.mpp.source == "TIFF resolution tags"
+    assert s.best_level_for_mpp(1.0) == 1
+    assert s.best_level_for_mpp(0.9) == 0
+    region = s.read_region((1900, 1400), 0, (200, 200))
+    assert region.shape == (200, 200, 3) and region.dtype == np.uint8
+
+
+def test_slide_pickles_without_its_handle(pyramid_slide: Path) -> None:
+    s = open_slide(pyramid_slide)
+    s2 = pickle.loads(pickle.dumps(s))
+    assert s2._backend is None
+    np.testing.assert_array_equal(s2.read_region((0, 0), 1, (64, 64)), s.read_region((0, 0), 1, (64, 64)))
+
+
+def test_no_mpp_is_a_clear_error(tmp_path: Path) -> None:
+    path = write_pyramid(tmp_path / "nompp.tif", synthetic_tissue(512, 512), mpp=None, levels=1)
+    s = open_slide(path)
+    with pytest.raises(MPPMissingError, match="--mpp"):
+        _ = s.mpp
+    assert open_slide(path, mpp=0.25).mpp.source == "user override (--mpp)"
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a slide\n" * 100])
+def test_not_a_slide(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "fake.svs"
+    path.write_bytes(content)
+    with pytest.raises(SlideFormatError, match=str(path)):
+        open_slide(path)
+
+
+def test_directory_and_missing(tmp_path: Path) -> None:
+    (tmp_path / "dir.svs").mkdir()
+    with pytest.raises(SlideFormatError, match="directory"):
+        open_slide(tmp_path / "dir.svs")
+    with pytest.raises(SlideNotFoundError):
+        open_slide(tmp_path / "nope.svs")
+
+
+def test_truncated_real_svs(tmp_path: Path) -> None:
+    src = need_shared("wsi-samples", "CMU-1-Small-Region.svs")
+    data = src.read_bytes()
+    path = tmp_path / "truncated.svs"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(SlideFormatError):
+        s = open_slide(path)
+        s.read_region((0, 0), 0, s.dimensions)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name,mpp_source", [
+    ("CMU-1-Small-Region.svs", "aperio image description (MPP)"),
+    ("CMU-1-Small-Region.ome.tif", "OME-XML PhysicalSizeX/Y"),
+    ("openslide-synthetic/small.svs", "aperio image description (MPP)"),
+    ("openslide-synthetic/boxes_0.dcm", "dicom metadata (openslide.mpp-x/y)"),
+    ("openslide-synthetic/boxes_1.dcm", "dicom metadata (openslide.mpp-x/y)"),
+])
+def test_real_samples_open(name: str, mpp_source: str) -> None:
+    s = open_slide(need_shared("wsi-samples", name))
+    assert s.mpp.source == mpp_source
+    w, h = s.dimensions
+    assert s.read_region((0, 0), 0, (min(w, 32), min(h, 32))).shape[2] == 3
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["openslide-synthetic/boxes.tiff", "openslide-synthetic/pathml_small_HE_levels.tiff"])
+def test_72dpi_tiffs_need_mpp(name: str) -> None:
+    s = open_slide(need_shared("wsi-samples", name))
+    with pytest.raises(MPPMissingError, match="72-dpi"):
+        _ = s.mpp
+    assert s.level_count == 4
+
+
+@pytest.mark.realdata
+def test_minimal_dicom_is_refused_clearly() -> None:
+    path = need_shared("wsi-samples", "pathml_small_dicom.dcm")
+    with pytest.raises(SlideFormatError, match="not a slide any reader can open"):
+        open_slide(path)
+
+
+@pytest.mark.realdata
+def test_real_svs_and_ome_agree() -> None:
+    svs = open_slide(need_shared("wsi-samples", "CMU-1-Small-Region.svs"))
+    ome = open_slide(need_shared("wsi-samples", "CMU-1-Small-Region.ome.tif"))
+    a = svs.read_region((1000, 1000), 0, (64, 64)).astype(int)
+    b = ome.read_region((1000, 1000), 0, (64, 64)).astype(int)
+    assert np.abs(a - b).mean() < 8  # same pixels, re-encoded
+
+
+@pytest.mark.realdata
+def test_her2st_jpeg_needs_mpp_then_reads() -> None:
+    path = need_shared("her2st", "ST-imgs", "C", "C2", "5714_HE_BT_C2.jpg")
+    with pytest.raises(MPPMissingError):
+        _ = open_slide(path).mpp
+    s = open_slide(path, mpp=0.688)
+    assert s.dimensions == (9274, 9911)
+    assert s.read_region((4000, 4000), 0, (100, 100)).shape == (100, 100, 3)
+
+
+def test_pil_global_limit_untouched(pyramid_slide: Path) -> None:
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    import wsi_histosge.infer  # noqa: F401
+
+    open_slide(pyramid_slide).thumbnail(8.0)
+    assert Image.MAX_IMAGE_PIXELS == before
