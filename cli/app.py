@@ -13,8 +13,12 @@ from rich.table import Table
 
 from wsi_histosge.errors import EXIT_CODES, HistoSGEError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Predict spatial gene expression from H&E whole-slide images (HisToSGE).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Predict spatial gene expression from H&E whole-slide images (HisToSGE).",
+)
 console = Console(stderr=True)
 out_console = Console()
 _DEBUG = {"on": False}
@@ -29,8 +33,11 @@ def _fail(exc: BaseException) -> None:
     if isinstance(exc, KeyboardInterrupt):
         console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
         raise typer.Exit(130)
-    console.print(f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        highlight=False,
+        soft_wrap=True,
+    )
     raise typer.Exit(1)
 
 
@@ -42,14 +49,22 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks."
 @app.command()
 def infer(
     slide: Annotated[Path, typer.Argument(help="Slide file (SVS, TIFF, NDPI, MRXS, DICOM, JPEG/PNG with --mpp).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output Zarr folder (default: <slide>.zarr).")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Model folder from `train` (default: the built-in model).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output Zarr folder (default: <slide>.zarr).")
+    ] = None,
+    model: Annotated[
+        Optional[Path], typer.Option(help="Model folder from `train` (default: the built-in model).")
+    ] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights file.")] = None,
     allow_download: Annotated[bool, typer.Option(help="Allow fetching encoder weights from the HF hub.")] = False,
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px, overriding the file.")] = None,
-    stride_um: Annotated[Optional[float], typer.Option(help="Lattice step in µm (default: half the model's spot).")] = None,
+    stride_um: Annotated[
+        Optional[float], typer.Option(help="Lattice step in µm (default: half the model's spot).")
+    ] = None,
     spot_um: Annotated[Optional[float], typer.Option(help="Spot diameter in µm (default: the model's).")] = None,
-    context_um: Annotated[Optional[float], typer.Option(help="Image context per spot in µm (default: the model's).")] = None,
+    context_um: Annotated[
+        Optional[float], typer.Option(help="Image context per spot in µm (default: the model's).")
+    ] = None,
     tissue_mask: Annotated[Optional[Path], typer.Option(help="GeoJSON (level-0 px) or mask image.")] = None,
     min_tissue_fraction: Annotated[Optional[float], typer.Option(help="Keep spots with this tissue fraction.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda if present).")] = None,
@@ -64,13 +79,35 @@ def infer(
     from wsi_histosge.infer import InferOptions, infer_slide
 
     out = out or slide.with_name(slide.name + ".zarr")
-    opts = InferOptions(model=model, encoder_weights=encoder_weights, allow_download=allow_download, mpp=mpp,
-                        stride_um=stride_um, spot_um=spot_um, context_um=context_um, tissue_mask=tissue_mask,
-                        min_tissue_fraction=min_tissue_fraction, device=device, precision=precision,
-                        batch_size=batch_size, num_workers=workers, compile=compile, overwrite=overwrite)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]} spots/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn(), console=console, transient=False, disable=as_json)
+    opts = InferOptions(
+        model=model,
+        encoder_weights=encoder_weights,
+        allow_download=allow_download,
+        mpp=mpp,
+        stride_um=stride_um,
+        spot_um=spot_um,
+        context_um=context_um,
+        tissue_mask=tissue_mask,
+        min_tissue_fraction=min_tissue_fraction,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=workers,
+        compile=compile,
+        overwrite=overwrite,
+    )
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} spots/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=as_json,
+    )
     task: dict[str, Any] = {}
 
     def on_progress(event: str, advance: int, total: int) -> None:
@@ -84,8 +121,10 @@ def infer(
             progress.update(task["id"], rate=f"{rate:.1f}" if rate else "-")
 
     try:
-        result = infer_slide(slide, out, opts, progress=on_progress, log=lambda m: console.print(m, highlight=False))
-    except BaseException as exc:  # noqa: BLE001
+        result = infer_slide(
+            slide, out, opts, progress=on_progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True)
+        )
+    except BaseException as exc:
         progress.stop()
         _fail(exc)
         return
@@ -95,8 +134,21 @@ def infer(
         out_console.print_json(json.dumps(report))
         return
     table = Table(title=f"{slide.name} -> {out}", show_header=False)
-    for key in ("status", "spots", "tiles", "grid_shape", "stride_um", "tissue_area_mm2", "mpp", "mpp_source",
-                "model", "encoder", "device", "precision", "spots_per_s"):
+    for key in (
+        "status",
+        "spots",
+        "tiles",
+        "grid_shape",
+        "stride_um",
+        "tissue_area_mm2",
+        "mpp",
+        "mpp_source",
+        "model",
+        "encoder",
+        "device",
+        "precision",
+        "spots_per_s",
+    ):
         value = report[key]
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
     for key, value in report["timings_s"].items():
@@ -115,7 +167,7 @@ def info(
 
     try:
         data = open_slide(slide, mpp=mpp).info()
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         _fail(exc)
         return
     if as_json:
@@ -127,7 +179,9 @@ def info(
     m = data["mpp"]
     table.add_row("MPP", f"{m['x']:.4f} x {m['y']:.4f} µm/px ({m['source']})" if m["x"] else f"[red]{m['error']}")
     for lv in data["levels"]:
-        table.add_row(f"level {lv['level']}", f"{lv['dimensions'][0]} x {lv['dimensions'][1]} (x{lv['downsample']:.2f})")
+        table.add_row(
+            f"level {lv['level']}", f"{lv['dimensions'][0]} x {lv['dimensions'][1]} (x{lv['downsample']:.2f})"
+        )
     table.add_row("associated images", ", ".join(data["associated_images"]) or "-")
     table.add_row("fingerprint", data["fingerprint"])
     out_console.print(table)
@@ -140,23 +194,47 @@ def encoders(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     rows = list_encoders()
     if as_json:
-        out_console.print_json(json.dumps([{
-            "name": c.name, "architecture": c.architecture, "embed_dim": c.embed_dim, "input_px": c.input_px,
-            "mpp": c.mpp, "context_um": c.context_um, "weights": c.hf_hub_id or "package", "license": c.license,
-            "gated": c.gated, "description": c.description} for c in rows]))
+        out_console.print_json(
+            json.dumps(
+                [
+                    {
+                        "name": c.name,
+                        "architecture": c.architecture,
+                        "embed_dim": c.embed_dim,
+                        "input_px": c.input_px,
+                        "mpp": c.mpp,
+                        "context_um": c.context_um,
+                        "weights": c.hf_hub_id or "package",
+                        "license": c.license,
+                        "gated": c.gated,
+                        "description": c.description,
+                    }
+                    for c in rows
+                ]
+            )
+        )
         return
     table = Table(title="encoders (also: timm:<architecture>)")
     for col in ("name", "dim", "input", "µm/px", "weights", "license", "description"):
         table.add_column(col)
     for c in rows:
-        table.add_row(c.name, str(c.embed_dim), f"{c.input_px}px", f"{c.mpp:g}",
-                      (c.hf_hub_id or "installed package") + (" (gated)" if c.gated else ""), c.license, c.description)
+        table.add_row(
+            c.name,
+            str(c.embed_dim),
+            f"{c.input_px}px",
+            f"{c.mpp:g}",
+            (c.hf_hub_id or "installed package") + (" (gated)" if c.gated else ""),
+            c.license,
+            c.description,
+        )
     out_console.print(table)
 
 
 @app.command()
 def train(
-    sections: Annotated[list[str], typer.Argument(help="Legacy-ST sections as COUNTS.tsv[.gz]:SPOTS.tsv:IMAGE triples.")],
+    sections: Annotated[
+        list[str], typer.Argument(help="Legacy-ST sections as COUNTS.tsv[.gz]:SPOTS.tsv:IMAGE triples.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     genes: Annotated[Optional[Path], typer.Option(help="Gene list (.txt one per line, or .npy of strings).")] = None,
     val: Annotated[Optional[list[str]], typer.Option(help="Validation section(s), same triple form.")] = None,
@@ -170,10 +248,19 @@ def train(
     from wsi_histosge.train import train_from_triples
 
     try:
-        summary = train_from_triples(sections, out, genes=genes, val=val or [], encoder=encoder,
-                                     encoder_weights=encoder_weights, n_genes=n_genes, epochs=epochs,
-                                     overwrite=overwrite, log=lambda m: console.print(m, highlight=False))
-    except BaseException as exc:  # noqa: BLE001
+        summary = train_from_triples(
+            sections,
+            out,
+            genes=genes,
+            val=val or [],
+            encoder=encoder,
+            encoder_weights=encoder_weights,
+            n_genes=n_genes,
+            epochs=epochs,
+            overwrite=overwrite,
+            log=lambda m: console.print(m, highlight=False, soft_wrap=True),
+        )
+    except BaseException as exc:
         _fail(exc)
         return
     out_console.print_json(json.dumps(summary))

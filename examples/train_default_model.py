@@ -20,8 +20,17 @@ from wsi_histosge.encoders import create_encoder
 from wsi_histosge.model import HeadConfig, save_model
 from wsi_histosge.stdata import her2st_section
 from wsi_histosge.train import (
-    SQUARE_NEIGHBOURS, FitConfig, TrainSet, build_model, fit_head, lattice_groups, pearson_per_gene, predict_set,
-    ridge_baseline, section_features, summarise_r,
+    SQUARE_NEIGHBOURS,
+    FitConfig,
+    TrainSet,
+    build_model,
+    fit_head,
+    lattice_groups,
+    pearson_per_gene,
+    predict_set,
+    ridge_baseline,
+    section_features,
+    summarise_r,
 )
 
 
@@ -62,18 +71,30 @@ def main() -> None:
     r_head, r_ridge = pearson_per_gene(pred, test.targets), pearson_per_gene(ridge, test.targets)
     metrics = {
         "protocol": f"train {','.join(train_names)} -> test {args.test} (HER2ST patient C, within-patient)",
-        "head_all_genes": summarise_r(r_head), "ridge_all_genes": summarise_r(r_ridge),
-        "head_top50_hvg": summarise_r(r_head[top50]), "ridge_top50_hvg": summarise_r(r_ridge[top50]),
+        "head_all_genes": summarise_r(r_head),
+        "ridge_all_genes": summarise_r(r_ridge),
+        "head_top50_hvg": summarise_r(r_head[top50]),
+        "ridge_top50_hvg": summarise_r(r_ridge[top50]),
         "epochs": epochs,
     }
     print(json.dumps(metrics, indent=1))
     if args.out:
         model = build_model(
-            head, genes, encoder, spot_um=100.0, context_um=context_um, pitch_um=200.0,
-            neighbours=SQUARE_NEIGHBOURS, name="her2st-effnetlite0",
-            training={"summary": "HER2ST patient C sections C2-C5 (legacy ST, 100 µm spots), 785-gene HER2ST list",
-                      "sections": train_names, "spots": int(sum(len(sets[n].features) for n in train_names)),
-                      "targets": "log1p(CP10k)", "encoder": "efficientnet-lite0 (ImageNet, offline)"},
+            head,
+            genes,
+            encoder,
+            spot_um=100.0,
+            context_um=context_um,
+            pitch_um=200.0,
+            neighbours=SQUARE_NEIGHBOURS,
+            name="her2st-effnetlite0",
+            training={
+                "summary": "HER2ST patient C sections C2-C5 (legacy ST, 100 µm spots), 785-gene HER2ST list",
+                "sections": train_names,
+                "spots": int(sum(len(sets[n].features) for n in train_names)),
+                "targets": "log1p(CP10k)",
+                "encoder": "efficientnet-lite0 (ImageNet, offline)",
+            },
             metrics=metrics,
         )
         save_model(model, args.out, half=True)

@@ -23,8 +23,9 @@ def need_shared(*parts: str) -> Path:
     return path
 
 
-def write_pyramid(path: Path, img: np.ndarray, mpp: float | None = 0.5, levels: int = 3,
-                  compression: str = "jpeg", tile: int = 256) -> Path:
+def write_pyramid(
+    path: Path, img: np.ndarray, mpp: float | None = 0.5, levels: int = 3, compression: str = "jpeg", tile: int = 256
+) -> Path:
     """A tiled pyramidal TIFF with resolution tags (or none when ``mpp`` is None)."""
     with tifffile.TiffWriter(path) as tw:
         for i in range(levels):
@@ -33,8 +34,14 @@ def write_pyramid(path: Path, img: np.ndarray, mpp: float | None = 0.5, levels: 
             if mpp is not None:
                 res = 1e4 / (mpp * 2**i)
                 kwargs = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
-            tw.write(level, tile=(tile, tile), compression=compression, photometric="rgb",
-                     subfiletype=0 if i == 0 else 1, **kwargs)
+            tw.write(
+                level,
+                tile=(tile, tile),
+                compression=compression,
+                photometric="rgb",
+                subfiletype=0 if i == 0 else 1,
+                **kwargs,
+            )
     return path
 
 
@@ -73,11 +80,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         head.gene_head[-1].bias.fill_(1.0)  # keep outputs away from the ReLU floor
     pitch = 80.0
-    meta = ModelMeta(genes=[f"G{i}" for i in range(12)], head=cfg.__dict__.copy(), encoder="tiny-test",
-                     encoder_weights_sha256=enc.weights_hash, spot_um=40.0, context_um=enc.cfg.context_um,
-                     neighbour_offsets_um=[[dx * pitch, dy * pitch] for dx, dy in
-                                           [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]],
-                     name="tiny-test-model")
+    meta = ModelMeta(
+        genes=[f"G{i}" for i in range(12)],
+        head=cfg.__dict__.copy(),
+        encoder="tiny-test",
+        encoder_weights_sha256=enc.weights_hash,
+        spot_um=40.0,
+        context_um=enc.cfg.context_um,
+        neighbour_offsets_um=[[dx * pitch, dy * pitch] for dx, dy in [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]],
+        name="tiny-test-model",
+    )
     path = tmp_path_factory.mktemp("models") / "tiny"
     save_model(Model(meta, head.eval()), path)
     return path

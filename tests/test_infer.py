@@ -76,8 +76,9 @@ def test_no_seams_when_block_boundaries_move(pyramid_slide: Path, tiny_model: Pa
     stride = 20.0
     a = infer_slide(pyramid_slide, tmp_path / "o1.zarr", _opts(tiny_model, origin_um=(10.0, 10.0)))
     shift = 16  # half of a 32-cell block
-    infer_slide(pyramid_slide, tmp_path / "o2.zarr",
-                _opts(tiny_model, origin_um=(10.0 + shift * stride, 10.0 + shift * stride)))
+    infer_slide(
+        pyramid_slide, tmp_path / "o2.zarr", _opts(tiny_model, origin_um=(10.0 + shift * stride, 10.0 + shift * stride))
+    )
     e1, _ = _cube(tmp_path / "o1.zarr")
     e2, _ = _cube(tmp_path / "o2.zarr")
     common = e1[:, shift:, shift:][:, : e2.shape[1], : e2.shape[2]]
@@ -118,8 +119,12 @@ def test_blank_slide_has_no_tissue(tiny_model: Path, tmp_path: Path) -> None:
 
 
 def _run_cli(args: list[str], **kw: object) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "wsi_histosge.cli.app", "infer", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kw)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [sys.executable, "-m", "wsi_histosge.cli.app", "infer", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )  # type: ignore[call-overload]
 
 
 def test_kill_then_resume_gives_the_identical_cube(tiny_model: Path, tmp_path: Path) -> None:

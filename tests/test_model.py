@@ -86,8 +86,16 @@ def test_default_model_ships_and_fits_its_encoder() -> None:
 
 def test_registry_entries() -> None:
     names = {c.name for c in list_encoders()}
-    assert {"uni", "uni2-h", "h-optimus-0", "virchow2", "phikon-v2", "prov-gigapath", "conch",
-            "efficientnet-lite0"} <= names
+    assert {
+        "uni",
+        "uni2-h",
+        "h-optimus-0",
+        "virchow2",
+        "phikon-v2",
+        "prov-gigapath",
+        "conch",
+        "efficientnet-lite0",
+    } <= names
     assert get_encoder_cfg("uni").context_um == pytest.approx(112.0)
     assert get_encoder_cfg("timm:resnet18").embed_dim == 512
 

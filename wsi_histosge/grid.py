@@ -89,13 +89,24 @@ class Grid:
                         y1, x1 = min(y0 + b, ny, cy + c), min(x0 + b, nx, cx + c)
                         if not self.keep[y0:y1, x0:x1].any():
                             continue
-                        yield Block(index, y0, x0, y1, x1,
-                                    max(0, y0 - h), max(0, x0 - h), min(ny, y1 + h), min(nx, x1 + h))
+                        yield Block(
+                            index, y0, x0, y1, x1, max(0, y0 - h), max(0, x0 - h), min(ny, y1 + h), min(nx, x1 + h)
+                        )
                         index += 1
 
     def with_halo(self, halo_cells: int) -> Grid:
-        return Grid(self.stride_um, self.spot_um, self.context_um, self.origin_um, self.mpp, self.shape,
-                    self.tissue_fraction, self.keep, self.block_cells, halo_cells)
+        return Grid(
+            self.stride_um,
+            self.spot_um,
+            self.context_um,
+            self.origin_um,
+            self.mpp,
+            self.shape,
+            self.tissue_fraction,
+            self.keep,
+            self.block_cells,
+            halo_cells,
+        )
 
 
 def make_grid(
@@ -125,8 +136,17 @@ def make_grid(
     if nx == 0 or ny == 0:
         raise UsageError(f"{slide.path}: the lattice (origin {ox, oy} µm, stride {stride_um} µm) misses the slide")
     iy, ix = np.mgrid[0:ny, 0:nx]
-    grid = Grid(stride_um, spot_um, context_um, (ox, oy), (mppx, mppy), (ny, nx),
-                np.zeros((ny, nx), np.float32), np.zeros((ny, nx), bool), block)
+    grid = Grid(
+        stride_um,
+        spot_um,
+        context_um,
+        (ox, oy),
+        (mppx, mppy),
+        (ny, nx),
+        np.zeros((ny, nx), np.float32),
+        np.zeros((ny, nx), bool),
+        block,
+    )
     centres = grid.centres_level0(iy.ravel(), ix.ravel())
     frac = tissue.fraction_within(centres, (spot_um / 2.0) / mppx).reshape(ny, nx)
     keep = frac >= threshold

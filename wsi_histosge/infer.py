@@ -104,8 +104,16 @@ def neighbour_cells(model: Model, stride_um: float) -> np.ndarray:
     return np.asarray(cells, dtype=np.int64)
 
 
-def predict_block(model: Model, grid: Grid, feats: torch.Tensor, iy: np.ndarray, ix: np.ndarray, block: Block,
-                  offsets: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+def predict_block(
+    model: Model,
+    grid: Grid,
+    feats: torch.Tensor,
+    iy: np.ndarray,
+    ix: np.ndarray,
+    block: Block,
+    offsets: np.ndarray,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """Head predictions for the block's core kept cells, using neighbours from the halo'd range."""
     hh, hw = block.hy1 - block.hy0, block.hx1 - block.hx0
     dim = feats.shape[1]
@@ -126,15 +134,20 @@ def predict_block(model: Model, grid: Grid, feats: torch.Tensor, iy: np.ndarray,
     else:
         pos = (offsets[None, :, :] * grid.stride_um).astype(np.float32).repeat(len(cy), axis=0)
     with torch.inference_mode():
-        preds = model.head(dense[torch.as_tensor(nlin, device=device)], torch.as_tensor(pos, device=device),
-                           torch.as_tensor(valid, device=device))
+        preds = model.head(
+            dense[torch.as_tensor(nlin, device=device)],
+            torch.as_tensor(pos, device=device),
+            torch.as_tensor(valid, device=device),
+        )
     return cy, cx, preds
 
 
 class _ChunkWriter(threading.Thread):
     """Collects block predictions into whole chunks and writes each once complete."""
 
-    def __init__(self, store: CubeStore, n_genes: int, shape: tuple[int, int], blocks_per_chunk: dict[tuple[int, int], int]):
+    def __init__(
+        self, store: CubeStore, n_genes: int, shape: tuple[int, int], blocks_per_chunk: dict[tuple[int, int], int]
+    ):
         super().__init__(daemon=True, name="wsi-histosge-writer")
         self.store = store
         self.n_genes = n_genes
@@ -167,7 +180,7 @@ class _ChunkWriter(threading.Thread):
                     self.store.write_chunk(key[0], key[1], self.buffers.pop(key))
                     self.write_s += time.perf_counter() - t0
                     self.chunks_written += 1
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+        except BaseException as exc:
             self.error = exc
             while True:  # drain so the producer never blocks forever
                 try:
@@ -189,16 +202,19 @@ class _ChunkWriter(threading.Thread):
 
 
 def _tissue(slide: Slide, options: InferOptions) -> TissueMask:
-    if options.tissue_mask is not None:
-        mask = load_tissue_mask(options.tissue_mask, slide)
-    else:
-        mask = detect_tissue(slide)
+    mask = load_tissue_mask(options.tissue_mask, slide) if options.tissue_mask is not None else detect_tissue(slide)
     require_tissue(mask, slide)
     return mask
 
 
-def infer_slide(slide_path: str | Path, out: str | Path, options: InferOptions | None = None, *,
-                progress: ProgressFn | None = None, log: Callable[[str], None] | None = None) -> InferResult:
+def infer_slide(
+    slide_path: str | Path,
+    out: str | Path,
+    options: InferOptions | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    log: Callable[[str], None] | None = None,
+) -> InferResult:
     """Predict the expression cube of one slide into ``out`` (a Zarr v3 group); resumable."""
     options = options or InferOptions()
     say = log or (lambda _msg: None)
@@ -220,11 +236,20 @@ def infer_slide(slide_path: str | Path, out: str | Path, options: InferOptions |
     stride = options.stride_um or model.meta.spot_um / 2.0
     spot = options.spot_um or model.meta.spot_um
     context = options.context_um or model.meta.context_um
-    grid = make_grid(slide, tissue, stride_um=stride, spot_um=spot, context_um=context, origin_um=options.origin_um,
-                     min_tissue_fraction=options.min_tissue_fraction)
+    grid = make_grid(
+        slide,
+        tissue,
+        stride_um=stride,
+        spot_um=spot,
+        context_um=context,
+        origin_um=options.origin_um,
+        min_tissue_fraction=options.min_tissue_fraction,
+    )
     if grid.n_spots == 0:
-        raise NoTissueError(f"{slide.path}: tissue was found but no spot passes the tissue-fraction threshold; "
-                            "lower --min-tissue-fraction or check --tissue-mask")
+        raise NoTissueError(
+            f"{slide.path}: tissue was found but no spot passes the tissue-fraction threshold; "
+            "lower --min-tissue-fraction or check --tissue-mask"
+        )
     offsets = neighbour_cells(model, stride)
     grid = grid.with_halo(int(np.abs(offsets).max()))
 
@@ -233,22 +258,47 @@ def infer_slide(slide_path: str | Path, out: str | Path, options: InferOptions |
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     mask_hash = hashlib.sha256(np.packbits(tissue.mask).tobytes()).hexdigest()[:16]
     fp_parts = {
-        "slide": slide.fingerprint, "model": model.sha256, "encoder": encoder.weights_hash, "mpp": [mpp.x, mpp.y],
-        "stride_um": stride, "spot_um": spot, "context_um": context, "origin_um": list(grid.origin_um),
-        "min_tissue_fraction": options.min_tissue_fraction, "tissue_mask": mask_hash, "precision": precision,
+        "slide": slide.fingerprint,
+        "model": model.sha256,
+        "encoder": encoder.weights_hash,
+        "mpp": [mpp.x, mpp.y],
+        "stride_um": stride,
+        "spot_um": spot,
+        "context_um": context,
+        "origin_um": list(grid.origin_um),
+        "min_tissue_fraction": options.min_tissue_fraction,
+        "tissue_mask": mask_hash,
+        "precision": precision,
         "genes": len(model.meta.genes),
     }
     fingerprint = run_fingerprint(fp_parts)
     attrs = _cube_attributes(slide, model, encoder, grid, tissue, fingerprint, precision)
-    store, state = CubeStore.open_for_run(out, fingerprint=fingerprint, shape=(model.n_genes, *grid.shape),
-                                          attrs=attrs, tissue=grid.keep, tissue_fraction=grid.tissue_fraction,
-                                          overwrite=options.overwrite)
-    base = dict(out=str(out), slide=str(slide.path), spots=grid.n_spots, grid_shape=grid.shape, stride_um=stride,
-                tissue_area_mm2=tissue.area_um2 / 1e6, mpp=mpp.mean, mpp_source=mpp.source,
-                model=model.meta.name, encoder=model.meta.encoder, device=str(device), precision=precision)
+    store, state = CubeStore.open_for_run(
+        out,
+        fingerprint=fingerprint,
+        shape=(model.n_genes, *grid.shape),
+        attrs=attrs,
+        tissue=grid.keep,
+        tissue_fraction=grid.tissue_fraction,
+        overwrite=options.overwrite,
+    )
+    base: dict[str, Any] = dict(
+        out=str(out),
+        slide=str(slide.path),
+        spots=grid.n_spots,
+        grid_shape=grid.shape,
+        stride_um=stride,
+        tissue_area_mm2=tissue.area_um2 / 1e6,
+        mpp=mpp.mean,
+        mpp_source=mpp.source,
+        model=model.meta.name,
+        encoder=model.meta.encoder,
+        device=str(device),
+        precision=precision,
+    )
     if state.status == "complete":
         say(f"{out}: already complete for this slide, model and parameters; nothing to do")
-        return InferResult(status="already-complete", tiles=0, chunks_written=0, **base)  # type: ignore[arg-type]
+        return InferResult(status="already-complete", tiles=0, chunks_written=0, **base)
     if state.status == "resume":
         say(f"{out}: resuming ({state.chunks_done} chunks already written)")
     if options.write_geojson:
@@ -273,8 +323,7 @@ def infer_slide(slide_path: str | Path, out: str | Path, options: InferOptions |
     model.head.to(device)
     enc_module: Any = torch.compile(encoder) if options.compile else encoder
     batch = options.batch_size or (config.GPU_BATCH if device.type == "cuda" else config.CPU_BATCH)
-    writer = _ChunkWriter(store, model.n_genes, grid.shape,
-                          {k: v for k, v in blocks_per_chunk.items() if not done[k]})
+    writer = _ChunkWriter(store, model.n_genes, grid.shape, {k: v for k, v in blocks_per_chunk.items() if not done[k]})
     writer.start()
     dataset = BlockDataset(slide, grid, todo, level)
     t_wait = t_enc = t_head = 0.0
@@ -283,24 +332,33 @@ def infer_slide(slide_path: str | Path, out: str | Path, options: InferOptions |
         t_last = time.perf_counter()
         for item in block_loader(dataset, num_workers=options.num_workers, pin_memory=device.type == "cuda"):
             t_wait += time.perf_counter() - t_last
-            block = todo[int(item["index"])]  # type: ignore[call-overload]
-            iy, ix = item["iy"], item["ix"]
-            centres = grid.centres_level0(iy, ix)  # type: ignore[arg-type]
+            block = todo[item.index]
+            iy, ix = item.iy, item.ix
+            centres = grid.centres_level0(iy, ix)
             t1 = time.perf_counter()
-            feats = encode_tile(enc_module, item["tile"], item["geom"], centres, grid.mpp, grid.context_um,  # type: ignore[arg-type]
-                                batch=batch, device=device, dtype=dtype)
+            feats = encode_tile(
+                enc_module,
+                item.tile,
+                item.geom,
+                centres,
+                grid.mpp,
+                grid.context_um,
+                batch=batch,
+                device=device,
+                dtype=dtype,
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
-            cy, cx, preds = predict_block(model, grid, feats, iy, ix, block, offsets, device)  # type: ignore[arg-type]
+            core_y, core_x, preds = predict_block(model, grid, feats, iy, ix, block, offsets, device)
             preds_np = preds.float().cpu().numpy()
             t3 = time.perf_counter()
             t_enc += t2 - t1
             t_head += t3 - t2
-            writer.put((block.chunk_key, cy, cx, preds_np))
-            spots_done += len(cy)
+            writer.put((block.chunk_key, core_y, core_x, preds_np))
+            spots_done += len(core_y)
             if progress:
-                progress("advance", len(cy), todo_spots)
+                progress("advance", len(core_y), todo_spots)
             t_last = time.perf_counter()
         writer.finish()
     except BaseException:
@@ -309,9 +367,14 @@ def infer_slide(slide_path: str | Path, out: str | Path, options: InferOptions |
     timings.update({"loader_wait": t_wait, "encoder": t_enc, "head": t_head, "write": writer.write_s})
     elapsed = time.perf_counter() - t_start
     timings["total"] = elapsed
-    result = InferResult(status="resumed" if state.status == "resume" else "complete", tiles=len(todo),
-                         chunks_written=writer.chunks_written, timings_s=timings,
-                         spots_per_s=spots_done / max(elapsed, 1e-9), **base)  # type: ignore[arg-type]
+    result = InferResult(
+        status="resumed" if state.status == "resume" else "complete",
+        tiles=len(todo),
+        chunks_written=writer.chunks_written,
+        timings_s=timings,
+        spots_per_s=spots_done / max(elapsed, 1e-9),
+        **base,
+    )
     store.mark_complete(fingerprint, {"spots": grid.n_spots, "tiles": len(all_blocks)})
     return result
 
@@ -330,39 +393,66 @@ def _check_fit(model: Model, encoder: Encoder) -> None:
         )
 
 
-def _cube_attributes(slide: Slide, model: Model, encoder: Encoder, grid: Grid, tissue: TissueMask,
-                     fingerprint: str, precision: str) -> dict[str, Any]:
+def _cube_attributes(
+    slide: Slide, model: Model, encoder: Encoder, grid: Grid, tissue: TissueMask, fingerprint: str, precision: str
+) -> dict[str, Any]:
     ox, oy = grid.origin_um
     s = grid.stride_um
     return {
         ATTR_KEY: {
-            "software": "wsi-histosge", "version": __version__,
-            "slide": {"path": str(slide.path.resolve()), "fingerprint": slide.fingerprint,
-                      "dimensions": list(slide.dimensions), "backend": slide.backend.name, "vendor": slide.vendor},
+            "software": "wsi-histosge",
+            "version": __version__,
+            "slide": {
+                "path": str(slide.path.resolve()),
+                "fingerprint": slide.fingerprint,
+                "dimensions": list(slide.dimensions),
+                "backend": slide.backend.name,
+                "vendor": slide.vendor,
+            },
             "mpp": {"x": slide.mpp.x, "y": slide.mpp.y, "source": slide.mpp.source},
-            "model": {"name": model.meta.name, "source": model.source, "sha256": model.sha256,
-                      "training": model.meta.training.get("summary", "")},
-            "encoder": {"name": encoder.cfg.name, "weights_sha256": encoder.weights_hash,
-                        "input_px": encoder.cfg.input_px, "mpp": encoder.cfg.mpp},
+            "model": {
+                "name": model.meta.name,
+                "source": model.source,
+                "sha256": model.sha256,
+                "training": model.meta.training.get("summary", ""),
+            },
+            "encoder": {
+                "name": encoder.cfg.name,
+                "weights_sha256": encoder.weights_hash,
+                "input_px": encoder.cfg.input_px,
+                "mpp": encoder.cfg.mpp,
+            },
             "tissue": {"source": tissue.source, "area_mm2": tissue.area_um2 / 1e6},
             "precision": precision,
         },
         "genes": list(model.meta.genes),
         "units": model.meta.units,
-        "stride_um": s, "spot_um": grid.spot_um, "context_um": grid.context_um,
+        "stride_um": s,
+        "spot_um": grid.spot_um,
+        "context_um": grid.context_um,
         "origin_um": [ox, oy],
         "affine_level0": grid.affine_level0(),
         "min_tissue_fraction": float(grid.keep.any() and grid.tissue_fraction[grid.keep].min()),
         "ome": {
             "version": "0.5",
-            "multiscales": [{
-                "name": slide.path.stem,
-                "axes": [{"name": "c", "type": "channel"},
-                         {"name": "y", "type": "space", "unit": "micrometer"},
-                         {"name": "x", "type": "space", "unit": "micrometer"}],
-                "datasets": [{"path": "expression", "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, s, s]},
-                    {"type": "translation", "translation": [0.0, oy, ox]}]}],
-            }],
+            "multiscales": [
+                {
+                    "name": slide.path.stem,
+                    "axes": [
+                        {"name": "c", "type": "channel"},
+                        {"name": "y", "type": "space", "unit": "micrometer"},
+                        {"name": "x", "type": "space", "unit": "micrometer"},
+                    ],
+                    "datasets": [
+                        {
+                            "path": "expression",
+                            "coordinateTransformations": [
+                                {"type": "scale", "scale": [1.0, s, s]},
+                                {"type": "translation", "translation": [0.0, oy, ox]},
+                            ],
+                        }
+                    ],
+                }
+            ],
         },
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,8 +69,15 @@ def read_tile(slide: Slide, geom: TileGeometry) -> np.ndarray:
     return out
 
 
-def cut_patches(tile: torch.Tensor, geom: TileGeometry, centres_level0: np.ndarray, context_px_level0: tuple[float, float],
-                out_px: int, encoder: Encoder, dtype: torch.dtype) -> torch.Tensor:
+def cut_patches(
+    tile: torch.Tensor,
+    geom: TileGeometry,
+    centres_level0: np.ndarray,
+    context_px_level0: tuple[float, float],
+    out_px: int,
+    encoder: Encoder,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Crop + resize + normalise every centre's patch from a (h, w, 3) uint8 tile on its device."""
     from torchvision.ops import roi_align
 
@@ -86,7 +94,18 @@ def cut_patches(tile: torch.Tensor, geom: TileGeometry, centres_level0: np.ndarr
     return encoder.normalise(patches).to(dtype)
 
 
-class BlockDataset(Dataset[dict[str, object]]):
+@dataclass
+class TileItem:
+    """One super-tile and the lattice cells whose patches it holds."""
+
+    index: int
+    tile: torch.Tensor  # (h, w, 3) uint8
+    geom: TileGeometry
+    iy: np.ndarray
+    ix: np.ndarray
+
+
+class BlockDataset(Dataset[TileItem]):
     """One item per block: its super-tile (uint8 tensor) and the cells it holds."""
 
     def __init__(self, slide: Slide, grid: Grid, blocks: list[Block], level: int) -> None:
@@ -104,16 +123,16 @@ class BlockDataset(Dataset[dict[str, object]]):
         iy, ix = np.nonzero(sub)
         return iy + block.hy0, ix + block.hx0
 
-    def __getitem__(self, i: int) -> dict[str, object]:
+    def __getitem__(self, i: int) -> TileItem:
         block = self.blocks[i]
         iy, ix = self.cells(block)
         centres = self.grid.centres_level0(iy, ix)
         geom = tile_for_points(self.slide, centres, self.grid.context_um, self.level)
         tile = read_tile(self.slide, geom)
-        return {"index": i, "tile": torch.from_numpy(tile), "geom": geom, "iy": iy, "ix": ix}
+        return TileItem(i, torch.from_numpy(tile), geom, iy, ix)
 
 
-def _collate_one(items: list[dict[str, object]]) -> dict[str, object]:
+def _collate_one(items: list[TileItem]) -> TileItem:
     return items[0]
 
 
@@ -122,37 +141,69 @@ def default_workers() -> int:
     return max(0, min(8, n - 1))
 
 
-def block_loader(dataset: BlockDataset, *, num_workers: int | None = None, pin_memory: bool = False,
-                 prefetch: int = 2) -> Iterator[dict[str, object]]:
+def block_loader(
+    dataset: BlockDataset, *, num_workers: int | None = None, pin_memory: bool = False, prefetch: int = 2
+) -> Iterator[TileItem]:
     """Iterate super-tiles in block order with background workers and prefetch."""
     workers = default_workers() if num_workers is None else num_workers
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs = {"prefetch_factor": prefetch, "persistent_workers": False}
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=workers, collate_fn=_collate_one,
-                        pin_memory=pin_memory, **kwargs)  # type: ignore[arg-type]
+    loader = DataLoader(
+        dataset,
+        batch_size=1,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate_one,
+        pin_memory=pin_memory,
+        **kwargs,
+    )  # type: ignore[arg-type]
     yield from loader
 
 
 @torch.inference_mode()
-def encode_tile(encoder: Encoder, tile: torch.Tensor, geom: TileGeometry, centres_level0: np.ndarray,
-                mpp: tuple[float, float], context_um: float, *, batch: int, device: torch.device,
-                dtype: torch.dtype) -> torch.Tensor:
+def encode_tile(
+    encoder: Encoder,
+    tile: torch.Tensor,
+    geom: TileGeometry,
+    centres_level0: np.ndarray,
+    mpp: tuple[float, float],
+    context_um: float,
+    *,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Features (N, D) of every centre's patch in a tile, in fixed sub-batches (deterministic)."""
     tile = tile.to(device, non_blocking=True)
     ctx = (context_um / mpp[0], context_um / mpp[1])
     feats = []
     autocast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
     for start in range(0, len(centres_level0), batch):
-        patches = cut_patches(tile, geom, centres_level0[start : start + batch], ctx, encoder.cfg.input_px,
-                              encoder, torch.float32 if autocast else dtype)
+        patches = cut_patches(
+            tile,
+            geom,
+            centres_level0[start : start + batch],
+            ctx,
+            encoder.cfg.input_px,
+            encoder,
+            torch.float32 if autocast else dtype,
+        )
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             feats.append(encoder(patches).float())
     return torch.cat(feats) if feats else torch.zeros(0, encoder.cfg.embed_dim, device=device)
 
 
-def encode_points(slide: Slide, centres_level0: np.ndarray, encoder: Encoder, *, context_um: float,
-                  device: torch.device | None = None, batch: int = 64, tile_um: float = 2000.0) -> np.ndarray:
+def encode_points(
+    slide: Slide,
+    centres_level0: np.ndarray,
+    encoder: Encoder,
+    *,
+    context_um: float,
+    device: torch.device | None = None,
+    batch: int = 64,
+    tile_um: float = 2000.0,
+) -> np.ndarray:
     """Features of arbitrary points (e.g. measured spots), read as super-tiles of about ``tile_um``."""
     device = device or torch.device("cpu")
     level = slide.best_level_for_mpp(encoder.cfg.mpp)
@@ -168,7 +219,16 @@ def encode_points(slide: Slide, centres_level0: np.ndarray, encoder: Encoder, *,
         pts = centres_level0[idx]
         geom = tile_for_points(slide, pts, context_um, level)
         tile = torch.from_numpy(read_tile(slide, geom))
-        f = encode_tile(encoder, tile, geom, pts, (slide.mpp.x, slide.mpp.y), context_um, batch=batch,
-                        device=device, dtype=torch.float32)
+        f = encode_tile(
+            encoder,
+            tile,
+            geom,
+            pts,
+            (slide.mpp.x, slide.mpp.y),
+            context_um,
+            batch=batch,
+            device=device,
+            dtype=torch.float32,
+        )
         out[idx] = f.cpu().numpy()
     return out

@@ -68,16 +68,16 @@ class _Attention(nn.Module):
         q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
         mask = valid[:, None, None, :]  # keys that exist
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class _FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, dim), nn.Dropout(dropout))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.net(x)
@@ -91,6 +91,10 @@ class HisToSGEHead(nn.Module):
     ``positions`` (B, G, 2): µm offsets (x, y) from the centre spot (relative-um) or integer array
     indices (absolute). ``valid`` (B, G) bool: which neighbour tokens exist (token 0 always does).
     """
+
+    feature_mean: torch.Tensor
+    feature_std: torch.Tensor
+    freqs: torch.Tensor
 
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
@@ -108,12 +112,23 @@ class HisToSGEHead(nn.Module):
             self.register_buffer("freqs", freqs, persistent=False)
         self.layers = nn.ModuleList()
         for _ in range(cfg.depth):
-            self.layers.append(nn.ModuleList([
-                nn.LayerNorm(dim), _Attention(dim, cfg.heads, cfg.dim_head, cfg.dropout),
-                nn.LayerNorm(dim), _FeedForward(dim, cfg.mlp_dim or dim, cfg.dropout),
-            ]))
-        self.gene_head = nn.Sequential(nn.Linear(dim, cfg.hidden), nn.ReLU(), nn.LayerNorm(cfg.hidden),
-                                       nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.n_genes))
+            self.layers.append(
+                nn.ModuleList(
+                    [
+                        nn.LayerNorm(dim),
+                        _Attention(dim, cfg.heads, cfg.dim_head, cfg.dropout),
+                        nn.LayerNorm(dim),
+                        _FeedForward(dim, cfg.mlp_dim or dim, cfg.dropout),
+                    ]
+                )
+            )
+        self.gene_head = nn.Sequential(
+            nn.Linear(dim, cfg.hidden),
+            nn.ReLU(),
+            nn.LayerNorm(cfg.hidden),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, cfg.n_genes),
+        )
 
     def standardise(self, features: torch.Tensor) -> torch.Tensor:
         z = (features - self.feature_mean) / self.feature_std
@@ -123,8 +138,9 @@ class HisToSGEHead(nn.Module):
         if self.cfg.position_mode == "absolute":
             idx = positions.long()
             if (idx < 0).any() or (idx >= 512).any():
-                raise ModelError("absolute position mode needs array indices in [0, 512); "
-                                 "use a relative-um model for large slides")
+                raise ModelError(
+                    "absolute position mode needs array indices in [0, 512); use a relative-um model for large slides"
+                )
             return self.x_embed(idx[..., 0]) + self.y_embed(idx[..., 1])  # type: ignore[no-any-return]
         scaled = positions.float()[..., None] / self.cfg.position_scale_um * self.freqs  # (B, G, 2, F)
         enc = torch.cat([scaled.sin(), scaled.cos()], dim=-1).flatten(-2)
@@ -134,7 +150,8 @@ class HisToSGEHead(nn.Module):
         x = self.proj(self.standardise(features.float()))
         x = x + self.position_embedding(positions)
         valid = valid.bool()
-        for norm1, attn, norm2, ff in self.layers:  # type: ignore[misc]
+        for layer in self.layers:
+            norm1, attn, norm2, ff = (layer[i] for i in range(4))  # type: ignore[index]
             x = attn(norm1(x), valid) + x
             x = ff(norm2(x)) + x
         return F.relu(self.gene_head(x[:, 0]))
@@ -191,8 +208,9 @@ def save_model(model: Model, path: str | Path, *, half: bool = False) -> Path:
     meta_path, weights_path = _paths(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
     if half:
-        tensors = {k: (v.half() if v.is_floating_point() and not k.startswith("feature_") else v)
-                   for k, v in tensors.items()}
+        tensors = {
+            k: (v.half() if v.is_floating_point() and not k.startswith("feature_") else v) for k, v in tensors.items()
+        }
     model.meta.software_version = __version__
     save_file(tensors, str(weights_path), metadata={"format": CHECKPOINT_FORMAT})
     meta = asdict(model.meta)
@@ -215,8 +233,10 @@ def load_model(path: str | Path) -> Model:
     path = Path(path)
     meta_path, weights_path = _paths(path)
     if not meta_path.is_file() or not weights_path.is_file():
-        raise ModelError(f"{path}: not a model checkpoint (expected {meta_path.name} and {weights_path.name}); "
-                         "pass a folder written by `wsi-histosge train`")
+        raise ModelError(
+            f"{path}: not a model checkpoint (expected {meta_path.name} and {weights_path.name}); "
+            "pass a folder written by `wsi-histosge train`"
+        )
     try:
         raw = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -226,8 +246,10 @@ def load_model(path: str | Path) -> Model:
     digest = raw.pop("weights_sha256", None)
     actual = _sha256(weights_path)
     if digest is not None and digest != actual:
-        raise ModelError(f"{weights_path}: weights do not match the hash in {meta_path.name}; the checkpoint is "
-                         "corrupt or its files were mixed up")
+        raise ModelError(
+            f"{weights_path}: weights do not match the hash in {meta_path.name}; the checkpoint is "
+            "corrupt or its files were mixed up"
+        )
     meta = ModelMeta(**{k: v for k, v in raw.items() if k in ModelMeta.__dataclass_fields__})
     try:
         tensors = load_file(str(weights_path))

@@ -82,7 +82,7 @@ class TiffSlideBackend:
         import tiffslide
 
         self._slide = tiffslide.TiffSlide(path)
-        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+        self.level_dimensions = tuple((int(d[0]), int(d[1])) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.properties = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
         self.vendor = self.properties.get("tiffslide.vendor") or self._guess_vendor()
@@ -122,7 +122,7 @@ class OpenSlideBackend:
         import openslide
 
         self._slide = openslide.OpenSlide(path)
-        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+        self.level_dimensions = tuple((int(d[0]), int(d[1])) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.properties = dict(self._slide.properties)
         self.vendor = self.properties.get("openslide.vendor", "unknown")
@@ -194,8 +194,8 @@ class PlainImageBackend:
                 f"{path}: image header says {w}x{h} px, beyond the plain-image limit of "
                 f"{config.MAX_PLAIN_IMAGE_PIXELS} px; convert it to a tiled pyramidal TIFF"
             )
-        self.level_dimensions = ((w, h),)
-        self.level_downsamples = (1.0,)
+        self.level_dimensions: tuple[tuple[int, int], ...] = ((w, h),)
+        self.level_downsamples: tuple[float, ...] = (1.0,)
         self.vendor = "jpeg" if path.suffix.lower() in {".jpg", ".jpeg"} else "png"
         self.properties: dict[str, str] = {}
         self.associated_images: dict[str, tuple[int, int]] = {}
@@ -240,11 +240,11 @@ def _open_backend(path: Path) -> Backend:
     errors: list[str] = []
     try:
         return TiffSlideBackend(path)
-    except Exception as exc:  # noqa: BLE001 - try the next reader, report all reasons
+    except Exception as exc:
         errors.append(f"tiffslide: {type(exc).__name__}: {str(exc)[:160]}")
     try:
         return OpenSlideBackend(path)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         errors.append(f"openslide: {type(exc).__name__}: {str(exc)[:160]}")
     raise SlideFormatError(
         f"{path}: not a slide any reader can open ({'; '.join(errors)}). "
@@ -321,8 +321,7 @@ class Slide:
         if self.mpp_override is not None:
             if stated is not None and abs(stated[0] - self.mpp_override) / stated[0] > 0.1:
                 warnings.warn(
-                    f"{self.path}: --mpp {self.mpp_override} overrides the file's {stated[0]:.4f} µm/px "
-                    f"({stated[2]})",
+                    f"{self.path}: --mpp {self.mpp_override} overrides the file's {stated[0]:.4f} µm/px ({stated[2]})",
                     stacklevel=2,
                 )
             return MPP(self.mpp_override, self.mpp_override, "user override (--mpp)")
@@ -389,7 +388,7 @@ class Slide:
         """
         from PIL import Image
 
-        w0, h0 = self.dimensions
+        w0, _h0 = self.dimensions
         th, tw = self.thumbnail_shape(mpp)
         level = self.best_level_for_mpp(mpp)
         lw, lh = self.level_dimensions[level]

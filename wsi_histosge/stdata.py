@@ -54,9 +54,16 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
-def read_legacy_st(counts_tsv: str | Path, spots_tsv: str | Path, image: str | Path, *, name: str | None = None,
-                   mpp: float | None = None, pitch_um: float = LEGACY_ST_PITCH_UM,
-                   spot_um: float = LEGACY_ST_SPOT_UM) -> STSection:
+def read_legacy_st(
+    counts_tsv: str | Path,
+    spots_tsv: str | Path,
+    image: str | Path,
+    *,
+    name: str | None = None,
+    mpp: float | None = None,
+    pitch_um: float = LEGACY_ST_PITCH_UM,
+    spot_um: float = LEGACY_ST_SPOT_UM,
+) -> STSection:
     """Read one legacy-ST section (HER2ST layout)."""
     counts_tsv, spots_tsv, image = Path(counts_tsv), Path(spots_tsv), Path(image)
     _need(counts_tsv, "counts table")
@@ -86,9 +93,16 @@ def read_legacy_st(counts_tsv: str | Path, spots_tsv: str | Path, image: str | P
         mpp = _mpp_from_lattice(px, spots, pitch_um)
         source = f"spot file: lattice pitch {pitch_um:g} µm"
     return STSection(
-        name=name or counts_tsv.name.split(".")[0], counts=counts.to_numpy(np.float32),
-        genes=[str(g) for g in counts.columns], centres_level0=px, array_xy=axy, image=image, mpp=float(mpp),
-        spot_um=spot_um, pitch_um=pitch_um, mpp_source=source,
+        name=name or counts_tsv.name.split(".")[0],
+        counts=counts.to_numpy(np.float32),
+        genes=[str(g) for g in counts.columns],
+        centres_level0=px,
+        array_xy=axy,
+        image=image,
+        mpp=float(mpp),
+        spot_um=spot_um,
+        pitch_um=pitch_um,
+        mpp_source=source,
     )
 
 
@@ -110,5 +124,9 @@ def her2st_section(root: str | Path, section: str) -> STSection:
     images = sorted((root / "ST-imgs" / section[0] / section).glob("*.jpg"))
     if not images:
         raise SlideNotFoundError(f"{root}/ST-imgs/{section[0]}/{section}: no H&E JPEG found")
-    return read_legacy_st(root / "ST-cnts" / f"{section}.tsv.gz", root / "ST-spotfiles" / f"{section}_selection.tsv",
-                          images[0], name=section)
+    return read_legacy_st(
+        root / "ST-cnts" / f"{section}.tsv.gz",
+        root / "ST-spotfiles" / f"{section}_selection.tsv",
+        images[0],
+        name=section,
+    )

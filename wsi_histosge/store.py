@@ -79,9 +79,18 @@ class CubeStore:
         return dict(attrs)
 
     @classmethod
-    def open_for_run(cls, path: str | Path, *, fingerprint: str, shape: tuple[int, int, int],
-                     attrs: dict[str, Any], tissue: np.ndarray, tissue_fraction: np.ndarray,
-                     overwrite: bool = False, compressor: str = "zstd") -> tuple[CubeStore, OpenState]:
+    def open_for_run(
+        cls,
+        path: str | Path,
+        *,
+        fingerprint: str,
+        shape: tuple[int, int, int],
+        attrs: dict[str, Any],
+        tissue: np.ndarray,
+        tissue_fraction: np.ndarray,
+        overwrite: bool = False,
+        compressor: str = "zstd",
+    ) -> tuple[CubeStore, OpenState]:
         path = Path(path)
         existing = cls.inspect(path)
         if existing is not None:
@@ -101,27 +110,59 @@ class CubeStore:
         return cls._create(path, fingerprint, shape, attrs, tissue, tissue_fraction, compressor), OpenState("new")
 
     @classmethod
-    def _create(cls, path: Path, fingerprint: str, shape: tuple[int, int, int], attrs: dict[str, Any],
-                tissue: np.ndarray, tissue_fraction: np.ndarray, compressor: str) -> CubeStore:
+    def _create(
+        cls,
+        path: Path,
+        fingerprint: str,
+        shape: tuple[int, int, int],
+        attrs: dict[str, Any],
+        tissue: np.ndarray,
+        tissue_fraction: np.ndarray,
+        compressor: str,
+    ) -> CubeStore:
         n_genes, ny, nx = shape
         c = config.CHUNK_CELLS
         codec = ZstdCodec(level=3) if compressor == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        group.create_array("expression", shape=shape, chunks=(n_genes, c, c), dtype=config.EXPRESSION_DTYPE,
-                           fill_value=np.nan, compressors=[codec], dimension_names=["gene", "y", "x"])
-        t = group.create_array("tissue", shape=(ny, nx), chunks=(min(ny, 1024), min(nx, 1024)), dtype="uint8",
-                               fill_value=0, compressors=[ZstdCodec(level=3)], dimension_names=["y", "x"])
+        group.create_array(
+            "expression",
+            shape=shape,
+            chunks=(n_genes, c, c),
+            dtype=config.EXPRESSION_DTYPE,
+            fill_value=np.nan,
+            compressors=[codec],
+            dimension_names=["gene", "y", "x"],
+        )
+        t = group.create_array(
+            "tissue",
+            shape=(ny, nx),
+            chunks=(min(ny, 1024), min(nx, 1024)),
+            dtype="uint8",
+            fill_value=0,
+            compressors=[ZstdCodec(level=3)],
+            dimension_names=["y", "x"],
+        )
         t[:] = tissue.astype(np.uint8)
-        f = group.create_array("tissue_fraction", shape=(ny, nx), chunks=(min(ny, 1024), min(nx, 1024)),
-                               dtype="float16", fill_value=0, compressors=[ZstdCodec(level=3)],
-                               dimension_names=["y", "x"])
+        f = group.create_array(
+            "tissue_fraction",
+            shape=(ny, nx),
+            chunks=(min(ny, 1024), min(nx, 1024)),
+            dtype="float16",
+            fill_value=0,
+            compressors=[ZstdCodec(level=3)],
+            dimension_names=["y", "x"],
+        )
         f[:] = tissue_fraction.astype(np.float16)
         ncy, ncx = -(-ny // c), -(-nx // c)
-        group.create_array("chunk_done", shape=(ncy, ncx), chunks=(1, 1), dtype="uint8", fill_value=0,
-                           dimension_names=["cy", "cx"])
+        group.create_array(
+            "chunk_done", shape=(ncy, ncx), chunks=(1, 1), dtype="uint8", fill_value=0, dimension_names=["cy", "cx"]
+        )
         full = dict(attrs)
-        full[ATTR_KEY] = {**attrs.get(ATTR_KEY, {}), "run_fingerprint": fingerprint,
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        full[ATTR_KEY] = {
+            **attrs.get(ATTR_KEY, {}),
+            "run_fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         group.attrs.update(full)
         return cls(path, group)
 
@@ -146,8 +187,9 @@ class CubeStore:
         marks = self.done_marks()
         if not marks.all():
             raise RuntimeError(f"{self.path}: {int((~marks).sum())} chunks not written; not marking complete")
-        self.group.attrs.update({"completed": {"run_fingerprint": fingerprint,
-                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}})
+        self.group.attrs.update(
+            {"completed": {"run_fingerprint": fingerprint, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}}
+        )
 
 
 def open_cube(path: str | Path) -> zarr.Group:
@@ -156,6 +198,8 @@ def open_cube(path: str | Path) -> zarr.Group:
     if attrs is None:
         raise FileNotFoundError(f"{path}: no such cube")
     if "completed" not in attrs:
-        raise OutputExistsError(f"{path}: the cube is incomplete (a run stopped early); rerun `wsi-histosge infer` "
-                                "with the same options to finish it")
+        raise OutputExistsError(
+            f"{path}: the cube is incomplete (a run stopped early); rerun `wsi-histosge infer` "
+            "with the same options to finish it"
+        )
     return zarr.open_group(str(path), mode="r")

@@ -192,5 +192,7 @@ def load_tissue_mask(path: str | Path, slide: Slide, *, mpp: float | None = None
         raise DataFormatError(f"{path}: cannot read the mask image ({exc}); give GeoJSON or a PNG") from exc
     if img.ndim == 3:
         img = img[..., 0]
-    mask = np.asarray(Image.fromarray((img > 0).astype(np.uint8) * 255).resize(shape[::-1], Image.Resampling.NEAREST)) > 0
+    mask = (
+        np.asarray(Image.fromarray((img > 0).astype(np.uint8) * 255).resize(shape[::-1], Image.Resampling.NEAREST)) > 0
+    )
     return TissueMask(mask, mpp, level0_per_px, f"image:{path.name}")

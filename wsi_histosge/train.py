@@ -34,8 +34,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("WSI_HISTOSGE_CACHE", Path.home() / ".cache" / "wsi-histosge")) / "features"
 
 
-def section_features(section: STSection, encoder: Encoder, *, context_um: float, device: torch.device | None = None,
-                     cache_dir: Path | None = None) -> np.ndarray:
+def section_features(
+    section: STSection,
+    encoder: Encoder,
+    *,
+    context_um: float,
+    device: torch.device | None = None,
+    cache_dir: Path | None = None,
+) -> np.ndarray:
     """Encoder features (n_spots, dim) of a section's spots, cached by image + encoder + geometry."""
     slide = open_slide(section.image, mpp=section.mpp)
     key = hashlib.sha256(
@@ -91,8 +97,12 @@ class TrainSet:
         valid = idx >= 0
         feats = self.features[np.where(valid, idx, 0)]
         pos = self.groups.absolute if position_mode == "absolute" else self.groups.offsets_um
-        return (torch.from_numpy(feats).float(), torch.from_numpy(pos).float(), torch.from_numpy(valid),
-                torch.from_numpy(self.targets).float())
+        return (
+            torch.from_numpy(feats).float(),
+            torch.from_numpy(pos).float(),
+            torch.from_numpy(valid),
+            torch.from_numpy(self.targets).float(),
+        )
 
 
 def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -109,8 +119,12 @@ def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def summarise_r(r: np.ndarray) -> dict[str, float]:
-    return {"mean_r": float(np.nanmean(r)), "median_r": float(np.nanmedian(r)),
-            "n_above_0.3": int(np.nansum(r > 0.3)), "n_genes": int(np.isfinite(r).sum())}
+    return {
+        "mean_r": float(np.nanmean(r)),
+        "median_r": float(np.nanmedian(r)),
+        "n_above_0.3": int(np.nansum(r > 0.3)),
+        "n_genes": int(np.isfinite(r).sum()),
+    }
 
 
 @dataclass
@@ -123,9 +137,15 @@ class FitConfig:
     batch_size: int = 256
 
 
-def fit_head(head_cfg: HeadConfig, train: list[TrainSet], val: list[TrainSet] | None, fit: FitConfig,
-             *, fixed_epochs: int | None = None,
-             on_epoch: Callable[[int, float, float], None] | None = None) -> tuple[HisToSGEHead, dict[str, Any]]:
+def fit_head(
+    head_cfg: HeadConfig,
+    train: list[TrainSet],
+    val: list[TrainSet] | None,
+    fit: FitConfig,
+    *,
+    fixed_epochs: int | None = None,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> tuple[HisToSGEHead, dict[str, Any]]:
     """Adam + MSE; early stopping on mean validation Pearson r (or a fixed number of epochs)."""
     torch.manual_seed(fit.seed)
     np.random.seed(fit.seed)
@@ -139,8 +159,9 @@ def fit_head(head_cfg: HeadConfig, train: list[TrainSet], val: list[TrainSet] | 
     parts_targets = np.concatenate([t.targets for t in train])
     with torch.no_grad():  # start every gene at its mean so the output ReLU does not begin dead
         last = head.gene_head[-1]
-        last.bias.copy_(torch.from_numpy(parts_targets.mean(0)))  # type: ignore[operator]
-        last.weight.mul_(0.1)  # type: ignore[operator]
+        assert isinstance(last, torch.nn.Linear)
+        last.bias.copy_(torch.from_numpy(parts_targets.mean(0)))
+        last.weight.mul_(0.1)
     parts = [t.tensors(head_cfg.position_mode) for t in train]
     feats = torch.cat([p[0] for p in parts])
     pos = torch.cat([p[1] for p in parts])
@@ -174,8 +195,12 @@ def fit_head(head_cfg: HeadConfig, train: list[TrainSet], val: list[TrainSet] | 
     if best_state is not None:
         head.load_state_dict(best_state)
     head.eval()
-    return head, {"best_epoch": best_epoch or epochs, "best_val_r": None if best_state is None else best_r,
-                  "epochs_run": len(history), "fit": asdict(fit)}
+    return head, {
+        "best_epoch": best_epoch or epochs,
+        "best_val_r": None if best_state is None else best_r,
+        "epochs_run": len(history),
+        "fit": asdict(fit),
+    }
 
 
 @torch.inference_mode()
@@ -201,14 +226,30 @@ def ridge_baseline(train: list[TrainSet], test: TrainSet) -> np.ndarray:
     return np.asarray(model.predict(z(test.features)))
 
 
-def build_model(head: HisToSGEHead, genes: list[str], encoder: Encoder, *, spot_um: float, context_um: float,
-                pitch_um: float, neighbours: Sequence[tuple[int, int]], name: str, training: dict[str, Any],
-                metrics: dict[str, Any]) -> Model:
+def build_model(
+    head: HisToSGEHead,
+    genes: list[str],
+    encoder: Encoder,
+    *,
+    spot_um: float,
+    context_um: float,
+    pitch_um: float,
+    neighbours: Sequence[tuple[int, int]],
+    name: str,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+) -> Model:
     meta = ModelMeta(
-        genes=list(genes), head=asdict(head.cfg), encoder=encoder.cfg.name,
-        encoder_weights_sha256=encoder.weights_hash, spot_um=spot_um, context_um=context_um,
+        genes=list(genes),
+        head=asdict(head.cfg),
+        encoder=encoder.cfg.name,
+        encoder_weights_sha256=encoder.weights_hash,
+        spot_um=spot_um,
+        context_um=context_um,
         neighbour_offsets_um=[[dx * pitch_um, dy * pitch_um] for dx, dy in neighbours],
-        training=training, metrics=metrics, name=name,
+        training=training,
+        metrics=metrics,
+        name=name,
     )
     return Model(meta, head)
 
@@ -240,10 +281,19 @@ def _parse_triple(spec: str) -> STSection:
     return read_legacy_st(*parts)
 
 
-def train_from_triples(sections: Sequence[str], out: str | Path, *, genes: Path | None = None,
-                       val: Sequence[str] = (), encoder: str = "efficientnet-lite0",
-                       encoder_weights: Path | None = None, n_genes: int = 1000, epochs: int = 400,
-                       overwrite: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train_from_triples(
+    sections: Sequence[str],
+    out: str | Path,
+    *,
+    genes: Path | None = None,
+    val: Sequence[str] = (),
+    encoder: str = "efficientnet-lite0",
+    encoder_weights: Path | None = None,
+    n_genes: int = 1000,
+    epochs: int = 400,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Train and save a model from legacy-ST sections; returns the metrics summary."""
     from .encoders import create_encoder
     from .errors import OutputExistsError
@@ -260,26 +310,42 @@ def train_from_triples(sections: Sequence[str], out: str | Path, *, genes: Path 
 
     def to_set(sec: STSection) -> TrainSet:
         log(f"features: {sec.name} ({len(sec.centres_level0)} spots)")
-        return TrainSet(section_features(sec, enc, context_um=context_um), sec.log_cp10k(gene_list),
-                        lattice_groups(sec))
+        return TrainSet(
+            section_features(sec, enc, context_um=context_um), sec.log_cp10k(gene_list), lattice_groups(sec)
+        )
 
     train_sets = [to_set(s) for s in train_secs]
     val_sets = [to_set(s) for s in val_secs]
     head_cfg = HeadConfig(in_dim=enc.cfg.embed_dim, n_genes=len(gene_list))
     fit = FitConfig(epochs=epochs)
-    head, info = fit_head(head_cfg, train_sets, val_sets or None, fit,
-                          on_epoch=lambda e, loss, r: log(f"epoch {e}: loss {loss:.4f} val r {r:.3f}") if e % 10 == 0 else None)
+    head, info = fit_head(
+        head_cfg,
+        train_sets,
+        val_sets or None,
+        fit,
+        on_epoch=lambda e, loss, r: log(f"epoch {e}: loss {loss:.4f} val r {r:.3f}") if e % 10 == 0 else None,
+    )
     metrics: dict[str, Any] = {"fit": info}
     for sec, vs in zip(val_secs, val_sets, strict=True):
         metrics[f"val_{sec.name}_head"] = summarise_r(pearson_per_gene(predict_set(head, vs), vs.targets))
         metrics[f"val_{sec.name}_ridge"] = summarise_r(pearson_per_gene(ridge_baseline(train_sets, vs), vs.targets))
     pitch = train_secs[0].pitch_um
-    model = build_model(head, gene_list, enc, spot_um=train_secs[0].spot_um, context_um=context_um, pitch_um=pitch,
-                        neighbours=SQUARE_NEIGHBOURS, name=out.name,
-                        training={"summary": f"{len(train_secs)} legacy-ST sections",
-                                  "sections": [s.name for s in train_secs],
-                                  "spots": int(sum(len(t.features) for t in train_sets))},
-                        metrics=metrics)
+    model = build_model(
+        head,
+        gene_list,
+        enc,
+        spot_um=train_secs[0].spot_um,
+        context_um=context_um,
+        pitch_um=pitch,
+        neighbours=SQUARE_NEIGHBOURS,
+        name=out.name,
+        training={
+            "summary": f"{len(train_secs)} legacy-ST sections",
+            "sections": [s.name for s in train_secs],
+            "spots": int(sum(len(t.features) for t in train_sets)),
+        },
+        metrics=metrics,
+    )
     save_model(model, out)
     log(f"wrote {out}")
     return metrics
