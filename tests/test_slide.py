@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import need_shared, synthetic_tissue, write_pyramid
-from wsi_histosge.errors import MPPMissingError, SlideFormatError, SlideNotFoundError
+from wsi_histosge.errors import CorruptTileError, MPPMissingError, SlideFormatError, SlideNotFoundError
 from wsi_histosge.slide import open_slide
 
 
@@ -125,3 +125,36 @@ def test_pil_global_limit_untouched(pyramid_slide: Path) -> None:
 
     open_slide(pyramid_slide).thumbnail(8.0)
     assert before == Image.MAX_IMAGE_PIXELS
+
+
+def _tile_offsets(path: Path) -> tuple[list[int], list[int]]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        return list(page.dataoffsets), list(page.databytecounts)
+
+
+def test_corrupt_jpeg_tile_names_its_position(tmp_path: Path) -> None:
+    path = write_pyramid(tmp_path / "corrupt.tif", synthetic_tissue(1024, 1024), levels=1)
+    offsets, counts = _tile_offsets(path)
+    data = bytearray(path.read_bytes())
+    k = 5  # tile (col 1, row 1) of a 4x4 grid of 256 px tiles
+    data[offsets[k] : offsets[k] + counts[k]] = b"\x00" * counts[k]
+    path.write_bytes(bytes(data))
+    s = open_slide(path)
+    s.read_region((0, 0), 0, (256, 256))  # an intact tile still reads
+    with pytest.raises(CorruptTileError, match=r"tile \(col 1, row 1\) of level 0 failed to decode"):
+        s.read_region((200, 200), 0, (200, 200))
+
+
+def test_direct_reads_match_tiffslide(pyramid_slide: Path) -> None:
+    import tiffslide
+
+    ours = open_slide(pyramid_slide)
+    ref = tiffslide.TiffSlide(pyramid_slide)
+    for level in range(ours.level_count):
+        for loc, size in [((0, 0), (300, 200)), ((1234, 567), (513, 259))]:
+            np.testing.assert_array_equal(
+                ours.read_region(loc, level, size), ref.read_region(loc, level, size, as_array=True)
+            )

@@ -6,7 +6,7 @@ from __future__ import annotations
 DEFAULT_ENCODER = "efficientnet-lite0"
 
 #: Lattice cells per block side. A block is one super-tile read and one unit of work.
-BLOCK_CELLS = 32
+BLOCK_CELLS = 64
 
 #: Cells per Zarr chunk side (a multiple of BLOCK_CELLS).
 CHUNK_CELLS = 64
@@ -30,3 +30,6 @@ MAX_PLAIN_IMAGE_PIXELS = 2_000_000_000
 
 #: Expression array dtype in the output cube.
 EXPRESSION_DTYPE = "float16"
+
+#: Decoded-tile cache per reader process (bytes): about a block row of border tiles on large slides.
+TILE_CACHE_BYTES = 256 * 2**20

@@ -75,6 +75,115 @@ def _rgb(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
+class _TileCache:
+    """Decoded tiles, least recently used out first, bounded in bytes (per process).
+
+    Neighbouring super-tiles share their border tiles; keeping about a block row of tiles means
+    each tile is decoded about once."""
+
+    def __init__(self, max_bytes: int) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        tile = self._tiles.get(key)
+        if tile is not None:
+            self._tiles.move_to_end(key)
+        return tile
+
+    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        if self.max_bytes <= 0 or key in self._tiles:
+            return
+        self._tiles[key] = tile
+        self.bytes += tile.nbytes
+        while self.bytes > self.max_bytes and self._tiles:
+            _, old = self._tiles.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
+class _TiledLevel:
+    """Direct reads of one tiled, chunky, 8-bit TIFF page: fetch and decode only the tiles a region
+    touches. Skips tiffslide's zarr layer (a ~2x saving on JPEG tiles) and names the tile that fails."""
+
+    def __init__(self, page: Any, level: int, cache: _TileCache) -> None:
+        self.page = page
+        self.level = level
+        self.cache = cache
+        self.tw, self.th = int(page.tilewidth), int(page.tilelength)
+        self.width, self.height = int(page.imagewidth), int(page.imagelength)
+        self.ntx = -(-self.width // self.tw)
+        self.spp = int(page.samplesperpixel)
+
+    @staticmethod
+    def usable(page: Any) -> bool:
+        return bool(
+            page.is_tiled
+            and int(page.planarconfig) == 1
+            and int(page.samplesperpixel) in (1, 3, 4)
+            and np.dtype(page.dtype) == np.uint8
+            and int(page.imagedepth) == 1
+        )
+
+    def read(self, fh: Any, x: int, y: int, w: int, h: int, path: Path, downsample: float) -> np.ndarray:
+        """Pixels [y, y+h) x [x, x+w) of this level, white outside the image."""
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(self.width, x + w), min(self.height, y + h)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tiles = [
+            (ty * self.ntx + tx, tx, ty)
+            for ty in range(y0 // self.th, (y1 - 1) // self.th + 1)
+            for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1)
+        ]
+        page = self.page
+        decoded: dict[int, np.ndarray] = {}
+        for i, _, _ in tiles:
+            hit = self.cache.get((self.level, i))
+            if hit is not None:
+                decoded[i] = hit
+        tiles = [t for t in tiles if t[0] not in decoded] if decoded else tiles
+        offsets = [int(page.dataoffsets[i]) for i, _, _ in tiles]
+        counts = [int(page.databytecounts[i]) for i, _, _ in tiles]
+        where = {i: (tx, ty) for i, tx, ty in tiles}
+        for (_i, tx, ty), count in zip(tiles, counts, strict=True):
+            if count == 0:
+                raise CorruptTileError(
+                    f"{path}: tile (col {tx}, row {ty}) of level {self.level} is missing (zero byte count, "
+                    f"near level-0 x={int(tx * self.tw * downsample)}, y={int(ty * self.th * downsample)}); "
+                    "the slide is truncated or was written incompletely"
+                )
+        segments: list[tuple[bytes | None, int]] = []
+        if tiles:
+            with fh.lock:
+                segments = list(fh.read_segments(offsets, counts, [i for i, _, _ in tiles], sort=True))
+        for data, index in segments:
+            tx, ty = where[index]
+            try:
+                tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            except Exception as exc:  # codecs raise their own types (RuntimeError, zlib.error, ...)
+                raise CorruptTileError(
+                    f"{path}: tile (col {tx}, row {ty}) of level {self.level} failed to decode "
+                    f"({type(exc).__name__}: {str(exc)[:120]}; near level-0 x={int(tx * self.tw * downsample)}, "
+                    f"y={int(ty * self.th * downsample)}); the slide is corrupt"
+                ) from exc
+            if tile is None:
+                raise CorruptTileError(f"{path}: tile (col {tx}, row {ty}) of level {self.level} is empty")
+            tile = _rgb(np.asarray(tile).reshape(self.th, self.tw, self.spp))
+            self.cache.put((self.level, index), tile)
+            decoded[index] = tile
+        for index, tile in decoded.items():
+            tx, ty = index % self.ntx, index // self.ntx
+            gx0, gy0 = tx * self.tw, ty * self.th
+            sx0, sy0 = max(x0, gx0), max(y0, gy0)
+            sx1, sy1 = min(x1, gx0 + self.tw), min(y1, gy0 + self.th)
+            out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
+        return out
+
+
 class TiffSlideBackend:
     name = "tiffslide"
 
@@ -87,6 +196,17 @@ class TiffSlideBackend:
         self.properties = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
         self.vendor = self.properties.get("tiffslide.vendor") or self._guess_vendor()
         self.associated_images = {k: (0, 0) for k in self._slide.associated_images}
+        self.path = Path(path)
+        self._direct: list[_TiledLevel | None] = []
+        cache = _TileCache(config.TILE_CACHE_BYTES)
+        try:
+            levels = self._slide.ts_tifffile.series[0].levels
+        except Exception:
+            levels = []
+        for i, lvl in enumerate(levels[: len(self.level_dimensions)]):
+            page = lvl.keyframe
+            fits = len(lvl.pages) == 1 and (int(page.imagewidth), int(page.imagelength)) == self.level_dimensions[i]
+            self._direct.append(_TiledLevel(page, i, cache) if fits and _TiledLevel.usable(page) else None)
 
     def _guess_vendor(self) -> str:
         tf = self._slide.ts_tifffile
@@ -95,6 +215,11 @@ class TiffSlideBackend:
         return "generic-tiff"
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        direct = self._direct[level] if level < len(self._direct) else None
+        if direct is not None:
+            ds = self.level_downsamples[level]
+            x, y = int(np.floor(location[0] / ds)), int(np.floor(location[1] / ds))
+            return direct.read(self._slide.ts_tifffile.filehandle, x, y, size[0], size[1], self.path, ds)
         arr = self._slide.read_region(location, level, size, as_array=True)
         return _rgb(np.asarray(arr))
 
