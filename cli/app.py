@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from wsi_histosge.errors import EXIT_CODES, HistoSGEError
+from wsi_histosge.errors import EXIT_CODES, HistoSGEError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -264,6 +264,58 @@ def train(
         _fail(exc)
         return
     out_console.print_json(json.dumps(summary))
+
+
+@app.command("to-anndata")
+def to_anndata_cmd(
+    cube: Annotated[Path, typer.Argument(help="Cube written by `infer`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad file.")],
+    resolution: Annotated[Optional[str], typer.Option(help="native or spot (default native).")] = None,
+    bin_um: Annotated[Optional[float], typer.Option(help="Bin size in µm (a multiple of the stride).")] = None,
+    library_id: Annotated[Optional[str], typer.Option(help="Key in uns['spatial'] (default: slide name).")] = None,
+    slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing .h5ad.")] = False,
+) -> None:
+    """Convert a cube to AnnData (.h5ad) for scanpy/squidpy, binned in linear space."""
+    from wsi_histosge.convert import to_anndata
+
+    if bin_um is not None and resolution is not None:
+        _fail(UsageError("give --bin-um or --resolution, not both"))
+    res: str | float = bin_um if bin_um is not None else (resolution or "native")
+    if isinstance(res, str) and res not in ("native", "spot"):
+        _fail(UsageError(f"--resolution must be native or spot, got {res!r} (use --bin-um for µm)"))
+    try:
+        path = to_anndata(cube, out, resolution=res, library_id=library_id, slide=slide, overwrite=overwrite)
+    except BaseException as exc:
+        _fail(exc)
+        return
+    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def plot(
+    cube: Annotated[Path, typer.Argument(help="Cube written by `infer`.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for PNGs.")],
+    genes: Annotated[Optional[str], typer.Option(help="Comma-separated gene names.")] = None,
+    qc: Annotated[bool, typer.Option(help="Also draw the tissue/QC overview.")] = True,
+    slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
+    max_px: Annotated[int, typer.Option(help="Long side of the thumbnail in px.")] = 1600,
+) -> None:
+    """Gene maps over the slide (colour bar, units, scale bar) and a QC overview, as PNG."""
+    from wsi_histosge.plot import plot_genes, plot_qc
+
+    try:
+        written = []
+        if genes:
+            names = [g.strip() for g in genes.split(",") if g.strip()]
+            written += plot_genes(cube, names, out, slide=slide, max_px=max_px)
+        if qc:
+            written.append(plot_qc(cube, out / "qc.png", slide=slide, max_px=max_px))
+    except BaseException as exc:
+        _fail(exc)
+        return
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 @app.command("exit-codes")

@@ -93,3 +93,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny"
     save_model(Model(meta, head.eval()), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def cmu_cube(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CMU-1-Small-Region.svs through the default model (real slide, real model), once per session."""
+    from wsi_histosge.infer import InferOptions, infer_slide
+
+    slide = need_shared("wsi-samples", "CMU-1-Small-Region.svs")
+    out = tmp_path_factory.mktemp("cubes") / "cmu.zarr"
+    infer_slide(slide, out, InferOptions(num_workers=1))
+    return out

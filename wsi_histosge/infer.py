@@ -376,7 +376,24 @@ def infer_slide(
         **base,
     )
     store.mark_complete(fingerprint, {"spots": grid.n_spots, "tiles": len(all_blocks)})
+    write_report(result, out)
     return result
+
+
+def report_path(out: str | Path) -> Path:
+    return Path(str(out).rstrip("/") + ".report.json")
+
+
+def write_report(result: InferResult, out: str | Path) -> Path:
+    """The run report next to the cube (atomic: temporary file, then rename)."""
+    import json
+    import os
+
+    path = report_path(out)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(result.to_dict(), indent=1))
+    os.replace(tmp, path)
+    return path
 
 
 def _check_fit(model: Model, encoder: Encoder) -> None:

@@ -192,7 +192,7 @@ class CubeStore:
         )
 
 
-def open_cube(path: str | Path) -> zarr.Group:
+def open_cube(path: str | Path) -> Any:
     """Open a finished cube read-only; refuses incomplete ones."""
     attrs = CubeStore.inspect(path)
     if attrs is None:

@@ -1,0 +1,170 @@
+"""Outputs read by the real libraries people use: anndata, scanpy, squidpy, xarray, ome-zarr."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import need_shared
+from wsi_histosge.convert import to_anndata
+from wsi_histosge.errors import UsageError
+from wsi_histosge.slide import open_slide
+
+
+@pytest.fixture(scope="module")
+def cmu_h5ad(cmu_cube: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return to_anndata(cmu_cube, tmp_path_factory.mktemp("h5ad") / "cmu.h5ad")
+
+
+def test_anndata_layout(cmu_h5ad: Path, cmu_cube: Path) -> None:
+    import anndata as ad
+
+    a = ad.read_h5ad(cmu_h5ad)
+    g = zarr.open_group(str(cmu_cube), mode="r")
+    tissue = np.asarray(g["tissue"][:]).astype(bool)
+    assert a.n_obs == tissue.sum() and a.n_vars == len(g.attrs["genes"])
+    assert a.X.dtype == np.float32 and np.isfinite(a.X).all()
+    assert list(a.var_names) == list(g.attrs["genes"])
+    lib = next(iter(a.uns["spatial"]))
+    sf = a.uns["spatial"][lib]["scalefactors"]
+    assert {"tissue_hires_scalef", "tissue_lowres_scalef", "spot_diameter_fullres"} <= set(sf)
+    assert sf["spot_diameter_fullres"] == pytest.approx(50.0 / 0.499)
+    # native resolution: X equals the cube's cells exactly (up to float16 storage)
+    expr = np.asarray(g["expression"][:], dtype=np.float32)
+    r, c = a.obs["array_row"].to_numpy(), a.obs["array_col"].to_numpy()
+    np.testing.assert_allclose(a.X, expr[:, r, c].T, rtol=1e-3, atol=1e-3)
+    assert "provenance_json" in a.uns["wsi_histosge"]
+
+
+def test_binning_averages_in_linear_space(cmu_cube: Path, tmp_path: Path) -> None:
+    import anndata as ad
+
+    a = ad.read_h5ad(to_anndata(cmu_cube, tmp_path / "b.h5ad", resolution=100.0))
+    g = zarr.open_group(str(cmu_cube), mode="r")
+    expr = np.asarray(g["expression"][:], dtype=np.float64)
+    tissue = np.asarray(g["tissue"][:]).astype(bool)
+    i = int(np.argmax(a.obs["n_cells"].to_numpy() == 4))
+    r, c = int(a.obs["array_row"].iloc[i]), int(a.obs["array_col"].iloc[i])
+    cells = expr[:, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].reshape(expr.shape[0], -1)
+    keep = tissue[2 * r : 2 * r + 2, 2 * c : 2 * c + 2].ravel()
+    expected = np.log1p(np.expm1(cells[:, keep]).mean(axis=1))
+    np.testing.assert_allclose(a.X[i], expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(expected, cells[:, keep].mean(axis=1))  # not the log-space mean
+    assert a.uns["spatial"][next(iter(a.uns["spatial"]))]["scalefactors"]["bin_size_um"] == 100.0
+    with pytest.raises(UsageError, match="multiple"):
+        to_anndata(cmu_cube, tmp_path / "c.h5ad", resolution=75.0)
+
+
+def test_spatial_coordinates_land_on_the_right_hires_pixels(cmu_h5ad: Path) -> None:
+    """obsm['spatial'] x tissue_hires_scalef indexes the hires image where the slide shows the same pixels."""
+    import anndata as ad
+
+    a = ad.read_h5ad(cmu_h5ad)
+    lib = next(iter(a.uns["spatial"]))
+    hires = a.uns["spatial"][lib]["images"]["hires"].astype(np.float64)
+    sf = a.uns["spatial"][lib]["scalefactors"]["tissue_hires_scalef"]
+    slide = open_slide(need_shared("wsi-samples", "CMU-1-Small-Region.svs"))
+    rng = np.random.default_rng(0)
+    diffs, shuffled = [], []
+    r = 4
+    for i in rng.choice(a.n_obs, 40, replace=False):
+        x, y = a.obsm["spatial"][i]
+        hx, hy = round(x * sf), round(y * sf)
+        hpatch = hires[hy - r : hy + r + 1, hx - r : hx + r + 1].mean(axis=(0, 1))
+        half = int((r + 0.5) / sf)
+        spatch = slide.read_region((int(x) - half, int(y) - half), 0, (2 * half, 2 * half)).mean(axis=(0, 1))
+        diffs.append(np.abs(hpatch - spatch).mean())
+        j = rng.integers(a.n_obs)
+        x2, y2 = a.obsm["spatial"][j]
+        far = slide.read_region((int(x2) - half + 300, int(y2) - half), 0, (2 * half, 2 * half)).mean(axis=(0, 1))
+        shuffled.append(np.abs(hpatch - far).mean())
+    assert np.median(diffs) < 6.0
+    assert np.median(diffs) < 0.5 * np.median(shuffled)
+
+
+def test_scanpy_and_squidpy_work(cmu_h5ad: Path, tmp_path: Path) -> None:
+    import anndata as ad
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    import squidpy as sq
+
+    a = ad.read_h5ad(cmu_h5ad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        sq.gr.spatial_neighbors(a, coord_type="grid", n_neighs=4)
+    degrees = np.asarray(a.obsp["spatial_connectivities"].sum(axis=1)).ravel()
+    assert np.median(degrees) == 4  # a square lattice: interior spots have 4 grid neighbours
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        sc.pl.spatial(a, color="FN1", show=False)
+    png = tmp_path / "spatial.png"
+    plt.savefig(png)
+    plt.close("all")
+    assert png.stat().st_size > 10_000
+
+
+def test_xarray_and_ome_zarr_read_the_cube(cmu_cube: Path) -> None:
+    import xarray as xr
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    ds = xr.open_zarr(cmu_cube, consolidated=False)
+    assert ds["expression"].dims == ("gene", "y", "x")
+    assert ds["tissue"].dims == ("y", "x")
+    nodes = list(Reader(parse_url(str(cmu_cube)))())
+    ms = nodes[0].metadata
+    assert [ax["name"] for ax in ms["axes"]] == ["c", "y", "x"]
+    scale = ms["coordinateTransformations"][0][0]["scale"]
+    assert scale == [1.0, 50.0, 50.0]
+    assert nodes[0].data[0].shape == ds["expression"].shape
+
+
+def test_plots_and_cli(cmu_cube: Path, tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from wsi_histosge.cli.app import app
+
+    res = CliRunner().invoke(app, ["plot", str(cmu_cube), "--genes", "FN1,CD74", "--out", str(tmp_path / "maps")])
+    assert res.exit_code == 0, res.output
+    for name in ("FN1.png", "CD74.png", "genes_grid.png", "qc.png"):
+        img = Image.open(tmp_path / "maps" / name)
+        assert min(img.size) > 300
+    res = CliRunner().invoke(app, ["plot", str(cmu_cube), "--genes", "NOT_A_GENE", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "NOT_A_GENE" in res.output
+    res = CliRunner().invoke(app, ["to-anndata", str(cmu_cube), "--bin-um", "100", "--out", str(tmp_path / "a.h5ad")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["to-anndata", str(cmu_cube), "--bin-um", "100", "--out", str(tmp_path / "a.h5ad")])
+    assert res.exit_code == 7  # never silently replaced
+
+
+def test_run_report_json(cmu_cube: Path) -> None:
+    report = json.loads(Path(str(cmu_cube) + ".report.json").read_text())
+    assert report["status"] == "complete" and report["spots"] > 100
+    assert {"loader_wait", "encoder", "head", "write", "total"} <= set(report["timings_s"])
+    assert report["mpp_source"] == "aperio image description (MPP)"
+
+
+@pytest.mark.realdata
+def test_her2st_section_to_h5ad_to_png(tmp_path: Path) -> None:
+    """A legacy-ST H&E (plain JPEG, --mpp) through inference, conversion and a plot."""
+    import anndata as ad
+
+    from wsi_histosge.infer import InferOptions, infer_slide
+    from wsi_histosge.plot import plot_genes
+
+    jpg = need_shared("her2st", "ST-imgs", "C", "C6", "5714_HE_BT_E2.jpg")
+    cube = tmp_path / "c6.zarr"
+    infer_slide(jpg, cube, InferOptions(mpp=0.6877, stride_um=100.0, num_workers=1))
+    a = ad.read_h5ad(to_anndata(cube, tmp_path / "c6.h5ad", resolution="spot"))
+    assert a.n_obs > 200
+    pngs = plot_genes(cube, ["FN1", "CD74"], tmp_path / "maps")
+    assert all(p.stat().st_size > 10_000 for p in pngs)

@@ -1,0 +1,189 @@
+"""Pictures of a cube: gene maps over the slide thumbnail, a grid of several genes, a QC overview.
+
+Each map carries the gene name, units, a colour bar and a scale bar in µm; off-tissue cells are
+transparent. Thumbnails are sized for a screen (``max_px`` on the long side), whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SlideNotFoundError, UsageError
+from .slide import Slide, open_slide
+from .store import ATTR_KEY, open_cube
+
+
+def _setup() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class _Canvas:
+    """Thumbnail of the slide and the mapping from lattice cells to thumbnail pixels."""
+
+    def __init__(self, cube: Path, slide: str | Path | None, max_px: int) -> None:
+        self.group: Any = open_cube(cube)
+        self.attrs: dict[str, Any] = dict(self.group.attrs)
+        meta: dict[str, Any] = self.attrs[ATTR_KEY]
+        path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
+        if not path.is_file():
+            raise SlideNotFoundError(f"{path}: the cube's slide is not there (moved?); pass --slide PATH")
+        self.slide: Slide = open_slide(path, mpp=float(meta["mpp"]["x"]))
+        w0, h0 = self.slide.dimensions
+        thumb_mpp = max(self.slide.mpp.x, max(w0, h0) * self.slide.mpp.x / max_px)
+        self.thumb, self.thumb_mpp = self.slide.thumbnail(thumb_mpp)
+        self.genes = list(self.attrs["genes"])
+        self.stride = float(self.attrs["stride_um"])
+        self.tissue = np.asarray(self.group["tissue"][:]).astype(bool)
+        ox, oy = self.attrs["origin_um"]
+        ny, nx = self.tissue.shape
+        # lattice cells are squares of side `stride` centred on their spot; extent in thumbnail px
+        s = self.stride / self.thumb_mpp
+        self.extent = (
+            (ox / self.thumb_mpp) - s / 2,
+            (ox / self.thumb_mpp) + (nx - 0.5) * s,
+            (oy / self.thumb_mpp) + (ny - 0.5) * s,
+            (oy / self.thumb_mpp) - s / 2,
+        )
+
+    def gene_map(self, gene: str) -> np.ndarray:
+        if gene not in self.genes:
+            close = [g for g in self.genes if g.upper().startswith(gene.upper()[:3])][:5]
+            raise UsageError(
+                f"gene {gene!r} is not in the model's {len(self.genes)} genes"
+                + (f" (similar: {', '.join(close)})" if close else "")
+            )
+        m = np.asarray(self.group["expression"][self.genes.index(gene)], dtype=np.float32)
+        return np.where(self.tissue, m, np.nan)
+
+    def scalebar(self, ax: Any) -> None:
+        from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+        width_um = self.thumb.shape[1] * self.thumb_mpp
+        nice = [u for u in (50, 100, 200, 500, 1000, 2000, 5000, 10000) if u <= width_um / 4] or [width_um / 4]
+        um = nice[-1]
+        label = f"{um / 1000:g} mm" if um >= 1000 else f"{um:g} µm"
+        ax.add_artist(
+            AnchoredSizeBar(
+                ax.transData,
+                um / self.thumb_mpp,
+                label,
+                "lower right",
+                pad=0.4,
+                color="black",
+                frameon=True,
+                size_vertical=max(1, self.thumb.shape[0] / 150),
+            )
+        )
+
+    def draw_gene(self, ax: Any, gene: str, cmap: str, alpha: float) -> Any:
+        m = self.gene_map(gene)
+        ax.imshow(self.thumb)
+        vals = m[np.isfinite(m)]
+        vmin, vmax = np.percentile(vals, [1, 99]) if vals.size else (0.0, 1.0)
+        im = ax.imshow(
+            np.ma.masked_invalid(m),
+            cmap=cmap,
+            alpha=alpha,
+            extent=self.extent,
+            interpolation="nearest",
+            vmin=vmin,
+            vmax=vmax,
+        )
+        ax.set_title(gene)
+        ax.set_axis_off()
+        self.scalebar(ax)
+        return im
+
+
+def plot_genes(
+    cube: str | Path,
+    genes: list[str],
+    out_dir: str | Path,
+    *,
+    slide: str | Path | None = None,
+    max_px: int = 1600,
+    cmap: str = "magma",
+    alpha: float = 0.75,
+    grid: bool = True,
+) -> list[Path]:
+    """One PNG per gene (and ``genes_grid.png`` when several) in ``out_dir``."""
+    plt = _setup()
+    canvas = _Canvas(Path(cube), slide, max_px)
+    for gene in genes:
+        canvas.gene_map(gene)  # validate all names before drawing anything
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    units = canvas.attrs["units"]
+    written = []
+    aspect = canvas.thumb.shape[0] / canvas.thumb.shape[1]
+    for gene in genes:
+        fig, ax = plt.subplots(figsize=(8, 8 * aspect + 0.6), dpi=150)
+        im = canvas.draw_gene(ax, gene, cmap, alpha)
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=f"{gene}, {units}")
+        path = out_dir / f"{gene}.png"
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    if grid and len(genes) > 1:
+        cols = min(3, len(genes))
+        rows = -(-len(genes) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 5 * aspect * rows + 0.5), dpi=120, squeeze=False)
+        for ax, gene in zip(axes.ravel(), genes, strict=False):
+            im = canvas.draw_gene(ax, gene, cmap, alpha)
+            fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=units)
+        for ax in axes.ravel()[len(genes) :]:
+            ax.set_axis_off()
+        path = out_dir / "genes_grid.png"
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_qc(cube: str | Path, out: str | Path, *, slide: str | Path | None = None, max_px: int = 1600) -> Path:
+    """Tissue outline, predicted spots and run facts over the thumbnail."""
+    plt = _setup()
+    canvas = _Canvas(Path(cube), slide, max_px)
+    meta: dict[str, Any] = canvas.attrs[ATTR_KEY]
+    fig, ax = plt.subplots(figsize=(9, 9 * canvas.thumb.shape[0] / canvas.thumb.shape[1] + 1.2), dpi=150)
+    ax.imshow(canvas.thumb)
+    ny, nx = canvas.tissue.shape
+    s = canvas.stride / canvas.thumb_mpp
+    ox, oy = canvas.attrs["origin_um"]
+    iy, ix = np.nonzero(canvas.tissue)
+    ax.scatter(
+        ox / canvas.thumb_mpp + ix * s,
+        oy / canvas.thumb_mpp + iy * s,
+        s=max(0.5, (s / 4) ** 2),
+        c="tab:green",
+        alpha=0.5,
+        linewidths=0,
+        label=f"{len(iy)} spots predicted",
+    )
+    xs = ox / canvas.thumb_mpp + np.arange(nx) * s
+    ys = oy / canvas.thumb_mpp + np.arange(ny) * s
+    ax.contour(xs, ys, canvas.tissue.astype(float), levels=[0.5], colors="tab:blue", linewidths=1.0)
+    canvas.scalebar(ax)
+    ax.set_axis_off()
+    ax.legend(loc="upper right", fontsize=8)
+    facts = (
+        f"MPP {meta['mpp']['x']:.4f} µm/px ({meta['mpp']['source']}); stride {canvas.stride:g} µm, "
+        f"spot {canvas.attrs['spot_um']:g} µm, context {canvas.attrs['context_um']:g} µm\n"
+        f"tissue {meta['tissue']['area_mm2']:.2f} mm² ({meta['tissue']['source']}); model {meta['model']['name']}, "
+        f"encoder {meta['encoder']['name']}"
+    )
+    ax.set_title(Path(meta["slide"]["path"]).name, fontsize=10)
+    fig.text(0.01, 0.01, facts, fontsize=7, va="bottom")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    plt.close(fig)
+    return out
