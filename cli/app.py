@@ -232,23 +232,25 @@ def encoders(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
 @app.command()
 def train(
-    sections: Annotated[
-        list[str], typer.Argument(help="Legacy-ST sections as COUNTS.tsv[.gz]:SPOTS.tsv:IMAGE triples.")
-    ],
+    sections: Annotated[list[str], typer.Argument(help="Training sections (see `wsi-histosge train --help`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    val: Annotated[Optional[list[str]], typer.Option(help="Validation section(s) for early stopping.")] = None,
     genes: Annotated[Optional[Path], typer.Option(help="Gene list (.txt one per line, or .npy of strings).")] = None,
-    val: Annotated[Optional[list[str]], typer.Option(help="Validation section(s), same triple form.")] = None,
+    n_genes: Annotated[int, typer.Option(help="Top-N most variable genes when no --genes list.")] = 1000,
     encoder: Annotated[str, typer.Option(help="Encoder name (see `encoders`).")] = "efficientnet-lite0",
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights file.")] = None,
-    n_genes: Annotated[int, typer.Option(help="Top-N most variable genes when no --genes list.")] = 1000,
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 400,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model folder.")] = False,
 ) -> None:
-    """Train a model from legacy ST sections (HER2ST layout); early stopping on --val sections."""
-    from wsi_histosge.train import train_from_triples
+    """Train a model on spatial-transcriptomics sections.
+
+    A section is COUNTS.tsv[.gz]:SPOTS.tsv:IMAGE (legacy ST), OUTS_DIR:IMAGE[:hires] (Space Ranger),
+    FILE.h5ad:IMAGE[:hires] (AnnData with raw counts), or her2st:ROOT:SECTION.
+    """
+    from wsi_histosge.train import train_sections
 
     try:
-        summary = train_from_triples(
+        summary = train_sections(
             sections,
             out,
             genes=genes,
@@ -258,12 +260,95 @@ def train(
             n_genes=n_genes,
             epochs=epochs,
             overwrite=overwrite,
-            log=lambda m: console.print(m, highlight=False, soft_wrap=True),
+            log=_log,
         )
     except BaseException as exc:
         _fail(exc)
         return
-    out_console.print_json(json.dumps(summary))
+    from wsi_histosge.evaluate import _jsonable
+
+    out_console.print_json(json.dumps(_jsonable(summary)))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[Path], typer.Argument(help="Model folder (omit with --protocol loso/recovery).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="Held-out / protocol sections (repeatable).")] = None,
+    train_data: Annotated[
+        Optional[list[str]], typer.Option("--train", help="Training sections for the ridge baseline.")
+    ] = None,
+    protocol: Annotated[
+        Optional[str], typer.Option(help="loso or recovery: train heads here instead of MODEL.")
+    ] = None,
+    n_genes: Annotated[int, typer.Option(help="Top-N variable genes for a protocol run.")] = 1000,
+    genes: Annotated[Optional[Path], typer.Option(help="Gene list for a protocol run.")] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder for a protocol run.")] = "efficientnet-lite0",
+    highres: Annotated[bool, typer.Option(help="Also check 4x-density predictions against spot level.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="HTML report to write.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="JSON of all numbers to write.")] = None,
+) -> None:
+    """Score a model (or the head under a protocol) next to ridge and training-mean baselines."""
+    import tempfile
+
+    from wsi_histosge import evaluate as ev
+    from wsi_histosge.encoders import create_encoder
+    from wsi_histosge.model import load_model
+    from wsi_histosge.stdata import read_section
+    from wsi_histosge.train import read_gene_list, select_genes
+
+    try:
+        if not data:
+            raise UsageError("give the sections to evaluate with --data")
+        secs = [read_section(s) for s in data]
+        if protocol is not None:
+            if protocol not in ("loso", "recovery"):
+                raise UsageError(f"--protocol must be loso or recovery, got {protocol!r}")
+            enc = create_encoder(encoder)
+            gene_list = read_gene_list(genes) if genes else select_genes(secs, n_genes)
+            if protocol == "loso":
+                if len(secs) < 3:
+                    raise UsageError("leave-one-section-out needs at least 3 sections")
+                result = ev.loso(secs, gene_list, enc, log=_log)
+            else:
+                result = ev.recovery(secs[0], gene_list, enc, log=_log)
+        else:
+            if model is None:
+                raise UsageError("give a MODEL folder, or --protocol loso/recovery")
+            m = load_model(model)
+            enc = create_encoder(m.meta.encoder)
+            trains = [read_section(s) for s in train_data or []]
+            result = ev.evaluate_model(m, secs, enc, train_sections=trains, log=_log)
+            if highres:
+                with tempfile.TemporaryDirectory() as tmp:
+                    result["highres"] = ev.highres_consistency(m, secs[-1], Path(tmp), log=_log)
+        if json_out:
+            ev.write_json(result, json_out)
+        if report:
+            ev.write_html(result, report)
+    except BaseException as exc:
+        _fail(exc)
+        return
+    out_console.print_json(json.dumps(_summary(result)))
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers: top-50 mean r per method, per section and pooled."""
+    out: dict[str, Any] = {"protocol": result["protocol"]}
+    for fold in result.get("folds", []):
+        out[fold["section"]] = {m: round(v["top50"]["mean_r"], 4) for m, v in fold["scores"].items()}
+    if "scores" in result:
+        out[result["section"]] = {m: round(v["top50"]["mean_r"], 4) for m, v in result["scores"].items()}
+    if "pooled" in result:
+        out["pooled_top50_mean_r"] = {
+            m: round(v["pooled_top50"]["mean_r"], 4) for m, v in result["pooled"].items() if "pooled_top50" in v
+        }
+    if "highres" in result:
+        out["highres"] = result["highres"]
+    return out
+
+
+def _log(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
 
 
 @app.command("to-anndata")

@@ -1,9 +1,9 @@
 """Reproduce the built-in default model (wsi_histosge/models/her2st-effnetlite0).
 
 Trains the HisToSGE head on HER2ST sections C2-C5 with the offline EfficientNet-Lite0 encoder and
-reports per-gene Pearson r on the held-out section C6, next to a ridge baseline on the same features.
-The number of epochs is chosen without looking at C6: first C2-C4 -> C5 with early stopping, then
-C2-C5 for that many epochs.
+reports per-gene Pearson r on the held-out section C6, next to ridge and training-mean baselines on the
+same features. The number of epochs is chosen without looking at C6: first C2-C4 -> C5 with early
+stopping, then C2-C5 for that many epochs.
 
     python examples/train_default_model.py --data ../shared/data/her2st --out wsi_histosge/models/her2st-effnetlite0
 """
@@ -17,20 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from wsi_histosge.encoders import create_encoder
+from wsi_histosge.evaluate import mean_baseline, ridge_baseline, top_variable
+from wsi_histosge.metrics import score
 from wsi_histosge.model import HeadConfig, save_model
 from wsi_histosge.stdata import her2st_section
 from wsi_histosge.train import (
-    SQUARE_NEIGHBOURS,
     FitConfig,
-    TrainSet,
     build_model,
+    choose_epochs,
     fit_head,
-    lattice_groups,
-    pearson_per_gene,
+    make_sets,
+    pooled_offsets_um,
     predict_set,
-    ridge_baseline,
-    section_features,
-    summarise_r,
 )
 
 
@@ -44,56 +42,46 @@ def main() -> None:
 
     genes = [str(g) for g in np.load(args.data / "gene-lists" / "her_hvg_cut_1000.npy", allow_pickle=False)]
     encoder = create_encoder("efficientnet-lite0")
-    context_um = encoder.cfg.context_um
-    train_names = args.train.split(",")
-    sets: dict[str, TrainSet] = {}
-    for name in [*train_names, args.test]:
-        sec = her2st_section(args.data, name)
-        feats = section_features(sec, encoder, context_um=context_um)
-        sets[name] = TrainSet(feats, sec.log_cp10k(genes), lattice_groups(sec, SQUARE_NEIGHBOURS))
-        print(f"{name}: {len(feats)} spots, mpp {sec.mpp:.4f} ({sec.mpp_source})")
+    train_secs = [her2st_section(args.data, n) for n in args.train.split(",")]
+    test_sec = her2st_section(args.data, args.test)
+    train = make_sets(train_secs, genes, encoder)
+    test = make_sets([test_sec], genes, encoder)[0]
 
     head_cfg = HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
     fit = FitConfig()
-    # 1) epochs by early stopping on the last training section (C6 is not looked at)
-    inner_train, inner_val = train_names[:-1], train_names[-1]
-    _, info = fit_head(head_cfg, [sets[n] for n in inner_train], [sets[inner_val]], fit)
-    epochs = int(info["best_epoch"])
-    print(f"inner split {inner_train} -> {inner_val}: best epoch {epochs}, val mean r {info['best_val_r']:.3f}")
-    # 2) final fit on all training sections
-    head, _ = fit_head(head_cfg, [sets[n] for n in train_names], None, fit, fixed_epochs=epochs)
-
-    test = sets[args.test]
-    var = np.concatenate([sets[n].targets for n in train_names]).var(0)
-    top50 = np.argsort(-var)[:50]
-    pred = predict_set(head, test)
-    ridge = ridge_baseline([sets[n] for n in train_names], test)
-    r_head, r_ridge = pearson_per_gene(pred, test.targets), pearson_per_gene(ridge, test.targets)
+    epochs = choose_epochs(head_cfg, train, fit)
+    head, _ = fit_head(head_cfg, train, None, fit, fixed_epochs=epochs)
+    top = top_variable(train)
+    preds = {
+        "head": predict_set(head, test),
+        "ridge": ridge_baseline(train, test),
+        "training_mean": mean_baseline(train, test),
+    }
     metrics = {
-        "protocol": f"train {','.join(train_names)} -> test {args.test} (HER2ST patient C, within-patient)",
-        "head_all_genes": summarise_r(r_head),
-        "ridge_all_genes": summarise_r(r_ridge),
-        "head_top50_hvg": summarise_r(r_head[top50]),
-        "ridge_top50_hvg": summarise_r(r_ridge[top50]),
+        "protocol": f"train {args.train} -> test {args.test} (HER2ST patient C, within-patient); "
+        f"epochs ({epochs}) chosen on {train_secs[-1].name}",
+        **{f"{m}_all_genes": score(p, test.targets, test_sec.array_xy) for m, p in preds.items()},
+        **{f"{m}_top50_hvg": score(p, test.targets, test_sec.array_xy, top) for m, p in preds.items()},
         "epochs": epochs,
     }
     print(json.dumps(metrics, indent=1))
     if args.out:
+        gene_means = np.concatenate([t.targets for t in train]).mean(0)
         model = build_model(
             head,
             genes,
             encoder,
             spot_um=100.0,
-            context_um=context_um,
-            pitch_um=200.0,
-            neighbours=SQUARE_NEIGHBOURS,
+            context_um=encoder.cfg.context_um,
+            neighbour_offsets_um=pooled_offsets_um(train_secs),
             name="her2st-effnetlite0",
             training={
                 "summary": "HER2ST patient C sections C2-C5 (legacy ST, 100 µm spots), 785-gene HER2ST list",
-                "sections": train_names,
-                "spots": int(sum(len(sets[n].features) for n in train_names)),
+                "sections": [s.name for s in train_secs],
+                "spots": int(sum(len(t.features) for t in train)),
                 "targets": "log1p(CP10k)",
                 "encoder": "efficientnet-lite0 (ImageNet, offline)",
+                "gene_means": [round(float(v), 5) for v in gene_means],
             },
             metrics=metrics,
         )

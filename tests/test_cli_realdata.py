@@ -82,34 +82,3 @@ def test_info_and_encoders_json(pyramid_slide: Path) -> None:
     assert data["mpp"]["source"] == "TIFF resolution tags" and len(data["levels"]) == 3
     res = runner.invoke(app, ["encoders", "--json"])
     assert res.exit_code == 0 and any(e["name"] == "uni" for e in json.loads(res.stdout))
-
-
-@pytest.mark.realdata
-def test_train_cli_on_real_sections(tmp_path: Path) -> None:
-    root = need_shared("her2st")
-
-    def triple(sec: str, img: str) -> str:
-        return f"{root}/ST-cnts/{sec}.tsv.gz:{root}/ST-spotfiles/{sec}_selection.tsv:{root}/ST-imgs/C/{sec}/{img}"
-
-    out = tmp_path / "m"
-    res = runner.invoke(
-        app,
-        [
-            "train",
-            triple("C3", "5714_HE_BT_D1.jpg"),
-            "--val",
-            triple("C4", "5714_HE_BT_D2.jpg"),
-            "--out",
-            str(out),
-            "--n-genes",
-            "50",
-            "--epochs",
-            "15",
-        ],
-    )
-    assert res.exit_code == 0, res.output
-    from wsi_histosge.model import load_model
-
-    m = load_model(out)
-    assert len(m.meta.genes) == 50 and m.meta.spot_um == 100.0
-    assert "val_C4_head" in m.meta.metrics and "val_C4_ridge" in m.meta.metrics

@@ -70,6 +70,7 @@ def to_anndata(
     slide: str | Path | None = None,
     overwrite: bool = False,
     band_cells: int = 64,
+    band_mb: float = 128.0,
 ) -> Path:
     """Write ``out`` (.h5ad) from the cube at ``cube``; see the module docstring."""
     import anndata as ad
@@ -153,31 +154,42 @@ def to_anndata(
     adata.write_h5ad(tmp)
     del adata
 
-    # X, band by band: rows of bins in raster order match obs order.
-    band_bins = max(1, band_cells // f)
+    # X, band by band (rows of bins, raster order = obs order), each band in column tiles, so that
+    # memory is bounded by ``band_mb`` whatever the cube's width and height.
+    n_genes = len(genes)
+    band_bins = max(1, min(band_cells // f, int(band_mb * 2**20 // max(1, nbx * n_genes * 4))))
+    tile_bins = max(1, int(band_mb * 2**20 // max(1, band_bins * f * f * n_genes * 4 * 3)))
     with h5py.File(tmp, "a") as h5:
         if "X" in h5:
             del h5["X"]
         x = h5.create_dataset(
-            "X", shape=(n_bins, len(genes)), dtype="float32", chunks=(min(n_bins, 1024), len(genes)), compression="lzf"
+            "X", shape=(n_bins, n_genes), dtype="float32", chunks=(min(n_bins, 1024), n_genes), compression="lzf"
         )
         x.attrs["encoding-type"] = "array"
         x.attrs["encoding-version"] = "0.2.0"
         for b0 in range(0, nby, band_bins):
             b1 = min(nby, b0 + band_bins)
+            idx = np.nonzero((by >= b0) & (by < b1))[0]
+            if not len(idx):
+                continue
+            out_band = np.empty((len(idx), n_genes), dtype=np.float32)
             y0, y1 = b0 * f, min(ny, b1 * f)
-            band = np.asarray(expr[:, y0:y1, :], dtype=np.float32)  # (genes, h, nx)
-            g, h, w = band.shape
-            lin = np.expm1(band)
-            pad = np.full((g, (b1 - b0) * f, nbx * f), np.nan, dtype=np.float32)
-            pad[:, :h, :w] = lin
-            blocks = pad.reshape(g, b1 - b0, f, nbx, f)
-            with warnings.catch_warnings():  # empty bins (not in obs) average to NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                means = np.log1p(np.nanmean(blocks, axis=(2, 4)))  # (genes, bands, nbx)
-            sel = (by >= b0) & (by < b1)
-            idx = np.nonzero(sel)[0]
-            if len(idx):
-                x[idx[0] : idx[-1] + 1] = means[:, by[idx] - b0, bx[idx]].T
+            for c0 in range(0, nbx, tile_bins):
+                c1 = min(nbx, c0 + tile_bins)
+                sel = (bx[idx] >= c0) & (bx[idx] < c1)
+                if not sel.any():
+                    continue
+                x0, x1 = c0 * f, min(nx, c1 * f)
+                lin = np.expm1(np.asarray(expr[:, y0:y1, x0:x1], dtype=np.float32))
+                g, h, w = lin.shape
+                pad = np.full((g, (b1 - b0) * f, (c1 - c0) * f), np.nan, dtype=np.float32)
+                pad[:, :h, :w] = lin
+                del lin
+                with warnings.catch_warnings():  # empty bins (not in obs) average to NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    means = np.log1p(np.nanmean(pad.reshape(g, b1 - b0, f, c1 - c0, f), axis=(2, 4)))
+                rows = idx[sel]
+                out_band[sel] = means[:, by[rows] - b0, bx[rows] - c0].T
+            x[idx[0] : idx[-1] + 1] = out_band
     os.replace(tmp, out)
     return out

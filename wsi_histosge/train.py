@@ -20,12 +20,13 @@ import torch
 
 from .encoders import Encoder
 from .loader import encode_points
+from .metrics import pearson_per_gene
 from .model import HeadConfig, HisToSGEHead, Model, ModelMeta
 from .slide import open_slide
-from .stdata import STSection
+from .stdata import SQUARE_STEPS, STSection
 
 #: Square lattice neighbourhood (legacy ST): the spot itself first, then its 8 neighbours (array steps).
-SQUARE_NEIGHBOURS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, -1), (-1, 1), (1, 1)]
+SQUARE_NEIGHBOURS = SQUARE_STEPS
 
 
 def default_cache_dir() -> Path:
@@ -48,14 +49,31 @@ def section_features(
         f"{slide.fingerprint}|{encoder.cfg.name}|{encoder.weights_hash}|{context_um}|{section.mpp:.6f}|"
         f"{np.ascontiguousarray(section.centres_level0).tobytes().hex()}".encode()
     ).hexdigest()[:24]
-    cache = (cache_dir or default_cache_dir()) / f"{section.name}-{key}.npy"
-    if cache.is_file():
-        return np.load(cache, allow_pickle=False)
+    import zarr
+
+    cache = (cache_dir or default_cache_dir()) / f"{section.name}-{key}.zarr"
+    if (cache / "zarr.json").is_file():
+        try:
+            group: Any = zarr.open_group(str(cache), mode="r")
+            if group.attrs.get("complete") and group.attrs.get("key") == key:
+                return np.asarray(group["features"][:], dtype=np.float32)
+        except Exception:
+            pass
     feats = encode_points(slide, section.centres_level0, encoder, context_um=context_um, device=device)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npy")
-    np.save(tmp, feats, allow_pickle=False)
-    tmp.replace(cache)
+    group = zarr.open_group(str(cache), mode="w", zarr_format=3)
+    group.create_array("features", data=feats, chunks=(min(len(feats), 4096), feats.shape[1]))
+    group.attrs.update(
+        {
+            "key": key,
+            "section": section.name,
+            "encoder": encoder.cfg.name,
+            "encoder_weights_sha256": encoder.weights_hash,
+            "context_um": context_um,
+            "image": str(section.image),
+            "complete": True,
+        }
+    )
     return feats
 
 
@@ -68,9 +86,12 @@ class Groups:
     absolute: np.ndarray  # (n, G, 2) array coordinates
 
 
-def lattice_groups(section: STSection, neighbours: Sequence[tuple[int, int]] = SQUARE_NEIGHBOURS) -> Groups:
+def lattice_groups(section: STSection, neighbours: Sequence[tuple[int, int]] | None = None) -> Groups:
+    """Each spot's attention group: itself, then the spots one lattice step away (absent: index -1)."""
+    neighbours = neighbours or section.neighbour_steps
     lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(section.array_xy)}
     n, g = len(section.array_xy), len(neighbours)
+    nominal = measured_offsets_um(section, neighbours)
     index = np.full((n, g), -1, dtype=np.int64)
     offsets = np.zeros((n, g, 2), dtype=np.float32)
     absolute = np.zeros((n, g, 2), dtype=np.float32)
@@ -82,8 +103,29 @@ def lattice_groups(section: STSection, neighbours: Sequence[tuple[int, int]] = S
             if k >= 0:
                 offsets[i, j] = (section.centres_level0[k] - section.centres_level0[i]) * section.mpp
             else:
-                offsets[i, j] = (dx * section.pitch_um, dy * section.pitch_um)
+                offsets[i, j] = nominal[j]
     return Groups(index, offsets, absolute)
+
+
+def measured_offsets_um(section: STSection, neighbours: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """Median µm offset of each neighbour step over the section's spots, (G, 2); step 0 is (0, 0)."""
+    neighbours = neighbours or section.neighbour_steps
+    lookup = {(int(x), int(y)): i for i, (x, y) in enumerate(section.array_xy)}
+    out = np.zeros((len(neighbours), 2))
+    for j, (dx, dy) in enumerate(neighbours):
+        d = [
+            section.centres_level0[k] - section.centres_level0[i]
+            for i, (x, y) in enumerate(section.array_xy)
+            if (k := lookup.get((int(x) + dx, int(y) + dy), -1)) >= 0
+        ]
+        if d:
+            out[j] = np.median(np.asarray(d), axis=0) * section.mpp
+        else:  # the lattice's nominal geometry
+            hexagonal = section.neighbour_steps != SQUARE_STEPS
+            step_x = section.pitch_um / 2 if hexagonal else section.pitch_um
+            step_y = section.pitch_um * np.sqrt(3) / 2 if hexagonal else section.pitch_um
+            out[j] = (dx * step_x, dy * step_y)
+    return out
 
 
 @dataclass
@@ -103,28 +145,6 @@ class TrainSet:
             torch.from_numpy(valid),
             torch.from_numpy(self.targets).float(),
         )
-
-
-def pearson_per_gene(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Pearson r of each column: 0 where the prediction is constant (no signal), NaN where the truth is."""
-    p = pred - pred.mean(0)
-    t = true - true.mean(0)
-    pp, tt = (p * p).sum(0), (t * t).sum(0)
-    denom = np.sqrt(pp * tt)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (p * t).sum(0) / denom
-    r[(pp == 0) & (tt > 0)] = 0.0
-    r[tt == 0] = np.nan
-    return np.asarray(r)
-
-
-def summarise_r(r: np.ndarray) -> dict[str, float]:
-    return {
-        "mean_r": float(np.nanmean(r)),
-        "median_r": float(np.nanmedian(r)),
-        "n_above_0.3": int(np.nansum(r > 0.3)),
-        "n_genes": int(np.isfinite(r).sum()),
-    }
 
 
 @dataclass
@@ -210,22 +230,6 @@ def predict_set(head: HisToSGEHead, data: TrainSet) -> np.ndarray:
     return head(feats, pos, valid).numpy()
 
 
-def ridge_baseline(train: list[TrainSet], test: TrainSet) -> np.ndarray:
-    """Ridge on standardised (clipped |z| <= 5) features with alpha by cross-validation."""
-    from sklearn.linear_model import RidgeCV
-
-    x = np.concatenate([t.features for t in train])
-    y = np.concatenate([t.targets for t in train])
-    mean, std = x.mean(0), x.std(0)
-    std = np.maximum(std, 0.1 * np.median(std) + 1e-6)
-
-    def z(a: np.ndarray) -> np.ndarray:
-        return np.clip((a - mean) / std, -5, 5)
-
-    model = RidgeCV(alphas=np.logspace(0, 5, 11)).fit(z(x), y)
-    return np.asarray(model.predict(z(test.features)))
-
-
 def build_model(
     head: HisToSGEHead,
     genes: list[str],
@@ -233,8 +237,7 @@ def build_model(
     *,
     spot_um: float,
     context_um: float,
-    pitch_um: float,
-    neighbours: Sequence[tuple[int, int]],
+    neighbour_offsets_um: np.ndarray,
     name: str,
     training: dict[str, Any],
     metrics: dict[str, Any],
@@ -246,7 +249,7 @@ def build_model(
         encoder_weights_sha256=encoder.weights_hash,
         spot_um=spot_um,
         context_um=context_um,
-        neighbour_offsets_um=[[dx * pitch_um, dy * pitch_um] for dx, dy in neighbours],
+        neighbour_offsets_um=[[round(float(x), 2), round(float(y), 2)] for x, y in neighbour_offsets_um],
         training=training,
         metrics=metrics,
         name=name,
@@ -271,78 +274,113 @@ def read_gene_list(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def _parse_triple(spec: str) -> STSection:
-    from .errors import UsageError
-    from .stdata import read_legacy_st
+def pooled_offsets_um(sections: Sequence[STSection]) -> np.ndarray:
+    """Neighbour offsets of the model: medians over the training sections (they share one lattice)."""
+    steps = sections[0].neighbour_steps
+    if any(s.neighbour_steps != steps for s in sections):
+        from .errors import DataFormatError
 
-    parts = spec.split(":")
-    if len(parts) != 3:
-        raise UsageError(f"section {spec!r}: expected COUNTS.tsv[.gz]:SPOTS.tsv:IMAGE")
-    return read_legacy_st(*parts)
+        raise DataFormatError("training sections mix lattices (legacy ST and Visium); train them separately")
+    return np.median(np.stack([measured_offsets_um(s, steps) for s in sections]), axis=0)
 
 
-def train_from_triples(
-    sections: Sequence[str],
+def make_sets(
+    sections: Sequence[STSection],
+    genes: list[str],
+    encoder: Encoder,
+    *,
+    device: torch.device | None = None,
+    log: Callable[[str], None] = print,
+) -> list[TrainSet]:
+    out = []
+    for sec in sections:
+        log(f"features: {sec.name} ({len(sec.centres_level0)} spots)")
+        feats = section_features(sec, encoder, context_um=encoder.cfg.context_um, device=device)
+        out.append(TrainSet(feats, sec.log_cp10k(genes), lattice_groups(sec)))
+    return out
+
+
+def choose_epochs(head_cfg: HeadConfig, sets: list[TrainSet], fit: FitConfig) -> int:
+    """Epochs by early stopping with the last training section held out (the test data is never seen)."""
+    if len(sets) < 2:
+        return max(1, fit.epochs // 20)
+    _, info = fit_head(head_cfg, sets[:-1], [sets[-1]], fit)
+    return int(info["best_epoch"])
+
+
+def train_sections(
+    sections: Sequence[str | STSection],
     out: str | Path,
     *,
     genes: Path | None = None,
-    val: Sequence[str] = (),
+    val: Sequence[str | STSection] = (),
     encoder: str = "efficientnet-lite0",
     encoder_weights: Path | None = None,
     n_genes: int = 1000,
     epochs: int = 400,
     overwrite: bool = False,
+    name: str | None = None,
+    device: torch.device | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train and save a model from legacy-ST sections; returns the metrics summary."""
+    """Train and save a model; returns its metrics.
+
+    With ``val`` sections: early stopping on them, and validation scores (head, ridge, training mean)
+    recorded in the checkpoint. Without: the number of epochs is chosen by holding out the last
+    training section, then all training sections are used.
+    """
     from .encoders import create_encoder
     from .errors import OutputExistsError
+    from .evaluate import mean_baseline, ridge_baseline
+    from .metrics import score
     from .model import save_model
+    from .stdata import read_section
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
-    train_secs = [_parse_triple(s) for s in sections]
-    val_secs = [_parse_triple(s) for s in val]
+    train_secs = [s if isinstance(s, STSection) else read_section(s) for s in sections]
+    val_secs = [s if isinstance(s, STSection) else read_section(s) for s in val]
     gene_list = read_gene_list(genes) if genes else select_genes(train_secs, n_genes)
     enc = create_encoder(encoder, weights=encoder_weights)
-    context_um = enc.cfg.context_um
-
-    def to_set(sec: STSection) -> TrainSet:
-        log(f"features: {sec.name} ({len(sec.centres_level0)} spots)")
-        return TrainSet(
-            section_features(sec, enc, context_um=context_um), sec.log_cp10k(gene_list), lattice_groups(sec)
-        )
-
-    train_sets = [to_set(s) for s in train_secs]
-    val_sets = [to_set(s) for s in val_secs]
+    train_sets = make_sets(train_secs, gene_list, enc, device=device, log=log)
+    val_sets = make_sets(val_secs, gene_list, enc, device=device, log=log)
     head_cfg = HeadConfig(in_dim=enc.cfg.embed_dim, n_genes=len(gene_list))
     fit = FitConfig(epochs=epochs)
-    head, info = fit_head(
-        head_cfg,
-        train_sets,
-        val_sets or None,
-        fit,
-        on_epoch=lambda e, loss, r: log(f"epoch {e}: loss {loss:.4f} val r {r:.3f}") if e % 10 == 0 else None,
-    )
+
+    def progress(e: int, loss: float, r: float) -> None:
+        if e % 10 == 0:
+            log(f"epoch {e}: loss {loss:.4f}" + ("" if np.isnan(r) else f", validation mean r {r:.3f}"))
+
+    if val_sets:
+        head, info = fit_head(head_cfg, train_sets, val_sets, fit, on_epoch=progress)
+    else:
+        n_epochs = choose_epochs(head_cfg, train_sets, fit)
+        log(f"epochs chosen on a held-out training section: {n_epochs}")
+        head, info = fit_head(head_cfg, train_sets, None, fit, fixed_epochs=n_epochs, on_epoch=progress)
     metrics: dict[str, Any] = {"fit": info}
     for sec, vs in zip(val_secs, val_sets, strict=True):
-        metrics[f"val_{sec.name}_head"] = summarise_r(pearson_per_gene(predict_set(head, vs), vs.targets))
-        metrics[f"val_{sec.name}_ridge"] = summarise_r(pearson_per_gene(ridge_baseline(train_sets, vs), vs.targets))
-    pitch = train_secs[0].pitch_um
+        metrics[f"val_{sec.name}"] = {
+            "head": score(predict_set(head, vs), vs.targets, sec.array_xy),
+            "ridge": score(ridge_baseline(train_sets, vs), vs.targets, sec.array_xy),
+            "training_mean": score(mean_baseline(train_sets, vs), vs.targets, sec.array_xy),
+        }
+    gene_means = np.concatenate([t.targets for t in train_sets]).mean(0)
     model = build_model(
         head,
         gene_list,
         enc,
         spot_um=train_secs[0].spot_um,
-        context_um=context_um,
-        pitch_um=pitch,
-        neighbours=SQUARE_NEIGHBOURS,
-        name=out.name,
+        context_um=enc.cfg.context_um,
+        neighbour_offsets_um=pooled_offsets_um(train_secs),
+        name=name or out.name,
         training={
-            "summary": f"{len(train_secs)} legacy-ST sections",
+            "summary": f"{len(train_secs)} sections ({', '.join(s.name for s in train_secs)})",
             "sections": [s.name for s in train_secs],
             "spots": int(sum(len(t.features) for t in train_sets)),
+            "targets": "log1p(CP10k), library size over all genes of the section",
+            "gene_selection": f"list {genes}" if genes else f"top {n_genes} by variance of pooled log1p(CP10k)",
+            "gene_means": [round(float(v), 5) for v in gene_means],
         },
         metrics=metrics,
     )

@@ -1,0 +1,431 @@
+"""Honest numbers: a model, or the HisToSGE head under a protocol, next to baselines on the same features.
+
+Protocols:
+
+* ``loso``: leave one section out; for each held-out section the head is trained on the others (epochs
+  chosen on the last of them, never on the held-out one), and so are the baselines;
+* ``recovery`` (the reference paper's protocol): a random half of one section's spots trains, the other
+  half is predicted; neighbours are taken from all spots of the section (features only, no expression);
+* a trained model on held-out sections (``evaluate MODEL --data ...``).
+
+Baselines, always computed in the same run on the same features: ridge regression (standardised
+features clipped at |z| <= 5, PCA to 256 dims, alpha by cross-validation, HEST-Benchmark style) and the
+training mean. Scores: per-gene Pearson r (mean, median, count > 0.3), MSE, MAE, SSIM of gene maps on
+the assay lattice, and ARI of k-means clusterings of predicted vs measured expression, per section and
+pooled over sections; on all genes and on the 50 most variable training genes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import pearson_per_gene, rasterise, score
+from .model import HeadConfig, Model
+from .stdata import STSection
+from .train import FitConfig, Groups, TrainSet, choose_epochs, fit_head, make_sets, predict_set
+
+
+def _z(train_x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = np.maximum(std, 0.1 * np.median(std) + 1e-6)
+    return lambda a: np.clip((a - mean) / std, -5, 5)
+
+
+def ridge_baseline(train: Sequence[TrainSet], test: TrainSet, *, pca_dims: int = 256) -> np.ndarray:
+    """Ridge on standardised, clipped features reduced by PCA; alpha by (generalised) cross-validation."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import RidgeCV
+
+    x = np.concatenate([t.features for t in train])
+    y = np.concatenate([t.targets for t in train])
+    z = _z(x)
+    pca = PCA(n_components=min(pca_dims, x.shape[0] - 1, x.shape[1]), random_state=0).fit(z(x))
+    model = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(pca.transform(z(x)), y)
+    return np.asarray(model.predict(pca.transform(z(test.features))))
+
+
+def mean_baseline(train: Sequence[TrainSet], test: TrainSet) -> np.ndarray:
+    mean = np.concatenate([t.targets for t in train]).mean(0)
+    return np.repeat(mean[None], len(test.targets), axis=0)
+
+
+def top_variable(train: Sequence[TrainSet], n: int = 50) -> np.ndarray:
+    return np.argsort(-np.concatenate([t.targets for t in train]).var(0), kind="stable")[:n]
+
+
+def _scores(preds: dict[str, np.ndarray], test: TrainSet, array_xy: np.ndarray, top: np.ndarray) -> dict[str, Any]:
+    return {
+        method: {"all_genes": score(p, test.targets, array_xy), "top50": score(p, test.targets, array_xy, top)}
+        for method, p in preds.items()
+    }
+
+
+def _pooled(
+    folds: list[dict[str, Any]], preds: dict[str, list[np.ndarray]], truth: list[np.ndarray], top: np.ndarray | None
+) -> dict[str, Any]:
+    """Per-gene r over all held-out spots pooled, and the mean of per-section summaries."""
+    out: dict[str, Any] = {}
+    y = np.concatenate(truth)
+    for method, ps in preds.items():
+        p = np.concatenate(ps)
+        r = pearson_per_gene(p, y)
+        entry: dict[str, Any] = {"pooled_all_genes": score(p, y)}
+        if top is not None:
+            entry["pooled_top50"] = score(p, y, None, top)
+        for key in ("all_genes", "top50"):
+            vals = [f["scores"][method][key] for f in folds if key in f["scores"][method]]
+            entry[f"mean_of_sections_{key}"] = {m: float(np.mean([v[m] for v in vals])) for m in vals[0]}
+        entry["per_gene_r_pooled"] = r
+        out[method] = entry
+    return out
+
+
+def loso(
+    sections: Sequence[STSection],
+    genes: list[str],
+    encoder: Any,
+    *,
+    head_cfg: HeadConfig | None = None,
+    fit: FitConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Leave-one-section-out: head vs ridge vs training mean, per section and pooled."""
+    fit = fit or FitConfig()
+    sets = make_sets(sections, genes, encoder, log=log)
+    head_cfg = head_cfg or HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
+    folds: list[dict[str, Any]] = []
+    preds: dict[str, list[np.ndarray]] = {"head": [], "ridge": [], "training_mean": []}
+    truth = []
+    for i, test_sec in enumerate(sections):
+        train = [s for j, s in enumerate(sets) if j != i]
+        test = sets[i]
+        epochs = choose_epochs(head_cfg, train, fit)
+        head, _ = fit_head(head_cfg, train, None, fit, fixed_epochs=epochs)
+        p = {
+            "head": predict_set(head, test),
+            "ridge": ridge_baseline(train, test),
+            "training_mean": mean_baseline(train, test),
+        }
+        top = top_variable(train)
+        folds.append(
+            {
+                "section": test_sec.name,
+                "spots": len(test.features),
+                "epochs": epochs,
+                "top50_genes": [genes[g] for g in top],
+                "scores": _scores(p, test, test_sec.array_xy, top),
+            }
+        )
+        for k, v in p.items():
+            preds[k].append(v)
+        truth.append(test.targets)
+        s = folds[-1]["scores"]
+        log(
+            f"{test_sec.name}: top-50 mean r head {s['head']['top50']['mean_r']:.3f}, "
+            f"ridge {s['ridge']['top50']['mean_r']:.3f}, mean {s['training_mean']['top50']['mean_r']:.3f}"
+        )
+    top_all = top_variable(sets)
+    return {
+        "protocol": "leave-one-section-out",
+        "genes": genes,
+        "folds": folds,
+        "pooled": _pooled(folds, preds, truth, top_all),
+        "maps": _maps_payload(sections[-1], sets[-1], preds, genes),
+        "top50_pooled_genes": [genes[g] for g in top_all],
+    }
+
+
+def recovery(
+    section: STSection,
+    genes: list[str],
+    encoder: Any,
+    *,
+    seed: int = 0,
+    head_cfg: HeadConfig | None = None,
+    fit: FitConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train on a random half of one section's spots, predict the other half."""
+    fit = fit or FitConfig()
+    full = make_sets([section], genes, encoder, log=log)[0]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(full.features))
+    half = len(order) // 2
+    tr_idx, te_idx = np.sort(order[:half]), np.sort(order[half:])
+    # inner split of the training half for the number of epochs
+    inner = rng.permutation(tr_idx)
+    fit_idx, val_idx = np.sort(inner[: int(0.8 * len(inner))]), np.sort(inner[int(0.8 * len(inner)) :])
+
+    def subset(idx: np.ndarray) -> TrainSet:
+        return TrainSet(full.features, full.targets[idx], _subset_groups(full.groups, idx))
+
+    head_cfg = head_cfg or HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
+    _, info = fit_head(head_cfg, [subset(fit_idx)], [subset(val_idx)], fit)
+    head, _ = fit_head(head_cfg, [subset(tr_idx)], None, fit, fixed_epochs=int(info["best_epoch"]))
+    train, test = subset(tr_idx), subset(te_idx)
+    train_flat = TrainSet(full.features[tr_idx], full.targets[tr_idx], _subset_groups(full.groups, tr_idx))
+    test_flat = TrainSet(full.features[te_idx], full.targets[te_idx], _subset_groups(full.groups, te_idx))
+    p = {
+        "head": predict_set(head, test),
+        "ridge": ridge_baseline([train_flat], test_flat),
+        "training_mean": mean_baseline([train], test),
+    }
+    top = top_variable([train_flat])
+    scores = _scores(p, test_flat, section.array_xy[te_idx], top)
+    log(
+        f"recovery {section.name}: top-50 mean r head {scores['head']['top50']['mean_r']:.3f}, "
+        f"ridge {scores['ridge']['top50']['mean_r']:.3f}"
+    )
+    return {
+        "protocol": "recovery (random half of the spots of one section)",
+        "section": section.name,
+        "train_spots": len(tr_idx),
+        "test_spots": len(te_idx),
+        "epochs": int(info["best_epoch"]),
+        "scores": scores,
+        "genes": genes,
+    }
+
+
+def _subset_groups(groups: Groups, idx: np.ndarray) -> Groups:
+    return Groups(groups.index[idx], groups.offsets_um[idx], groups.absolute[idx])
+
+
+def evaluate_model(
+    model: Model,
+    sections: Sequence[STSection],
+    encoder: Any,
+    *,
+    train_sections: Sequence[STSection] = (),
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """A trained model on held-out sections, next to the training mean (from the checkpoint) and, when
+    training sections are given, a ridge regression trained on them."""
+    genes = list(model.meta.genes)
+    sets = make_sets(sections, genes, encoder, log=log)
+    train_sets = make_sets(train_sections, genes, encoder, log=log) if train_sections else []
+    gene_means = model.meta.training.get("gene_means")
+    folds, truth = [], []
+    preds: dict[str, list[np.ndarray]] = {"model": []}
+    for sec, ts in zip(sections, sets, strict=True):
+        p = {"model": predict_set(model.head, ts)}
+        if gene_means is not None:
+            p["training_mean"] = np.repeat(np.asarray(gene_means, dtype=np.float32)[None], len(ts.features), axis=0)
+        if train_sets:
+            p["ridge"] = ridge_baseline(train_sets, ts)
+        top = top_variable(train_sets or [ts])
+        folds.append({"section": sec.name, "spots": len(ts.features), "scores": _scores(p, ts, sec.array_xy, top)})
+        for k, v in p.items():
+            preds.setdefault(k, []).append(v)
+        truth.append(ts.targets)
+    return {
+        "protocol": f"model {model.meta.name} on held-out sections",
+        "genes": genes,
+        "folds": folds,
+        "pooled": _pooled(folds, preds, truth, top_variable(train_sets or sets)),
+        "maps": _maps_payload(sections[-1], sets[-1], preds, genes),
+    }
+
+
+def _maps_payload(
+    section: STSection, data: TrainSet, preds: dict[str, list[np.ndarray]], genes: list[str]
+) -> dict[str, Any]:
+    method = "head" if "head" in preds else "model"
+    pred = preds[method][-1]
+    r = pearson_per_gene(pred, data.targets)
+    best = [int(i) for i in np.argsort(-np.nan_to_num(r, nan=-1))[:6]]
+    return {
+        "section": section.name,
+        "method": method,
+        "genes": [genes[i] for i in best],
+        "r": [float(r[i]) for i in best],
+        "array_xy": section.array_xy,
+        "measured": data.targets[:, best],
+        "predicted": pred[:, best],
+    }
+
+
+# -- high-resolution consistency ----------------------------------------------------------------
+def highres_consistency(
+    model: Model, section: STSection, workdir: Path, *, density: int = 4, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Predict the section at ``density`` x the spot density with the whole-slide pipeline, aggregate the
+    sub-spots inside each measured spot (linear space), and correlate with the spot-level prediction."""
+    from .encoders import create_encoder
+    from .infer import InferOptions, infer_slide
+    from .store import open_cube
+
+    stride = model.meta.spot_um / np.sqrt(density)
+    cube = workdir / f"{section.name}-highres.zarr"
+    infer_slide(
+        section.image,
+        cube,
+        InferOptions(
+            model=model.source,
+            mpp=section.mpp,
+            stride_um=stride,
+            min_tissue_fraction=0.0,
+            overwrite=True,
+            write_geojson=False,
+        ),
+        log=log,
+    )
+    g = open_cube(cube)
+    expr = np.asarray(g["expression"][:], dtype=np.float64)
+    affine = np.asarray(g.attrs["affine_level0"])
+    ny, nx = expr.shape[1:]
+    iy, ix = np.mgrid[0:ny, 0:nx]
+    centres = (affine @ np.stack([ix.ravel(), iy.ravel(), np.ones(ix.size)]))[:2].T
+    radius_px = model.meta.spot_um / 2 / section.mpp
+    lin = np.expm1(expr.reshape(expr.shape[0], -1))
+    agg = np.full((len(section.centres_level0), expr.shape[0]), np.nan)
+    for i, c in enumerate(section.centres_level0):
+        inside = np.nonzero(((centres - c) ** 2).sum(1) <= radius_px**2)[0]
+        vals = lin[:, inside]
+        vals = vals[:, np.isfinite(vals).all(0)]
+        if vals.shape[1]:
+            agg[i] = np.log1p(vals.mean(1))
+    ok = np.isfinite(agg).all(1)
+    enc = create_encoder(model.meta.encoder)
+    spot = make_sets([section], model.meta.genes, enc, log=log)[0]
+    spot_pred = predict_set(model.head, spot)
+    r_vs_spot = pearson_per_gene(agg[ok], spot_pred[ok])
+    r_vs_measured_agg = pearson_per_gene(agg[ok], spot.targets[ok])
+    r_vs_measured_spot = pearson_per_gene(spot_pred[ok], spot.targets[ok])
+    return {
+        "section": section.name,
+        "density": density,
+        "stride_um": float(stride),
+        "spots_compared": int(ok.sum()),
+        "mean_r_aggregated_vs_spot_prediction": float(np.nanmean(r_vs_spot)),
+        "median_r_aggregated_vs_spot_prediction": float(np.nanmedian(r_vs_spot)),
+        "mean_r_aggregated_vs_measured": float(np.nanmean(r_vs_measured_agg)),
+        "mean_r_spot_prediction_vs_measured": float(np.nanmean(r_vs_measured_spot)),
+    }
+
+
+# -- reports ---------------------------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items() if k != "maps"}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return (
+            [None if not np.isfinite(v) else round(float(v), 5) for v in obj.ravel()]
+            if obj.dtype.kind == "f"
+            else obj.tolist()
+        )
+    if isinstance(obj, np.floating | float):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(_jsonable(result), indent=1))
+    return path
+
+
+def _maps_png(maps: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    genes = maps["genes"]
+    fig, axes = plt.subplots(2, len(genes), figsize=(2.6 * len(genes), 5.4), dpi=100, squeeze=False)
+    measured = rasterise(maps["measured"], maps["array_xy"])
+    predicted = rasterise(maps["predicted"], maps["array_xy"])
+    for j, gene in enumerate(genes):
+        for row, (label, m) in enumerate((("measured", measured[j]), (maps["method"], predicted[j]))):
+            ax = axes[row, j]
+            im = ax.imshow(np.ma.masked_invalid(m), cmap="magma", interpolation="nearest")
+            ax.set_title(f"{gene} {label}" + (f"\nr = {maps['r'][j]:.2f}" if row == 1 else ""), fontsize=8)
+            ax.set_axis_off()
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(result: dict[str, Any], path: str | Path) -> Path:
+    """A self-contained HTML report: tables per section and pooled, per-gene r, top genes' maps."""
+    rows = []
+    esc = html.escape
+
+    def table(title: str, scores: dict[str, Any], key: str) -> str:
+        head = (
+            "<tr><th>method</th><th>mean r</th><th>median r</th><th>r&gt;0.3</th><th>MSE</th><th>MAE</th>"
+            "<th>SSIM</th><th>ARI</th></tr>"
+        )
+        body = "".join(
+            f"<tr><td>{esc(m)}</td>"
+            + "".join(
+                f"<td>{v[key].get(k, float('nan')):.3f}</td>"
+                if isinstance(v[key].get(k), float)
+                else f"<td>{v[key].get(k, '')}</td>"
+                for k in ("mean_r", "median_r", "n_above_0.3", "mse", "mae", "ssim", "ari")
+            )
+            + "</tr>"
+            for m, v in scores.items()
+            if key in v
+        )
+        return f"<h3>{esc(title)}</h3><table>{head}{body}</table>"
+
+    rows.append(f"<h1>wsi-histosge evaluation</h1><p>{esc(result['protocol'])}; {len(result['genes'])} genes</p>")
+    for fold in result.get("folds", []):
+        rows.append(
+            table(
+                f"{fold['section']} ({fold['spots']} spots), 50 most variable training genes", fold["scores"], "top50"
+            )
+        )
+        rows.append(table(f"{fold['section']}, all genes", fold["scores"], "all_genes"))
+    if "scores" in result:
+        rows.append(table(f"{result.get('section', '')}: top 50", result["scores"], "top50"))
+        rows.append(table(f"{result.get('section', '')}: all genes", result["scores"], "all_genes"))
+    if "pooled" in result:
+        pooled = {
+            m: {"top50": v.get("pooled_top50", {}), "all": v["pooled_all_genes"], "sec": v["mean_of_sections_top50"]}
+            for m, v in result["pooled"].items()
+        }
+        rows.append(table("pooled over held-out spots, top 50", pooled, "top50"))
+        rows.append(table("mean of per-section scores, top 50", pooled, "sec"))
+        rows.append(table("pooled over held-out spots, all genes", pooled, "all"))
+        first = next(iter(result["pooled"]))
+        r = np.asarray(result["pooled"][first]["per_gene_r_pooled"], dtype=float)
+        order = np.argsort(-np.nan_to_num(r, nan=-1))[:25]
+        rows.append(
+            f"<h3>best genes ({esc(first)}, pooled r)</h3><table><tr><th>gene</th><th>r</th></tr>"
+            + "".join(f"<tr><td>{esc(result['genes'][i])}</td><td>{r[i]:.3f}</td></tr>" for i in order)
+            + "</table>"
+        )
+    if "highres" in result:
+        rows.append(
+            "<h3>high-resolution consistency</h3><pre>" + esc(json.dumps(result["highres"], indent=1)) + "</pre>"
+        )
+    if "maps" in result:
+        rows.append(
+            f"<h3>measured vs predicted, {esc(result['maps']['section'])}</h3>"
+            f"<img src='data:image/png;base64,{_maps_png(result['maps'])}'/>"
+        )
+    style = (
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;text-align:right}</style>"
+    )
+    path = Path(path)
+    path.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(rows)}</body></html>"
+    )
+    return path
