@@ -403,6 +403,120 @@ def plot(
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
+@app.command()
+def batch(
+    inputs: Annotated[list[str], typer.Argument(help="Slides, globs, folders, or a CSV manifest (slide,id,mpp,...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: <id>.zarr, state/, summary.csv/json.")],
+    workers: Annotated[Optional[int], typer.Option(help="Run on a dask LocalCluster with N workers.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Address of a running dask scheduler.")] = None,
+    retries: Annotated[int, typer.Option(help="Retries of a slide whose worker was lost (dask).")] = 2,
+    retry_failed: Annotated[bool, typer.Option(help="Try slides that failed in an earlier run again.")] = False,
+    allow_root: Annotated[
+        Optional[list[Path]], typer.Option(help="Extra folder manifest paths may point into.")
+    ] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the built-in model).")] = None,
+    stride_um: Annotated[Optional[float], typer.Option(help="Lattice step in µm.")] = None,
+    mpp: Annotated[Optional[float], typer.Option(help="µm/px for slides without one (a manifest column wins).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda.")] = None,
+    slide_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per slide.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run a cohort: resumable, one slide's failure never stops the others. Exit 0 all done, 10 some failed,
+    11 all failed, 12 no slides, 130 interrupted."""
+    import signal
+
+    from rich.live import Live
+
+    from wsi_histosge.cohort import EXIT_INTERRUPTED, RunConfig, collect_jobs, run_batch
+
+    try:
+        jobs = collect_jobs(inputs, allow_roots=allow_root or [])
+    except BaseException as exc:
+        _fail(exc)
+        return
+    options = {
+        k: v
+        for k, v in {
+            "model": str(model) if model else None,
+            "stride_um": stride_um,
+            "mpp": mpp,
+            "device": device,
+            "num_workers": slide_workers,
+        }.items()
+        if v is not None
+    }
+    cfg = RunConfig(out=str(out), options=options, retry_failed=retry_failed)
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    done: dict[str, int] = {}
+    table = Table(title=f"{len(jobs)} slides -> {out}")
+    for col in ("id", "status", "spots", "seconds", "error"):
+        table.add_column(col, overflow="fold")
+
+    def update(state: dict[str, Any]) -> None:
+        done[state.get("status", "?")] = done.get(state.get("status", "?"), 0) + 1
+        table.add_row(
+            str(state.get("id")),
+            str(state.get("status")),
+            str(state.get("spots", "")),
+            f"{state.get('seconds', 0):.1f}",
+            str(state.get("error", ""))[:200],
+        )
+        table.caption = ", ".join(f"{k}: {v}" for k, v in done.items()) + f" of {len(jobs)}"
+
+    try:
+        with Live(table, console=console, refresh_per_second=2, transient=as_json):
+            summary = run_batch(jobs, cfg, workers=workers, scheduler=scheduler, retries=retries, on_update=update)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]: state is saved; rerun the same command to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BaseException as exc:
+        _fail(exc)
+        return
+    if as_json:
+        out_console.print_json(
+            json.dumps(
+                {
+                    "exit_code": summary.exit_code,
+                    "counts": summary.counts,
+                    "seconds": summary.seconds,
+                    "slides": summary.rows,
+                },
+                default=str,
+            )
+        )
+    else:
+        console.print(f"{summary.counts} in {summary.seconds:.1f} s; summary: {out / 'summary.csv'}", highlight=False)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def status(
+    out: Annotated[Path, typer.Argument(help="Output folder of `batch`.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What is done, running, failed (and why) in a batch output folder."""
+    from wsi_histosge.cohort import read_states
+
+    states = read_states(out)
+    if as_json:
+        out_console.print_json(json.dumps(states, default=str))
+        return
+    table = Table(title=str(out))
+    for col in ("id", "status", "spots", "error"):
+        table.add_column(col, overflow="fold")
+    for s in states:
+        table.add_row(str(s.get("id")), str(s.get("status")), str(s.get("spots", "")), str(s.get("error", ""))[:200])
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[str(s.get("status"))] = counts.get(str(s.get("status")), 0) + 1
+    table.caption = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "no slides"
+    out_console.print(table)
+
+
 @app.command("exit-codes")
 def exit_codes() -> None:
     """The documented exit codes."""

@@ -85,5 +85,8 @@ EXIT_CODES: dict[int, str] = {
     7: "output exists with other content or other parameters; use --overwrite or another --out",
     8: "model or encoder cannot be loaded, or they do not fit together",
     9: "training/evaluation data is malformed",
+    10: "batch: some slides failed (see summary.csv)",
+    11: "batch: every slide failed",
+    12: "batch: no slides found in the inputs",
     130: "interrupted (Ctrl-C / SIGTERM); rerun to resume",
 }

@@ -1,0 +1,154 @@
+"""Cohorts on a real dask LocalCluster and in-process: failures isolated, state resumable."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import need_shared, synthetic_tissue, write_pyramid
+from wsi_histosge.cohort import (
+    EXIT_ALL_OK,
+    EXIT_NO_SLIDES,
+    EXIT_PARTIAL,
+    RunConfig,
+    SlideJob,
+    SlideLock,
+    collect_jobs,
+    read_manifest,
+    read_states,
+    run_batch,
+)
+from wsi_histosge.errors import UsageError
+
+
+def _cfg(out: Path, model: Path, **kw: object) -> RunConfig:
+    return RunConfig(out=str(out), options={"model": str(model), "stride_um": 10.0, "num_workers": 0, **kw})
+
+
+def test_manifest_validation_reports_every_bad_row(tmp_path: Path) -> None:
+    (tmp_path / "a.svs").write_bytes(b"x")
+    m = tmp_path / "m.csv"
+    m.write_text("slide,id,mpp\na.svs,ok,0.5\na.svs,../evil,\n/etc/passwd,x,\nb.svs,ok,\nc.svs,c,abc\n")
+    with pytest.raises(UsageError) as info:
+        read_manifest(m)
+    text = str(info.value)
+    assert "row 3" in text and "../evil" in text
+    assert "row 4" in text and "outside the manifest's folder" in text
+    assert "duplicate id 'ok'" in text
+    assert "row 6" in text and "not a number" in text
+    m.write_text("slide,id\nsub/a.svs,a\n")
+    assert read_manifest(m)[0].slide == str(tmp_path / "sub" / "a.svs")  # relative to the manifest
+    m.write_bytes(b"slide,id\na.svs,a\x00b\n")
+    with pytest.raises(UsageError, match="NUL"):
+        read_manifest(m)
+
+
+def test_globs_and_folders(tmp_path: Path) -> None:
+    for name in ("x.svs", "y.tif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"1")
+    jobs = collect_jobs([str(tmp_path)])
+    assert [j.id for j in jobs] == ["x", "y"]
+    assert [j.id for j in collect_jobs([str(tmp_path / "*.svs")])] == ["x"]
+    with pytest.raises(UsageError, match="duplicate"):
+        collect_jobs([str(tmp_path / "x.svs"), str(tmp_path / "x.svs")])
+
+
+def test_stale_lock_is_reclaimed_live_lock_is_not(tmp_path: Path) -> None:
+    lock = SlideLock(tmp_path, "s")
+    assert lock.acquire()
+    assert not SlideLock(tmp_path, "s").acquire()  # held by us (alive)
+    lock.path.write_text(json.dumps({"pid": 999_999_999, "host": os.uname().nodename}))
+    assert SlideLock(tmp_path, "s").acquire()  # dead pid: reclaimed
+
+
+@pytest.mark.realdata
+def test_local_cluster_cohort_with_bad_slides(tiny_model: Path, tmp_path: Path) -> None:
+    good = need_shared("wsi-samples", "CMU-1-Small-Region.svs")
+    ome = need_shared("wsi-samples", "CMU-1-Small-Region.ome.tif")
+    corrupt = tmp_path / "corrupt.svs"
+    corrupt.write_bytes(good.read_bytes()[:200_000])
+    jobs = [
+        SlideJob(str(good), "cmu"),
+        SlideJob(str(ome), "cmu-ome"),
+        SlideJob(str(corrupt), "corrupt"),
+        SlideJob(str(tmp_path / "missing.svs"), "missing"),
+    ]
+    out = tmp_path / "out"
+    summary = run_batch(jobs, _cfg(out, tiny_model, stride_um=50.0), workers=2)
+    status = {r["id"]: r for r in summary.rows}
+    assert summary.exit_code == EXIT_PARTIAL
+    assert status["cmu"]["status"] == "done" and status["cmu-ome"]["status"] == "done"
+    assert status["corrupt"]["status"] == "failed" and "corrupt.svs" in status["corrupt"]["error"]
+    assert status["missing"]["status"] == "failed" and "no such file" in status["missing"]["error"]
+    assert (out / "summary.csv").read_text().count("\n") == 5
+    assert {s["id"] for s in read_states(out)} == {"cmu", "cmu-ome", "corrupt", "missing"}
+    # a rerun skips the done slides and does not retry failures unless asked
+    again = run_batch(jobs, _cfg(out, tiny_model, stride_um=50.0))
+    st = {r["id"]: r for r in again.rows}
+    assert st["cmu"]["result"] == "already-complete"
+    assert "retry-failed" in st["corrupt"].get("skipped", "")
+
+
+def _big_slide(tmp_path: Path) -> Path:
+    return write_pyramid(tmp_path / "big.tif", synthetic_tissue(4000, 5000, seed=5), levels=3)
+
+
+def test_killed_worker_is_rescheduled_and_the_cube_is_identical(tiny_model: Path, tmp_path: Path) -> None:
+    slide = _big_slide(tmp_path)
+    ref_out = tmp_path / "ref"
+    ref = run_batch([SlideJob(str(slide), "big")], _cfg(ref_out, tiny_model), isolate=False)
+    assert ref.exit_code == EXIT_ALL_OK
+    out = tmp_path / "out"
+    killed: dict[str, int] = {}
+
+    def killer() -> None:
+        state = out / "state" / "big.json"
+        marks = out / "big.zarr" / "chunk_done" / "c"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                st = json.loads(state.read_text())
+            except (OSError, json.JSONDecodeError):
+                st = {}
+            if st.get("status") == "running" and marks.exists() and sum(1 for _ in marks.rglob("*")) >= 4:
+                killed["pid"] = st["pid"]
+                os.kill(st["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    summary = run_batch([SlideJob(str(slide), "big")], _cfg(out, tiny_model), workers=1, retries=2)
+    t.join()
+    assert "pid" in killed, "the worker was never caught mid-slide"
+    assert summary.exit_code == EXIT_ALL_OK, summary.rows
+    assert summary.rows[0]["result"] == "resumed"
+    a = np.asarray(zarr.open_group(str(ref_out / "big.zarr"), mode="r")["expression"][:])
+    b = np.asarray(zarr.open_group(str(out / "big.zarr"), mode="r")["expression"][:])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_rerun_after_killing_the_batch_recomputes_nothing_done(tiny_model: Path, tmp_path: Path) -> None:
+    slides = [write_pyramid(tmp_path / f"s{i}.tif", synthetic_tissue(1500, 2000, seed=i), levels=2) for i in range(3)]
+    jobs = [SlideJob(str(p), p.stem) for p in slides]
+    out = tmp_path / "out"
+    first = run_batch(jobs[:2], _cfg(out, tiny_model), isolate=False)  # as if killed after two slides
+    assert first.exit_code == EXIT_ALL_OK
+    before = {p: p.stat().st_mtime_ns for p in out.glob("s[01].zarr/expression/c/**/*") if p.is_file()}
+    second = run_batch(jobs, _cfg(out, tiny_model), isolate=False)
+    st = {r["id"]: r["result"] for r in second.rows}
+    assert st == {"s0": "already-complete", "s1": "already-complete", "s2": "complete"}
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert before == after  # not one chunk of a completed slide rewritten
+
+
+def test_no_slides_exit_code(tmp_path: Path, tiny_model: Path) -> None:
+    assert run_batch([], _cfg(tmp_path, tiny_model)).exit_code == EXIT_NO_SLIDES

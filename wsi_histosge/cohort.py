@@ -1,0 +1,505 @@
+"""Cohorts: many slides, resumable, failure-isolated, in-process or on dask.distributed.
+
+One task per slide. Each slide's state lives in ``OUT/state/<id>.json`` (written atomically: temporary
+file, then rename) and is all that `status` reads. An ``O_EXCL`` lock file per slide keeps two runs from
+writing the same output; a lock whose process is dead (same host) is reclaimed. Outputs resume by chunk,
+so a retried task continues where the lost one stopped.
+
+Execution:
+
+* default: in-process, one slide after another, each in a child process so that a reader that crashes
+  the interpreter (segfault, abort) fails that slide only;
+* ``workers=N``: a dask ``LocalCluster`` of N single-threaded worker processes;
+* ``scheduler=ADDRESS``: an existing dask.distributed scheduler (start workers with ``dask worker``,
+  dask-jobqueue on SLURM, or dask-kubernetes); GPU workers should declare ``--resources GPU=1`` and
+  tasks then ask for one GPU each.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+from .errors import HistoSGEError, SlideNotFoundError, UsageError
+
+#: Exit codes of `batch` (also in the README).
+EXIT_ALL_OK = 0
+EXIT_PARTIAL = 10
+EXIT_ALL_FAILED = 11
+EXIT_NO_SLIDES = 12
+EXIT_INTERRUPTED = 130
+
+SLIDE_SUFFIXES = {
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".dcm",
+    ".bif",
+    ".vms",
+    ".svslide",
+    ".jpg",
+    ".jpeg",
+    ".png",
+}
+_BAD_ID_CHARS = set('/\\\x00:*?"<>|')
+
+
+@dataclass
+class SlideJob:
+    """One slide of a cohort: where it is, its id (a safe file name), and per-slide options."""
+
+    slide: str
+    id: str
+    mpp: float | None = None
+    tissue_mask: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def out_path(self, out: Path) -> Path:
+        return out / f"{self.id}.zarr"
+
+
+def _check_id(job_id: str) -> str | None:
+    if not job_id or job_id in (".", "..") or job_id.startswith(".") or any(c in _BAD_ID_CHARS for c in job_id):
+        return "not a safe file name (no '/', '\\\\', ':', NUL, leading '.', or empty id)"
+    if len(job_id) > 200:
+        return "longer than 200 characters"
+    return None
+
+
+def _within(path: Path, roots: list[Path]) -> bool:
+    rp = path.resolve()
+    return any(rp == r or r in rp.parents for r in roots)
+
+
+def read_manifest(path: str | Path, *, allow_roots: Iterable[str | Path] = ()) -> list[SlideJob]:
+    """A CSV with a ``slide`` column (path, relative to the manifest's folder, or URL) and optional ``id``,
+    ``mpp``, ``tissue_mask``; other columns are carried into the summary. Every problem is reported at
+    once, before any slide is touched."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlideNotFoundError(f"{path}: manifest not found")
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise UsageError(f"{path}: the manifest contains NUL bytes; it is not a text CSV")
+    base = path.resolve().parent
+    roots = [base, *(Path(r).resolve() for r in allow_roots)]
+    text = raw.decode("utf-8-sig")
+    reader = csv.DictReader(text.splitlines())
+    if reader.fieldnames is None or "slide" not in reader.fieldnames:
+        raise UsageError(f"{path}: needs a 'slide' column (columns: {reader.fieldnames})")
+    jobs, problems = [], []
+    for n, row in enumerate(reader, start=2):
+        slide = (row.get("slide") or "").strip()
+        if not slide:
+            problems.append(f"row {n}: empty slide")
+            continue
+        is_url = "://" in slide
+        if not is_url:
+            p = Path(slide)
+            p = p if p.is_absolute() else base / p
+            if not _within(p, roots):
+                problems.append(f"row {n}: {slide} is outside the manifest's folder (allow it with --allow-root)")
+                continue
+            slide = str(p)
+        job_id = (row.get("id") or "").strip() or Path(slide.rstrip("/")).stem
+        why = _check_id(job_id)
+        if why:
+            problems.append(f"row {n}: id {job_id!r} is {why}")
+            continue
+        mpp = None
+        if row.get("mpp"):
+            try:
+                mpp = float(row["mpp"])
+            except ValueError:
+                problems.append(f"row {n}: mpp {row['mpp']!r} is not a number")
+                continue
+        mask = (row.get("tissue_mask") or "").strip() or None
+        if mask and "://" not in mask:
+            mp = Path(mask) if Path(mask).is_absolute() else base / mask
+            if not _within(mp, roots):
+                problems.append(f"row {n}: tissue_mask {mask} is outside the manifest's folder")
+                continue
+            mask = str(mp)
+        extra = {k: v for k, v in row.items() if k not in ("slide", "id", "mpp", "tissue_mask") and k is not None}
+        jobs.append(SlideJob(slide, job_id, mpp, mask, extra))
+    problems += _duplicates(jobs)
+    if problems:
+        raise UsageError(f"{path}: {len(problems)} bad row(s), nothing was run:\n  " + "\n  ".join(problems))
+    return jobs
+
+
+def _duplicates(jobs: list[SlideJob]) -> list[str]:
+    seen: dict[str, str] = {}
+    seen_slides: dict[str, str] = {}
+    out = []
+    for j in jobs:
+        if j.id in seen:
+            out.append(f"duplicate id {j.id!r} ({seen[j.id]} and {j.slide}); set distinct ids")
+        seen[j.id] = j.slide
+        if j.slide in seen_slides:
+            out.append(f"slide {j.slide} listed twice (ids {seen_slides[j.slide]!r} and {j.id!r})")
+        seen_slides[j.slide] = j.id
+    return out
+
+
+def collect_jobs(inputs: list[str], *, allow_roots: Iterable[str | Path] = ()) -> list[SlideJob]:
+    """Slides from globs, directories (their slide files), and CSV manifests."""
+    jobs: list[SlideJob] = []
+    for item in inputs:
+        p = Path(item)
+        if p.suffix.lower() == ".csv":
+            jobs += read_manifest(p, allow_roots=allow_roots)
+        elif p.is_dir() and p.suffix.lower() != ".svs":
+            jobs += [SlideJob(str(f), f.stem) for f in sorted(p.iterdir()) if f.suffix.lower() in SLIDE_SUFFIXES]
+        else:
+            matches = sorted(glob(item)) or [item]
+            jobs += [SlideJob(m, Path(m).stem) for m in matches]
+    problems = [f"id {j.id!r} ({j.slide}) is {why}" for j in jobs if (why := _check_id(j.id))]
+    problems += _duplicates(jobs)
+    if problems:
+        raise UsageError("bad inputs, nothing was run:\n  " + "\n  ".join(problems))
+    return jobs
+
+
+# -- state and locks ------------------------------------------------------------------------------
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def state_path(out: Path, job_id: str) -> Path:
+    return out / "state" / f"{job_id}.json"
+
+
+def read_states(out: str | Path) -> list[dict[str, Any]]:
+    folder = Path(out) / "state"
+    states = []
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            states.append(json.loads(p.read_text()))
+        except (json.JSONDecodeError, OSError):
+            states.append({"id": p.stem, "status": "unknown", "error": "unreadable state file"})
+    return states
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SlideLock:
+    """An O_EXCL lock file per slide output; stale locks (dead pid on this host) are reclaimed."""
+
+    def __init__(self, out: Path, job_id: str) -> None:
+        self.path = out / "state" / f"{job_id}.lock"
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (json.JSONDecodeError, OSError):
+                    holder = {}
+                same_host = holder.get("host") == socket.gethostname()
+                if same_host and not _pid_alive(int(holder.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                return False
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            return True
+        return False
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+# -- one slide ------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """What every slide of the run shares (picklable, sent to workers)."""
+
+    out: str
+    options: dict[str, Any] = field(default_factory=dict)  # InferOptions fields
+    retry_failed: bool = False
+
+
+def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
+    """Infer one slide under its lock, recording state; never raises for a slide's own failure."""
+    from .infer import InferOptions, infer_slide
+
+    out = Path(cfg.out)
+    spath = state_path(out, job.id)
+    spath.parent.mkdir(parents=True, exist_ok=True)
+    base = {"id": job.id, "slide": job.slide, "output": str(job.out_path(out)), **job.extra}
+    skipped = _skip(job, cfg)
+    if skipped is not None:
+        return skipped
+    lock = SlideLock(out, job.id)
+    if not lock.acquire():
+        return {**base, "status": "locked", "error": f"another run holds {lock.path}"}
+    started = time.time()
+    _atomic_json(
+        spath, {**base, "status": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": started}
+    )
+    try:
+        opts = InferOptions(
+            **{
+                **cfg.options,
+                "mpp": job.mpp or cfg.options.get("mpp"),
+                "tissue_mask": job.tissue_mask or cfg.options.get("tissue_mask"),
+            }
+        )
+        result = infer_slide(job.slide, job.out_path(out), opts)
+        state = {
+            **base,
+            "status": "done",
+            "result": result.status,
+            "spots": result.spots,
+            "tiles": result.tiles,
+            "tissue_area_mm2": result.tissue_area_mm2,
+            "spots_per_s": result.spots_per_s,
+            "seconds": time.time() - started,
+            "error": "",
+        }
+    except HistoSGEError as exc:
+        state = {
+            **base,
+            "status": "failed",
+            "error": str(exc),
+            "exit_code": exc.exit_code,
+            "seconds": time.time() - started,
+        }
+    except Exception as exc:
+        state = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "seconds": time.time() - started}
+    finally:
+        lock.release()
+    _atomic_json(spath, state)
+    return state
+
+
+def _skip(job: SlideJob, cfg: RunConfig) -> dict[str, Any] | None:
+    """The previous state, marked skipped, when the slide failed before and retries were not asked for."""
+    spath = state_path(Path(cfg.out), job.id)
+    previous = json.loads(spath.read_text()) if spath.is_file() else {}
+    if previous.get("status") == "failed" and not cfg.retry_failed:
+        return {**previous, "skipped": "failed before; pass --retry-failed to try again"}
+    return None
+
+
+def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
+    """run_slide in a spawned child process; a crash (signal) marks the slide failed instead of killing us."""
+    import multiprocessing as mp
+
+    skipped = _skip(job, cfg)
+    if skipped is not None:
+        return skipped
+
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=run_slide, args=(job, cfg), name=f"wsi-histosge-{job.id}")
+    proc.start()
+    proc.join()
+    out = Path(cfg.out)
+    state = json.loads(state_path(out, job.id).read_text()) if state_path(out, job.id).is_file() else {}
+    if proc.exitcode and proc.exitcode != 0 and state.get("status") not in ("done", "failed"):
+        code = proc.exitcode
+        why = f"crashed, signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"crashed, exit code {code}"
+        state = {
+            "id": job.id,
+            "slide": job.slide,
+            "output": str(job.out_path(out)),
+            **job.extra,
+            "status": "failed",
+            "error": why,
+        }
+        SlideLock(out, job.id).release()
+        _atomic_json(state_path(out, job.id), state)
+    return state
+
+
+# -- a run ------------------------------------------------------------------------------------------
+@dataclass
+class BatchSummary:
+    rows: list[dict[str, Any]]
+    seconds: float
+    exit_code: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for r in self.rows:
+            c[r.get("status", "unknown")] = c.get(r.get("status", "unknown"), 0) + 1
+        return c
+
+
+def run_batch(
+    jobs: list[SlideJob],
+    cfg: RunConfig,
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    retries: int = 2,
+    isolate: bool = True,
+    on_update: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchSummary:
+    """Run every job; write summary.csv and summary.json in ``cfg.out``; return the summary."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    rows: list[dict[str, Any]] = []
+    if not jobs:
+        return _finish(out, rows, t0, EXIT_NO_SLIDES)
+    if workers is None and scheduler is None:
+        for job in jobs:
+            state = _run_slide_in_child(job, cfg) if isolate else run_slide(job, cfg)
+            rows.append(state)
+            if on_update:
+                on_update(state)
+    else:
+        rows = _run_dask(jobs, cfg, workers, scheduler, retries, on_update)
+    ok = sum(r.get("status") == "done" for r in rows)
+    code = EXIT_ALL_OK if ok == len(rows) else (EXIT_ALL_FAILED if ok == 0 else EXIT_PARTIAL)
+    return _finish(out, rows, t0, code)
+
+
+def _dask_task(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
+    return run_slide(job, cfg)
+
+
+def _run_dask(
+    jobs: list[SlideJob],
+    cfg: RunConfig,
+    workers: int | None,
+    scheduler: str | None,
+    retries: int,
+    on_update: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        import torch
+
+        resources = {"GPU": 1} if torch.cuda.is_available() else None
+        cluster = LocalCluster(
+            n_workers=workers or 1,
+            threads_per_worker=1,
+            processes=True,
+            resources=resources,
+            dashboard_address=None,
+            silence_logs=40,
+        )
+        client = Client(cluster)
+    try:
+        gpu = bool(
+            client.run_on_scheduler(
+                lambda dask_scheduler: any("GPU" in (ws.resources or {}) for ws in dask_scheduler.workers.values())
+            )
+        )
+        futures = {}
+        for job in jobs:
+            fut = client.submit(
+                _dask_task,
+                job,
+                cfg,
+                key=f"wsi-histosge-slide-{job.id}",
+                pure=False,
+                retries=retries,
+                resources={"GPU": 1} if gpu else None,
+            )
+            futures[fut] = job
+        rows = []
+        for fut in as_completed(futures):
+            job = futures[fut]
+            try:
+                state = fut.result()
+            except Exception as exc:
+                state = {
+                    "id": job.id,
+                    "slide": job.slide,
+                    "output": str(job.out_path(Path(cfg.out))),
+                    **job.extra,
+                    "status": "failed",
+                    "error": f"worker lost ({type(exc).__name__}): the slide crashed or killed its worker on every try",
+                }
+                SlideLock(Path(cfg.out), job.id).release()
+                _atomic_json(state_path(Path(cfg.out), job.id), state)
+            rows.append(state)
+            if on_update:
+                on_update(state)
+        order = {j.id: i for i, j in enumerate(jobs)}
+        return sorted(rows, key=lambda r: order.get(r.get("id", ""), 0))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+SUMMARY_FIELDS = [
+    "id",
+    "slide",
+    "status",
+    "result",
+    "spots",
+    "tiles",
+    "tissue_area_mm2",
+    "spots_per_s",
+    "seconds",
+    "output",
+    "error",
+]
+
+
+def _finish(out: Path, rows: list[dict[str, Any]], t0: float, code: int) -> BatchSummary:
+    summary = BatchSummary(rows, time.time() - t0, code)
+    extra = sorted(
+        {k for r in rows for k in r} - set(SUMMARY_FIELDS) - {"pid", "host", "started", "exit_code", "skipped"}
+    )
+    tmp = out / ".summary.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS + extra, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    os.replace(tmp, out / "summary.csv")
+    _atomic_json(
+        out / "summary.json", {"exit_code": code, "seconds": summary.seconds, "counts": summary.counts, "slides": rows}
+    )
+    return summary
+
+
+__all__ = [
+    "BatchSummary",
+    "RunConfig",
+    "SlideJob",
+    "asdict",
+    "collect_jobs",
+    "read_manifest",
+    "read_states",
+    "run_batch",
+    "run_slide",
+]
