@@ -72,6 +72,7 @@ def infer(
     batch_size: Annotated[Optional[int], typer.Option(help="Patches per encoder forward pass.")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
+    on_bad_tile: Annotated[str, typer.Option(help="fail, or skip: mask corrupt tiles and count their spots.")] = "fail",
     overwrite: Annotated[bool, typer.Option(help="Replace an output made with other parameters.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
 ) -> None:
@@ -95,6 +96,7 @@ def infer(
         num_workers=workers,
         compile=compile,
         overwrite=overwrite,
+        on_bad_tile=on_bad_tile,
     )
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -515,6 +517,29 @@ def status(
         counts[str(s.get("status"))] = counts.get(str(s.get("status")), 0) + 1
     table.caption = ", ".join(f"{k}: {v}" for k, v in counts.items()) or "no slides"
     out_console.print(table)
+
+
+@app.command()
+def verify(
+    cube: Annotated[Path, typer.Argument(help="Cube written by `infer`.")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check a cube: completion marker, done marks, and that no expression chunk is missing (exit 13 if not)."""
+    from wsi_histosge.store import verify_cube
+
+    try:
+        report = verify_cube(cube)
+    except BaseException as exc:
+        _fail(exc)
+        return
+    if as_json:
+        out_console.print_json(json.dumps(report))
+    elif report["ok"]:
+        console.print(f"{cube}: ok ({report['chunks_done']}/{report['chunks']} chunks)", highlight=False)
+    else:
+        for problem in report["problems"]:
+            console.print(f"[red]{cube}:[/red] {problem}", highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if report["ok"] else 13)
 
 
 @app.command("exit-codes")

@@ -320,8 +320,29 @@ def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     proc = ctx.Process(target=run_slide, args=(job, cfg), name=f"wsi-histosge-{job.id}")
     proc.start()
-    proc.join()
     out = Path(cfg.out)
+    try:
+        proc.join()
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM from a scheduler): stop the slide, keep its chunks, say so.
+        proc.terminate()
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        SlideLock(out, job.id).release()
+        _atomic_json(
+            state_path(out, job.id),
+            {
+                "id": job.id,
+                "slide": job.slide,
+                "output": str(job.out_path(out)),
+                **job.extra,
+                "status": "interrupted",
+                "error": "interrupted; rerun to resume",
+            },
+        )
+        raise
     state = json.loads(state_path(out, job.id).read_text()) if state_path(out, job.id).is_file() else {}
     if proc.exitcode and proc.exitcode != 0 and state.get("status") not in ("done", "failed"):
         code = proc.exitcode

@@ -33,3 +33,10 @@ EXPRESSION_DTYPE = "float16"
 
 #: Decoded-tile cache per reader process (bytes): about a block row of border tiles on large slides.
 TILE_CACHE_BYTES = 256 * 2**20
+
+#: Largest level-0 side we accept (px): 1e6 px is 250 mm at 0.25 µm/px, beyond any glass slide.
+#: Headers claiming more are corrupt or hostile and are refused before anything is allocated.
+MAX_SLIDE_SIDE_PX = 1_000_000
+
+#: Largest tile side (px) of a tiled TIFF we decode; bigger tiles would allocate huge buffers per read.
+MAX_TILE_SIDE_PX = 16_384

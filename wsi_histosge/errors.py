@@ -69,9 +69,15 @@ class CorruptTileError(SlideFormatError):
 
 
 class DataFormatError(HistoSGEError, ValueError):
-    """Training/evaluation data (counts, spot files, AnnData) is malformed."""
+    """Input data (counts, spot files, AnnData, a cube given to `to-anndata`) is malformed or unsafe."""
 
     exit_code = 9
+
+
+class OutputWriteError(HistoSGEError, OSError):
+    """Writing the output failed (disk full, quota, permissions); what was written stays resumable."""
+
+    exit_code = 14
 
 
 EXIT_CODES: dict[int, str] = {
@@ -84,9 +90,11 @@ EXIT_CODES: dict[int, str] = {
     6: "no tissue found",
     7: "output exists with other content or other parameters; use --overwrite or another --out",
     8: "model or encoder cannot be loaded, or they do not fit together",
-    9: "training/evaluation data is malformed",
+    9: "input data (training data, a cube) is malformed or declares unsafe codecs",
     10: "batch: some slides failed (see summary.csv)",
     11: "batch: every slide failed",
     12: "batch: no slides found in the inputs",
+    13: "verify: the cube is incomplete or has missing chunks",
+    14: "writing the output failed (disk full, quota, permissions); free space and rerun to resume",
     130: "interrupted (Ctrl-C / SIGTERM); rerun to resume",
 }

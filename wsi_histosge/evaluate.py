@@ -272,7 +272,6 @@ def highres_consistency(
             model=model.source,
             mpp=section.mpp,
             stride_um=stride,
-            min_tissue_fraction=0.0,
             overwrite=True,
             write_geojson=False,
         ),

@@ -149,5 +149,5 @@ def make_grid(
     )
     centres = grid.centres_level0(iy.ravel(), ix.ravel())
     frac = tissue.fraction_within(centres, (spot_um / 2.0) / mppx).reshape(ny, nx)
-    keep = frac >= threshold
+    keep = frac >= threshold if threshold > 0 else frac > 0  # 0 means 'any tissue', never 'everything'
     return Grid(stride_um, spot_um, context_um, (ox, oy), (mppx, mppy), (ny, nx), frac, keep, block)

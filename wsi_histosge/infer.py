@@ -16,9 +16,9 @@ import torch
 
 from . import __version__, config
 from .encoders import Encoder, create_encoder
-from .errors import ModelError, NoTissueError
+from .errors import HistoSGEError, ModelError, NoTissueError, OutputWriteError, UsageError
 from .grid import Block, Grid, make_grid
-from .loader import BlockDataset, block_loader, encode_tile
+from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
 from .model import Model, default_model_path, load_model
 from .slide import Slide, open_slide
 from .store import ATTR_KEY, CubeStore, run_fingerprint
@@ -44,6 +44,7 @@ class InferOptions:
     batch_size: int | None = None
     num_workers: int | None = None
     compile: bool = False
+    on_bad_tile: str = "fail"  # or "skip": corrupt tiles masked out, their spots left unpredicted and counted
     overwrite: bool = False
     write_geojson: bool = True
 
@@ -67,6 +68,8 @@ class InferResult:
     precision: str
     timings_s: dict[str, float] = field(default_factory=dict)
     spots_per_s: float = 0.0
+    bad_tiles: int = 0
+    spots_skipped_bad_tiles: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,7 +210,33 @@ def _tissue(slide: Slide, options: InferOptions) -> TissueMask:
     return mask
 
 
+_WRITE_ERRNOS = {28, 122, 27, 13, 30}  # ENOSPC, EDQUOT, EFBIG, EACCES, EROFS
+
+
 def infer_slide(
+    slide_path: str | Path,
+    out: str | Path,
+    options: InferOptions | None = None,
+    *,
+    progress: ProgressFn | None = None,
+    log: Callable[[str], None] | None = None,
+) -> InferResult:
+    """Predict the expression cube of one slide into ``out`` (a Zarr v3 group); resumable.
+
+    Write failures (disk full, quota, read-only) become :class:`OutputWriteError`: the chunks written so
+    far keep their done marks, no completion marker is written, and a rerun resumes."""
+    try:
+        return _infer_slide(slide_path, out, options, progress=progress, log=log)
+    except OSError as exc:
+        if isinstance(exc, HistoSGEError) or exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputWriteError(
+            f"{out}: writing failed ({exc.strerror or exc}); free space or fix permissions, then rerun the same "
+            "command to resume"
+        ) from exc
+
+
+def _infer_slide(
     slide_path: str | Path,
     out: str | Path,
     options: InferOptions | None = None,
@@ -221,7 +250,9 @@ def infer_slide(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    slide = open_slide(slide_path, mpp=options.mpp)
+    if options.on_bad_tile not in ("fail", "skip"):
+        raise UsageError(f"--on-bad-tile must be fail or skip, got {options.on_bad_tile!r}")
+    slide = open_slide(slide_path, mpp=options.mpp, skip_bad_tiles=options.on_bad_tile == "skip")
     mpp = slide.mpp
     model_path = Path(options.model) if options.model is not None else default_model_path()
     model = load_model(model_path)
@@ -270,6 +301,7 @@ def infer_slide(
         "tissue_mask": mask_hash,
         "precision": precision,
         "genes": len(model.meta.genes),
+        "on_bad_tile": options.on_bad_tile,
     }
     fingerprint = run_fingerprint(fp_parts)
     attrs = _cube_attributes(slide, model, encoder, grid, tissue, fingerprint, precision)
@@ -325,7 +357,8 @@ def infer_slide(
     batch = options.batch_size or (config.GPU_BATCH if device.type == "cuda" else config.CPU_BATCH)
     writer = _ChunkWriter(store, model.n_genes, grid.shape, {k: v for k, v in blocks_per_chunk.items() if not done[k]})
     writer.start()
-    dataset = BlockDataset(slide, grid, todo, level)
+    dataset = BlockDataset(slide, grid, todo, level, skip_bad_tiles=options.on_bad_tile == "skip")
+    bad_tiles = skipped_spots = 0
     t_wait = t_enc = t_head = 0.0
     spots_done = 0
     try:
@@ -335,6 +368,12 @@ def infer_slide(
             block = todo[item.index]
             iy, ix = item.iy, item.ix
             centres = grid.centres_level0(iy, ix)
+            if item.bad:
+                clear = cells_clear_of(item, centres, grid.mpp, grid.context_um)
+                core = (iy >= block.y0) & (iy < block.y1) & (ix >= block.x0) & (ix < block.x1)
+                bad_tiles += len(item.bad)
+                skipped_spots += int((~clear & core).sum())
+                iy, ix, centres = iy[clear], ix[clear], centres[clear]
             t1 = time.perf_counter()
             feats = encode_tile(
                 enc_module,
@@ -373,9 +412,19 @@ def infer_slide(
         chunks_written=writer.chunks_written,
         timings_s=timings,
         spots_per_s=spots_done / max(elapsed, 1e-9),
+        bad_tiles=bad_tiles,
+        spots_skipped_bad_tiles=skipped_spots,
         **base,
     )
-    store.mark_complete(fingerprint, {"spots": grid.n_spots, "tiles": len(all_blocks)})
+    store.mark_complete(
+        fingerprint,
+        {
+            "spots": grid.n_spots - skipped_spots,
+            "tiles": len(all_blocks),
+            "bad_tiles": bad_tiles,
+            "spots_skipped_bad_tiles": skipped_spots,
+        },
+    )
     write_report(result, out)
     return result
 

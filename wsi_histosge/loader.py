@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,14 +48,16 @@ def tile_for_points(slide: Slide, centres_level0: np.ndarray, context_um: float,
     return TileGeometry((x0, y0), level, ds, (w, h))
 
 
-def read_tile(slide: Slide, geom: TileGeometry) -> np.ndarray:
-    """Read a region that may extend past the slide edges; outside is white (glass)."""
+def read_tile(slide: Slide, geom: TileGeometry, bad: list[tuple[int, int, int, int]] | None = None) -> np.ndarray:
+    """Read a region that may extend past the slide edges; outside is white (glass).
+
+    ``bad`` collects the rectangles (tile px) of corrupt tiles under the skip policy."""
     w0, h0 = slide.dimensions
     x0, y0 = geom.level0_xy
     w, h = geom.size
     ds = geom.downsample
     if x0 >= 0 and y0 >= 0 and x0 + w * ds <= w0 and y0 + h * ds <= h0:
-        return slide.read_region((x0, y0), geom.level, (w, h))
+        return slide.read_region((x0, y0), geom.level, (w, h), bad)
     cx0, cy0 = max(0, x0), max(0, y0)
     cx1, cy1 = min(w0, int(np.ceil(x0 + w * ds))), min(h0, int(np.ceil(y0 + h * ds)))
     out = np.full((h, w, 3), 255, dtype=np.uint8)
@@ -64,8 +66,11 @@ def read_tile(slide: Slide, geom: TileGeometry) -> np.ndarray:
     ox, oy = round((cx0 - x0) / ds), round((cy0 - y0) / ds)
     rw = max(1, min(w - ox, int(np.ceil((cx1 - cx0) / ds))))
     rh = max(1, min(h - oy, int(np.ceil((cy1 - cy0) / ds))))
-    region = slide.read_region((cx0, cy0), geom.level, (rw, rh))
+    inner: list[tuple[int, int, int, int]] | None = [] if bad is not None else None
+    region = slide.read_region((cx0, cy0), geom.level, (rw, rh), inner)
     out[oy : oy + rh, ox : ox + rw] = region[:rh, :rw]
+    if bad is not None and inner:
+        bad.extend((a + ox, b + oy, c + ox, d + oy) for a, b, c, d in inner)
     return out
 
 
@@ -103,16 +108,20 @@ class TileItem:
     geom: TileGeometry
     iy: np.ndarray
     ix: np.ndarray
+    bad: list[tuple[int, int, int, int]] = field(default_factory=list)  # corrupt-tile rects, tile px
 
 
 class BlockDataset(Dataset[TileItem]):
     """One item per block: its super-tile (uint8 tensor) and the cells it holds."""
 
-    def __init__(self, slide: Slide, grid: Grid, blocks: list[Block], level: int) -> None:
+    def __init__(
+        self, slide: Slide, grid: Grid, blocks: list[Block], level: int, *, skip_bad_tiles: bool = False
+    ) -> None:
         self.slide = slide
         self.grid = grid
         self.blocks = blocks
         self.level = level
+        self.skip_bad_tiles = skip_bad_tiles
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -128,8 +137,9 @@ class BlockDataset(Dataset[TileItem]):
         iy, ix = self.cells(block)
         centres = self.grid.centres_level0(iy, ix)
         geom = tile_for_points(self.slide, centres, self.grid.context_um, self.level)
-        tile = read_tile(self.slide, geom)
-        return TileItem(i, torch.from_numpy(tile), geom, iy, ix)
+        bad: list[tuple[int, int, int, int]] | None = [] if self.skip_bad_tiles else None
+        tile = read_tile(self.slide, geom, bad)
+        return TileItem(i, torch.from_numpy(tile), geom, iy, ix, bad or [])
 
 
 def _collate_one(items: list[TileItem]) -> TileItem:
@@ -232,3 +242,21 @@ def encode_points(
         )
         out[idx] = f.cpu().numpy()
     return out
+
+
+def cells_clear_of(
+    item: TileItem, centres_level0: np.ndarray, mpp: tuple[float, float], context_um: float
+) -> np.ndarray:
+    """Which cells' context patches avoid every corrupt-tile rectangle of the item (bool per cell)."""
+    ok = np.ones(len(centres_level0), dtype=bool)
+    if not item.bad:
+        return ok
+    ds = item.geom.downsample
+    cx = (centres_level0[:, 0] - item.geom.level0_xy[0]) / ds
+    cy = (centres_level0[:, 1] - item.geom.level0_xy[1]) / ds
+    hx = context_um / mpp[0] / 2 / ds
+    hy = context_um / mpp[1] / 2 / ds
+    for x0, y0, x1, y1 in item.bad:
+        hit = (cx + hx > x0) & (cx - hx < x1) & (cy + hy > y0) & (cy - hy < y1)
+        ok &= ~hit
+    return ok

@@ -18,6 +18,7 @@ JSON metadata; loading never unpickles.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -220,8 +221,6 @@ def save_model(model: Model, path: str | Path, *, half: bool = False) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -261,7 +260,10 @@ def load_model(path: str | Path) -> Model:
     except RuntimeError as exc:
         raise ModelError(f"{weights_path}: tensors do not fit the head described in {meta_path.name}: {exc}") from exc
     head.eval()
-    return Model(meta, head, source=str(path), sha256=actual)
+    # The model's identity covers its weights and everything in its JSON that shapes predictions
+    # (genes, neighbour offsets, geometry, encoder): a changed JSON is a different model.
+    identity = hashlib.sha256((actual + json.dumps(raw, sort_keys=True)).encode()).hexdigest()
+    return Model(meta, head, source=str(path), sha256=identity)
 
 
 def default_model_path() -> Path:

@@ -47,7 +47,13 @@ class Backend(Protocol):
     properties: dict[str, str]
     associated_images: dict[str, tuple[int, int]]
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        bad: list[tuple[int, int, int, int]] | None = None,
+    ) -> np.ndarray: ...
 
     def stated_mpp(self) -> tuple[float, float, str] | None: ...
 
@@ -73,6 +79,19 @@ def _rgb(arr: np.ndarray) -> np.ndarray:
         rgb = arr[..., :3].astype(np.uint16)
         arr = ((rgb * alpha + 255 * (255 - alpha)) // 255).astype(np.uint8)
     return np.ascontiguousarray(arr[..., :3])
+
+
+#: TIFF compression codes whose tiles are JPEG or JPEG 2000 codestreams (both end with the FFD9 marker).
+_JPEG_LIKE = {6, 7, 33003, 33004, 33005, 34712}
+
+
+def _check_segment(data: bytes | None, expected: int, compression: int) -> None:
+    """Catch truncation that decoders let through: short reads, and JPEG/JPEG 2000 streams without their
+    end marker (libjpeg only warns on a premature end and fills the rest of the tile)."""
+    if data is None or len(data) < expected:
+        raise ValueError(f"tile data truncated ({0 if data is None else len(data)} of {expected} bytes)")
+    if compression in _JPEG_LIKE and not bytes(data).rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ValueError("JPEG stream has no end marker (truncated or overwritten)")
 
 
 class _TileCache:
@@ -116,9 +135,15 @@ class _TiledLevel:
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
         self.ntx = -(-self.width // self.tw)
         self.spp = int(page.samplesperpixel)
+        self.compression = int(page.compression)
 
     @staticmethod
     def usable(page: Any) -> bool:
+        if page.is_tiled and max(int(page.tilewidth), int(page.tilelength)) > config.MAX_TILE_SIDE_PX:
+            raise SlideFormatError(
+                f"tiles of {page.tilewidth}x{page.tilelength} px are beyond {config.MAX_TILE_SIDE_PX} px; "
+                "the header is corrupt or hostile"
+            )
         return bool(
             page.is_tiled
             and int(page.planarconfig) == 1
@@ -127,8 +152,22 @@ class _TiledLevel:
             and int(page.imagedepth) == 1
         )
 
-    def read(self, fh: Any, x: int, y: int, w: int, h: int, path: Path, downsample: float) -> np.ndarray:
-        """Pixels [y, y+h) x [x, x+w) of this level, white outside the image."""
+    def read(
+        self,
+        fh: Any,
+        x: int,
+        y: int,
+        w: int,
+        h: int,
+        path: Path,
+        downsample: float,
+        bad: list[tuple[int, int, int, int]] | None = None,
+    ) -> np.ndarray:
+        """Pixels [y, y+h) x [x, x+w) of this level, white outside the image.
+
+        A tile that is missing or fails to decode raises :class:`CorruptTileError`, or, when ``bad`` is a
+        list (the ``--on-bad-tile skip`` policy), is left white and its rectangle (level px, relative to
+        the region) appended to ``bad`` so callers can drop the spots it touches."""
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         x0, y0 = max(0, x), max(0, y)
         x1, y1 = min(self.width, x + w), min(self.height, y + h)
@@ -149,6 +188,15 @@ class _TiledLevel:
         offsets = [int(page.dataoffsets[i]) for i, _, _ in tiles]
         counts = [int(page.databytecounts[i]) for i, _, _ in tiles]
         where = {i: (tx, ty) for i, tx, ty in tiles}
+        if bad is not None:
+            ok = [k for k, c in enumerate(counts) if c > 0]
+            for k, c in enumerate(counts):
+                if c == 0:
+                    _, tx, ty = tiles[k]
+                    bad.append((tx * self.tw - x, ty * self.th - y, (tx + 1) * self.tw - x, (ty + 1) * self.th - y))
+            tiles = [tiles[k] for k in ok]
+            offsets = [offsets[k] for k in ok]
+            counts = [counts[k] for k in ok]
         for (_i, tx, ty), count in zip(tiles, counts, strict=True):
             if count == 0:
                 raise CorruptTileError(
@@ -160,18 +208,23 @@ class _TiledLevel:
         if tiles:
             with fh.lock:
                 segments = list(fh.read_segments(offsets, counts, [i for i, _, _ in tiles], sort=True))
+        expected = dict(zip([t[0] for t in tiles], counts, strict=True))
         for data, index in segments:
             tx, ty = where[index]
             try:
+                _check_segment(data, expected[index], self.compression)
                 tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+                if tile is None:
+                    raise ValueError("no data")
             except Exception as exc:  # codecs raise their own types (RuntimeError, zlib.error, ...)
+                if bad is not None:
+                    bad.append((tx * self.tw - x, ty * self.th - y, (tx + 1) * self.tw - x, (ty + 1) * self.th - y))
+                    continue
                 raise CorruptTileError(
                     f"{path}: tile (col {tx}, row {ty}) of level {self.level} failed to decode "
                     f"({type(exc).__name__}: {str(exc)[:120]}; near level-0 x={int(tx * self.tw * downsample)}, "
                     f"y={int(ty * self.th * downsample)}); the slide is corrupt"
                 ) from exc
-            if tile is None:
-                raise CorruptTileError(f"{path}: tile (col {tx}, row {ty}) of level {self.level} is empty")
             tile = _rgb(np.asarray(tile).reshape(self.th, self.tw, self.spp))
             self.cache.put((self.level, index), tile)
             decoded[index] = tile
@@ -188,9 +241,30 @@ class TiffSlideBackend:
     name = "tiffslide"
 
     def __init__(self, path: Path) -> None:
+        import logging
+
         import tiffslide
 
-        self._slide = tiffslide.TiffSlide(path)
+        problems: list[str] = []
+
+        class _Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                msg = record.getMessage()
+                if "circular" in msg or "invalid offset" in msg or "invalid page offset" in msg:
+                    problems.append(msg)
+
+        handler = _Collect(level=logging.WARNING)
+        tlog = logging.getLogger("tifffile")
+        tlog.addHandler(handler)
+        try:
+            self._slide = tiffslide.TiffSlide(path)
+            _ = self._slide.level_dimensions
+            _ = self._slide.ts_tifffile.pages  # walks the IFD chain now, inside the handler
+        finally:
+            tlog.removeHandler(handler)
+        if problems:
+            self._slide.close()
+            raise SlideFormatError(f"{path}: malformed TIFF structure ({problems[0]}); the file is corrupt")
         self.level_dimensions = tuple((int(d[0]), int(d[1])) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.properties = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
@@ -206,7 +280,12 @@ class TiffSlideBackend:
         for i, lvl in enumerate(levels[: len(self.level_dimensions)]):
             page = lvl.keyframe
             fits = len(lvl.pages) == 1 and (int(page.imagewidth), int(page.imagelength)) == self.level_dimensions[i]
-            self._direct.append(_TiledLevel(page, i, cache) if fits and _TiledLevel.usable(page) else None)
+            try:
+                usable = fits and _TiledLevel.usable(page)
+            except SlideFormatError as exc:
+                self._slide.close()
+                raise SlideFormatError(f"{path}: {exc}") from None
+            self._direct.append(_TiledLevel(page, i, cache) if usable else None)
 
     def _guess_vendor(self) -> str:
         tf = self._slide.ts_tifffile
@@ -214,12 +293,18 @@ class TiffSlideBackend:
             return "ome"
         return "generic-tiff"
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        bad: list[tuple[int, int, int, int]] | None = None,
+    ) -> np.ndarray:
         direct = self._direct[level] if level < len(self._direct) else None
         if direct is not None:
             ds = self.level_downsamples[level]
             x, y = int(np.floor(location[0] / ds)), int(np.floor(location[1] / ds))
-            return direct.read(self._slide.ts_tifffile.filehandle, x, y, size[0], size[1], self.path, ds)
+            return direct.read(self._slide.ts_tifffile.filehandle, x, y, size[0], size[1], self.path, ds, bad)
         arr = self._slide.read_region(location, level, size, as_array=True)
         return _rgb(np.asarray(arr))
 
@@ -253,7 +338,13 @@ class OpenSlideBackend:
         self.vendor = self.properties.get("openslide.vendor", "unknown")
         self.associated_images = {k: (0, 0) for k in self._slide.associated_images}
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        bad: list[tuple[int, int, int, int]] | None = None,
+    ) -> np.ndarray:
         import openslide
 
         try:
@@ -340,7 +431,13 @@ class PlainImageBackend:
             self._pixels = arr
         return self._pixels
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        bad: list[tuple[int, int, int, int]] | None = None,
+    ) -> np.ndarray:
         arr = self._array()
         x, y = location
         w, h = size
@@ -359,12 +456,35 @@ class PlainImageBackend:
         self._pixels = None
 
 
+def _plugin_backends() -> list[Any]:
+    """Site reader plugins: ``WSI_HISTOSGE_READER_PLUGINS="pkg.module:opener,..."``; each opener takes a
+    path and returns a backend, or None to pass. Tried before the built-in readers."""
+    import importlib
+
+    openers = []
+    for spec in filter(None, (x.strip() for x in os.environ.get("WSI_HISTOSGE_READER_PLUGINS", "").split(","))):
+        module, _, name = spec.partition(":")
+        try:
+            openers.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError) as exc:
+            raise SlideFormatError(
+                f"reader plugin {spec!r} cannot be loaded ({exc}); fix WSI_HISTOSGE_READER_PLUGINS"
+            ) from exc
+    return openers
+
+
 def _open_backend(path: Path) -> Backend:
+    for opener in _plugin_backends():
+        backend = opener(path)
+        if backend is not None:
+            return backend  # type: ignore[no-any-return]
     if path.suffix.lower() in PLAIN_SUFFIXES:
         return PlainImageBackend(path)
     errors: list[str] = []
     try:
         return TiffSlideBackend(path)
+    except SlideFormatError:
+        raise  # a TIFF we refused on purpose (loop, hostile sizes): no other reader gets to guess
     except Exception as exc:
         errors.append(f"tiffslide: {type(exc).__name__}: {str(exc)[:160]}")
     try:
@@ -384,6 +504,7 @@ class Slide:
 
     path: Path
     mpp_override: float | None = None
+    skip_bad_tiles: bool = False  # the `--on-bad-tile skip` policy for reads that do not collect bad tiles
     _backend: Backend | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -396,15 +517,22 @@ class Slide:
             raise SlideFormatError(f"{self.path}: file is empty (0 bytes); re-copy the slide")
         if self.mpp_override is not None and not (self.mpp_override > 0):
             raise MPPMissingError(f"--mpp must be a positive number of µm/px, got {self.mpp_override}")
-        _ = self.backend  # open now so format errors surface at construction
+        w, h = self.backend.level_dimensions[0]  # open now so format errors surface at construction
+        if w <= 0 or h <= 0 or max(w, h) > config.MAX_SLIDE_SIDE_PX:
+            self.close()
+            raise SlideFormatError(
+                f"{self.path}: the header claims {w}x{h} px, beyond any scanned slide "
+                f"(limit {config.MAX_SLIDE_SIDE_PX} px per side); the file is corrupt or hostile"
+            )
 
     # -- pickling: keep the path, reopen lazily in each worker --------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "mpp_override": self.mpp_override}
+        return {"path": self.path, "mpp_override": self.mpp_override, "skip_bad_tiles": self.skip_bad_tiles}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
         self.mpp_override = state["mpp_override"]
+        self.skip_bad_tiles = state.get("skip_bad_tiles", False)
         self._backend = None
 
     @property
@@ -488,10 +616,20 @@ class Slide:
         return best
 
     # -- pixels -----------------------------------------------------------------------------
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 (h, w, 3) of ``size`` at ``level``, top-left at level-0 ``location``."""
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        bad: list[tuple[int, int, int, int]] | None = None,
+    ) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of ``size`` at ``level``, top-left at level-0 ``location``.
+
+        ``bad``: see :meth:`_TiledLevel.read` (skip policy for corrupt tiles)."""
+        if bad is None and self.skip_bad_tiles:
+            bad = []  # corrupt tiles come back white (glass): never counted as tissue
         try:
-            return self.backend.read_region(location, level, size)
+            return self.backend.read_region(location, level, size, bad)
         except (CorruptTileError, SlideFormatError):
             raise
         except Exception as exc:
@@ -560,6 +698,6 @@ class Slide:
         self.close()
 
 
-def open_slide(path: str | os.PathLike[str], mpp: float | None = None) -> Slide:
+def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, skip_bad_tiles: bool = False) -> Slide:
     """Open ``path`` as a :class:`Slide` (see the module docstring for supported formats)."""
-    return Slide(Path(path), mpp_override=mpp)
+    return Slide(Path(path), mpp_override=mpp, skip_bad_tiles=skip_bad_tiles)

@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from . import config
-from .errors import OutputExistsError
+from .errors import DataFormatError, OutputExistsError
 
 ATTR_KEY = "wsi_histosge"
 
@@ -192,11 +192,99 @@ class CubeStore:
         )
 
 
-def open_cube(path: str | Path) -> Any:
-    """Open a finished cube read-only; refuses incomplete ones."""
+#: Codecs a cube may declare. Anything else (a pickle or object codec above all) is refused before any
+#: chunk is read: decoding a chunk must never run code from the file.
+SAFE_CODECS = {
+    "bytes",
+    "zstd",
+    "blosc",
+    "gzip",
+    "crc32c",
+    "transpose",
+    "sharding_indexed",
+    "numcodecs.zstd",
+    "numcodecs.blosc",
+    "numcodecs.gzip",
+    "numcodecs.zlib",
+    "numcodecs.lz4",
+    "numcodecs.crc32",
+}
+
+
+def check_codecs(path: str | Path) -> None:
+    """Refuse a Zarr group whose arrays declare codecs outside :data:`SAFE_CODECS` (e.g. pickle)."""
+    root = Path(path)
+    for meta in sorted(root.rglob("zarr.json")) + sorted(root.rglob(".zarray")):
+        try:
+            doc = json.loads(meta.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise DataFormatError(f"{meta}: unreadable Zarr metadata ({exc})") from exc
+        names = [c.get("name", "") if isinstance(c, dict) else str(c) for c in doc.get("codecs", []) or []]
+        for key in ("compressor", "filters"):  # Zarr v2 metadata
+            val = doc.get(key)
+            for c in val if isinstance(val, list) else [val] if val else []:
+                names.append(str(c.get("id", "")) if isinstance(c, dict) else str(c))
+        if doc.get("dtype") in ("object", "|O", "O"):
+            names.append("object dtype")
+        bad = [n for n in names if n not in SAFE_CODECS]
+        if bad:
+            raise DataFormatError(
+                f"{meta}: declares codec(s) {bad} that this tool does not decode (pickle/object codecs could run "
+                "code); only plain numeric Zarr arrays are read"
+            )
+
+
+def verify_cube(path: str | Path) -> dict[str, Any]:
+    """Check a cube: completion marker, done marks, and that every chunk that should hold expression exists.
+
+    Returns a report with ``ok`` and the problems found; reads metadata and directory listings only.
+    """
+    path = Path(path)
     attrs = CubeStore.inspect(path)
     if attrs is None:
         raise FileNotFoundError(f"{path}: no such cube")
+    check_codecs(path)
+    group: Any = zarr.open_group(str(path), mode="r")
+    problems: list[str] = []
+    if "completed" not in attrs:
+        problems.append("no completion marker: the run stopped early (rerun `infer` with the same options)")
+    marks = np.asarray(group["chunk_done"][:], dtype=bool)
+    tissue = np.asarray(group["tissue"][:], dtype=bool)
+    c = config.CHUNK_CELLS
+    missing, unmarked = [], []
+    sep = "/"
+    for cy in range(marks.shape[0]):
+        for cx in range(marks.shape[1]):
+            has_tissue = bool(tissue[cy * c : (cy + 1) * c, cx * c : (cx + 1) * c].any())
+            chunk = path / "expression" / "c" / sep.join(["0", str(cy), str(cx)])
+            if not marks[cy, cx]:
+                unmarked.append((cy, cx))
+            elif has_tissue and not chunk.is_file():
+                missing.append((cy, cx))
+    if missing:
+        problems.append(
+            f"{len(missing)} expression chunk(s) marked done but missing on disk: "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''} (they read as NaN); rerun `infer` "
+            "with --overwrite to recompute"
+        )
+    if unmarked and "completed" in attrs:
+        problems.append(f"{len(unmarked)} chunk(s) without a done mark in a cube marked complete")
+    return {
+        "path": str(path),
+        "ok": not problems,
+        "problems": problems,
+        "chunks": int(marks.size),
+        "chunks_done": int(marks.sum()),
+        "missing_chunks": missing,
+    }
+
+
+def open_cube(path: str | Path) -> Any:
+    """Open a finished cube read-only; refuses incomplete ones and unsafe codecs."""
+    attrs = CubeStore.inspect(path)
+    if attrs is None:
+        raise FileNotFoundError(f"{path}: no such cube")
+    check_codecs(path)
     if "completed" not in attrs:
         raise OutputExistsError(
             f"{path}: the cube is incomplete (a run stopped early); rerun `wsi-histosge infer` "

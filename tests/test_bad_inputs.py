@@ -1,0 +1,460 @@
+"""The bad-input corpus: each case generated here, run through the CLI, with its expected outcome.
+
+Cases are numbered as in the project's bad-input issue; the README's "Failure behaviour" section lists
+the exit codes these tests hold the tool to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from typer.testing import CliRunner
+
+from tests.conftest import need_shared, synthetic_tissue, write_pyramid
+from wsi_histosge.cli.app import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _infer(slide: Path, out: Path, *extra: str) -> tuple[int, str]:
+    res = runner.invoke(app, ["infer", str(slide), "--out", str(out), "--workers", "0", *extra])
+    return res.exit_code, res.output
+
+
+def _cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_histosge.cli.app", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# 1 -------------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+@pytest.mark.parametrize("case", ["truncated-third", "truncated-90pct", "zero-byte", "text", "directory"])
+def test_01_not_a_usable_slide(case: str, tmp_path: Path, tiny_model: Path) -> None:
+    src = need_shared("wsi-samples", "CMU-1-Small-Region.svs").read_bytes()
+    slide = tmp_path / "bad.svs"
+    if case == "truncated-third":
+        slide.write_bytes(src[: len(src) // 3])
+    elif case == "truncated-90pct":
+        slide.write_bytes(src[: int(len(src) * 0.9)])
+    elif case == "zero-byte":
+        slide.write_bytes(b"")
+    elif case == "text":
+        slide.write_text("patient notes, not a slide\n" * 50)
+    else:
+        slide.mkdir()
+    out = tmp_path / "bad.zarr"
+    code, output = _infer(slide, out, "--model", str(tiny_model))
+    assert code == 4, output
+    assert "bad.svs" in output and "Traceback" not in output
+    marker = out / "zarr.json"
+    assert not marker.exists() or "completed" not in json.loads(marker.read_text())["attributes"]
+
+
+# 2, 3 ----------------------------------------------------------------------------------------------
+def _corrupt_tile(path: Path, k: int, mode: str) -> None:
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        off, cnt = int(page.dataoffsets[k]), int(page.databytecounts[k])
+        count_tag_offset = page.tags["TileByteCounts"].valueoffset
+        count_type = page.tags["TileByteCounts"].dtype
+    data = bytearray(path.read_bytes())
+    if mode == "garbage":
+        data[off : off + cnt] = np.random.default_rng(k).integers(0, 256, cnt, dtype=np.uint8).tobytes()
+    elif mode == "truncated":
+        data[off + cnt // 3 : off + cnt] = b"\0" * (cnt - cnt // 3)
+    elif mode == "zero-count":  # what a writer that died leaves: tifffile would zero-fill and only log
+        size = 8 if int(count_type) == 16 else 4
+        fmt = "<Q" if size == 8 else "<I"
+        data[count_tag_offset + k * size : count_tag_offset + (k + 1) * size] = struct.pack(fmt, 0)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "jpeg2000", "zlib", "lzw"])
+@pytest.mark.parametrize("mode", ["garbage", "truncated", "zero-count"])
+def test_02_03_corrupt_tile_fails_with_its_position_or_is_skipped(
+    codec: str, mode: str, tmp_path: Path, tiny_model: Path
+) -> None:
+    slide = write_pyramid(tmp_path / f"{codec}.tif", synthetic_tissue(1536, 1536), levels=1, compression=codec)
+    _corrupt_tile(slide, 6 * 3 + 3, mode)  # tile (col 3, row 3): inside the tissue blob
+    code, output = _infer(slide, tmp_path / "fail.zarr", "--model", str(tiny_model), "--stride-um", "20")
+    assert code == 4, output
+    assert "tile (col 3, row 3) of level 0" in output
+    res = runner.invoke(
+        app,
+        [
+            "infer",
+            str(slide),
+            "--out",
+            str(tmp_path / "skip.zarr"),
+            "--workers",
+            "0",
+            "--model",
+            str(tiny_model),
+            "--stride-um",
+            "20",
+            "--on-bad-tile",
+            "skip",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout[res.stdout.index("{") :])
+    assert report["bad_tiles"] >= 1 and report["spots_skipped_bad_tiles"] > 0
+    g = zarr.open_group(str(tmp_path / "skip.zarr"), mode="r")
+    expr = np.asarray(g["expression"][0], dtype=np.float32)
+    # the cells over the bad tile (level-0 px 768..1024) are not predicted: NaN, never white-tile features
+    affine = np.asarray(g.attrs["affine_level0"])
+    ix = int(round((896 - affine[0, 2]) / affine[0, 0]))
+    iy = int(round((896 - affine[1, 2]) / affine[1, 1]))
+    assert np.isnan(expr[iy, ix])
+    assert np.isfinite(expr).sum() == report["spots"] - report["spots_skipped_bad_tiles"]
+
+
+# 4 -------------------------------------------------------------------------------------------------
+def test_04_ifd_loop_errors_quickly(tmp_path: Path, tiny_model: Path) -> None:
+    slide = write_pyramid(tmp_path / "loop.tif", synthetic_tissue(512, 512), levels=2, compression="zlib")
+    data = bytearray(slide.read_bytes())
+    first = struct.unpack("<I", data[4:8])[0]
+    n = struct.unpack("<H", data[first : first + 2])[0]
+    second = struct.unpack("<I", data[first + 2 + 12 * n : first + 6 + 12 * n])[0]
+    n2 = struct.unpack("<H", data[second : second + 2])[0]
+    data[second + 2 + 12 * n2 : second + 6 + 12 * n2] = struct.pack("<I", first)  # IFD 1 -> IFD 0 -> ...
+    slide.write_bytes(bytes(data))
+    t0 = time.time()
+    proc = _cli(["infer", str(slide), "--out", str(tmp_path / "o.zarr"), "--model", str(tiny_model)], timeout=60)
+    assert time.time() - t0 < 60
+    assert proc.returncode == 4, proc.stderr
+    assert "circular" in proc.stderr or "malformed" in proc.stderr
+
+
+# 5 -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tag", ["ImageWidth", "TileWidth"])
+def test_05_hostile_dimensions_refused_before_allocating(tag: str, tmp_path: Path, tiny_model: Path) -> None:
+    slide = write_pyramid(tmp_path / "huge.tif", synthetic_tissue(512, 512), levels=1, compression="zlib")
+    with tifffile.TiffFile(slide) as tf:
+        t = tf.pages[0].tags[tag]
+        offset, dtype = t.valueoffset, int(t.dtype)
+    data = bytearray(slide.read_bytes())
+    if dtype == 3:  # SHORT
+        data[offset : offset + 2] = struct.pack("<H", 65535 if tag == "TileWidth" else 65535)
+    else:
+        data[offset : offset + 4] = struct.pack("<I", 4_000_000_000)
+    slide.write_bytes(bytes(data))
+    code = (
+        "import resource, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from wsi_histosge.cli.app import app\n"
+        f"r = CliRunner().invoke(app, ['infer', {str(slide)!r}, '--out', {str(tmp_path / 'o.zarr')!r}, '--model', "
+        f"{str(tiny_model)!r}, '--workers', '0'])\n"
+        "print(r.exit_code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(r.output)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    exit_code, rss_kb = (int(v) for v in proc.stdout.split()[:2])
+    assert exit_code == 4, proc.stdout + proc.stderr
+    assert rss_kb < 2_000_000  # nothing of the claimed size was allocated
+    assert "huge.tif" in proc.stdout
+
+
+# 6 -------------------------------------------------------------------------------------------------
+def _plugin_env() -> dict[str, str]:
+    return {
+        "WSI_HISTOSGE_READER_PLUGINS": "tests.plugins.crashing_reader:opener",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+@pytest.mark.parametrize("kind,sig", [("segv", 11), ("abort", 6)])
+def test_06_reader_crash_fails_that_slide_only(kind: str, sig: int, tmp_path: Path, tiny_model: Path) -> None:
+    good = write_pyramid(tmp_path / "good.tif", synthetic_tissue(800, 800), levels=1)
+    bad = tmp_path / f"bad.{kind}"
+    bad.write_bytes(b"crash me")
+    out = tmp_path / "out"
+    proc = _cli(
+        [
+            "batch",
+            str(good),
+            str(bad),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model),
+            "--stride-um",
+            "40",
+            "--slide-workers",
+            "0",
+            "--json",
+        ],
+        env=_plugin_env(),
+    )
+    assert proc.returncode == 10, proc.stdout + proc.stderr
+    states = {s["id"]: s for s in json.loads((out / "summary.json").read_text())["slides"]}
+    assert states["good"]["status"] == "done"
+    assert states["bad"]["status"] == "failed" and f"signal {sig}" in states["bad"]["error"]
+
+
+def test_06_reader_crash_on_a_dask_cluster(tmp_path: Path, tiny_model: Path) -> None:
+    good = write_pyramid(tmp_path / "good.tif", synthetic_tissue(800, 800), levels=1)
+    bad = tmp_path / "bad.segv"
+    bad.write_bytes(b"crash me")
+    out = tmp_path / "out"
+    env = {**_plugin_env(), "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"}
+    proc = _cli(
+        [
+            "batch",
+            str(good),
+            str(bad),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model),
+            "--stride-um",
+            "40",
+            "--slide-workers",
+            "0",
+            "--workers",
+            "2",
+            "--retries",
+            "0",
+        ],
+        env=env,
+    )
+    assert proc.returncode == 10, proc.stdout + proc.stderr
+    states = {s["id"]: s for s in json.loads((out / "summary.json").read_text())["slides"]}
+    assert states["good"]["status"] == "done"
+    assert states["bad"]["status"] == "failed" and "worker lost" in states["bad"]["error"]
+
+
+# 8 -------------------------------------------------------------------------------------------------
+def test_08_deleted_chunk_is_reported_and_never_read_as_data(tmp_path: Path, tiny_model: Path) -> None:
+    slide = write_pyramid(tmp_path / "s.tif", synthetic_tissue(3000, 3000), levels=2)
+    out = tmp_path / "s.zarr"
+    assert _infer(slide, out, "--model", str(tiny_model), "--stride-um", "10")[0] == 0
+    res = runner.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    chunk = out / "expression" / "c" / "0" / "1" / "1"
+    assert chunk.is_file()
+    chunk.unlink()
+    res = runner.invoke(app, ["verify", str(out), "--json"])
+    assert res.exit_code == 13
+    assert json.loads(res.stdout)["missing_chunks"] == [[1, 1]]
+    expr = np.asarray(zarr.open_group(str(out), mode="r")["expression"][:, 64:128, 64:128], dtype=np.float32)
+    assert np.isnan(expr).all()  # missing reads as NaN, not zeros
+
+
+# 9 -------------------------------------------------------------------------------------------------
+def test_09_changed_model_refuses_then_overwrite_recomputes(tmp_path: Path, tiny_model: Path) -> None:
+    slide = write_pyramid(tmp_path / "s.tif", synthetic_tissue(800, 800), levels=1)
+    out = tmp_path / "s.zarr"
+    assert _infer(slide, out, "--model", str(tiny_model), "--stride-um", "20")[0] == 0
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["name"] = "other"
+    meta["neighbour_offsets_um"] = meta["neighbour_offsets_um"][:3]
+    (other / "model.json").write_text(json.dumps(meta))
+    code, output = _infer(slide, out, "--model", str(other), "--stride-um", "20")
+    assert code == 7 and "--overwrite" in output
+    assert _infer(slide, out, "--model", str(other), "--stride-um", "20", "--overwrite")[0] == 0
+
+
+# 10 ------------------------------------------------------------------------------------------------
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+def test_10_disk_full_mid_write_then_resume(tmp_path: Path, tiny_model: Path) -> None:
+    slide = write_pyramid(tmp_path / "s.tif", synthetic_tissue(4000, 4000, seed=2), levels=2)
+    disk = tmp_path / "disk"
+    mounted = _mount_tmpfs(disk, "24m")
+    try:
+        out = disk / "s.zarr"
+        ballast = disk / "ballast"
+        if mounted:
+            ballast.write_bytes(b"\0" * (24 * 2**20 - 160 * 2**10))  # room for a few chunks only
+            proc = _cli(
+                [
+                    "infer",
+                    str(slide),
+                    "--out",
+                    str(out),
+                    "--model",
+                    str(tiny_model),
+                    "--stride-um",
+                    "10",
+                    "--workers",
+                    "0",
+                ]
+            )
+        else:  # no tmpfs here: a real filesystem limit on file size, per process
+            code = (
+                "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)); "
+                "from wsi_histosge.cli.app import main; sys.argv = sys.argv[1:]; main()"
+            )
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    code,
+                    "wsi-histosge",
+                    "infer",
+                    str(slide),
+                    "--out",
+                    str(out),
+                    "--model",
+                    str(tiny_model),
+                    "--stride-um",
+                    "10",
+                    "--workers",
+                    "0",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        assert proc.returncode == 14, proc.stderr
+        assert "free space" in proc.stderr and "Traceback" not in proc.stderr
+        attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+        assert "completed" not in attrs
+        ballast.unlink(missing_ok=True)
+        proc = _cli(
+            [
+                "infer",
+                str(slide),
+                "--out",
+                str(out),
+                "--model",
+                str(tiny_model),
+                "--stride-um",
+                "10",
+                "--workers",
+                "0",
+                "--json",
+            ]
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["status"] in ("resumed", "complete")
+        assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=False)
+
+
+# 13 ------------------------------------------------------------------------------------------------
+def test_13_cube_declaring_a_pickle_codec_is_refused(tmp_path: Path, tiny_model: Path) -> None:
+    slide = write_pyramid(tmp_path / "s.tif", synthetic_tissue(800, 800), levels=1)
+    out = tmp_path / "s.zarr"
+    assert _infer(slide, out, "--model", str(tiny_model), "--stride-um", "20")[0] == 0
+    meta_path = out / "expression" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"].insert(0, {"name": "numcodecs.pickle", "configuration": {"protocol": 5}})
+    meta_path.write_text(json.dumps(meta))
+    res = runner.invoke(app, ["to-anndata", str(out), "--out", str(tmp_path / "a.h5ad")])
+    assert res.exit_code == 9 and "pickle" in res.output
+    assert not (tmp_path / "a.h5ad").exists()
+
+
+# 14 ------------------------------------------------------------------------------------------------
+def test_14_hf_token_never_leaks(tmp_path: Path, tiny_model: Path) -> None:
+    token = "hf_" + "Zq7" * 12
+    env = {"HF_TOKEN": token, "HF_HUB_CACHE": str(tmp_path / "hub")}
+    slide = write_pyramid(tmp_path / "s.tif", synthetic_tissue(800, 800), levels=1)
+    outputs = []
+    proc = _cli(["infer", str(slide), "--out", str(tmp_path / "a.zarr"), "--model", str(tiny_model), "--json"], env=env)
+    outputs += [proc.stdout, proc.stderr]
+    gated = tmp_path / "gated"
+    shutil.copytree(tiny_model, gated)
+    meta = json.loads((gated / "model.json").read_text())
+    meta["encoder"] = "uni"
+    (gated / "model.json").write_text(json.dumps(meta))
+    proc = _cli(["infer", str(slide), "--out", str(tmp_path / "b.zarr"), "--model", str(gated), "--debug"], env=env)
+    assert proc.returncode != 0
+    outputs += [proc.stdout, proc.stderr]
+    proc = _cli(
+        ["batch", str(slide), "--out", str(tmp_path / "batch"), "--model", str(tiny_model), "--workers", "1", "--json"],
+        env=env,
+    )
+    outputs += [proc.stdout, proc.stderr]
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".csv", ".geojson")]
+    outputs += [p.read_text(errors="ignore") for p in files]
+    assert files and all(token not in text for text in outputs)
+
+
+# 15 ------------------------------------------------------------------------------------------------
+@pytest.mark.realdata
+def test_15_pil_limit_untouched_and_associated_images_not_decoded() -> None:
+    code = (
+        "from PIL import Image; before = Image.MAX_IMAGE_PIXELS; import wsi_histosge.cli.app, wsi_histosge.infer;"
+        "from wsi_histosge.slide import open_slide;"
+        f"s = open_slide({str(need_shared('wsi-samples', 'CMU-1-Small-Region.svs'))!r}); s.info();"
+        "print(before == Image.MAX_IMAGE_PIXELS)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "True", proc.stderr
+
+
+# 16 ------------------------------------------------------------------------------------------------
+def test_16_sigterm_during_batch_then_resume(tmp_path: Path, tiny_model: Path) -> None:
+    slides = [write_pyramid(tmp_path / f"s{i}.tif", synthetic_tissue(4000, 5000, seed=i), levels=2) for i in range(2)]
+    out = tmp_path / "out"
+    args = [
+        sys.executable,
+        "-m",
+        "wsi_histosge.cli.app",
+        "batch",
+        *map(str, slides),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_model),
+        "--stride-um",
+        "10",
+        "--slide-workers",
+        "0",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marks = out / "s0.zarr" / "chunk_done" / "c"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (marks.exists() and sum(1 for _ in marks.rglob("*")) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    state = json.loads((out / "state" / "s0.json").read_text())
+    assert state["status"] == "interrupted"
+    assert not (out / "state" / "s0.lock").exists()
+    assert "completed" not in json.loads((out / "s0.zarr" / "zarr.json").read_text())["attributes"]
+    proc2 = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300)
+    assert proc2.returncode == 0, proc2.stderr
+    rows = {r["id"]: r for r in json.loads(proc2.stdout)["slides"]}
+    assert rows["s0"]["result"] == "resumed" and rows["s1"]["status"] == "done"
+
+
+def test_rlimit_helper_available() -> None:
+    assert resource.RLIMIT_FSIZE >= 0
