@@ -355,7 +355,7 @@ def _log(message: str) -> None:
 
 @app.command("to-anndata")
 def to_anndata_cmd(
-    cube: Annotated[Path, typer.Argument(help="Cube written by `infer`.")],
+    cube: Annotated[str, typer.Argument(help="Cube written by `infer` (path or URL).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad file.")],
     resolution: Annotated[Optional[str], typer.Option(help="native or spot (default native).")] = None,
     bin_um: Annotated[Optional[float], typer.Option(help="Bin size in µm (a multiple of the stride).")] = None,
@@ -381,7 +381,7 @@ def to_anndata_cmd(
 
 @app.command()
 def plot(
-    cube: Annotated[Path, typer.Argument(help="Cube written by `infer`.")],
+    cube: Annotated[str, typer.Argument(help="Cube written by `infer` (path or URL).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for PNGs.")],
     genes: Annotated[Optional[str], typer.Option(help="Comma-separated gene names.")] = None,
     qc: Annotated[bool, typer.Option(help="Also draw the tissue/QC overview.")] = True,
@@ -408,7 +408,8 @@ def plot(
 @app.command()
 def batch(
     inputs: Annotated[list[str], typer.Argument(help="Slides, globs, folders, or a CSV manifest (slide,id,mpp,...).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: <id>.zarr, state/, summary.csv/json.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder or URL (s3://...): <id>.zarr, summaries.")],
+    state_dir: Annotated[Optional[Path], typer.Option(help="Local folder for state/locks (URL outputs).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Run on a dask LocalCluster with N workers.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Address of a running dask scheduler.")] = None,
     retries: Annotated[int, typer.Option(help="Retries of a slide whose worker was lost (dask).")] = 2,
@@ -447,7 +448,9 @@ def batch(
         }.items()
         if v is not None
     }
-    cfg = RunConfig(out=str(out), options=options, retry_failed=retry_failed)
+    cfg = RunConfig(
+        out=out, options=options, retry_failed=retry_failed, state_dir=str(state_dir) if state_dir else None
+    )
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -491,19 +494,24 @@ def batch(
             )
         )
     else:
-        console.print(f"{summary.counts} in {summary.seconds:.1f} s; summary: {out / 'summary.csv'}", highlight=False)
+        console.print(
+            f"{summary.counts} in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}",
+            highlight=False,
+            soft_wrap=True,
+        )
     raise typer.Exit(summary.exit_code)
 
 
 @app.command()
 def status(
-    out: Annotated[Path, typer.Argument(help="Output folder of `batch`.")],
+    out: Annotated[str, typer.Argument(help="Output folder (or URL) of `batch`.")],
+    state_dir: Annotated[Optional[Path], typer.Option(help="The --state-dir the batch used, if any.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """What is done, running, failed (and why) in a batch output folder."""
-    from wsi_histosge.cohort import read_states
+    """What is done, running, failed (and why) in a batch output folder (reads only the state files)."""
+    from wsi_histosge.cohort import read_states, run_dir_for
 
-    states = read_states(out)
+    states = read_states(run_dir_for(out, state_dir))
     if as_json:
         out_console.print_json(json.dumps(states, default=str))
         return
@@ -521,7 +529,7 @@ def status(
 
 @app.command()
 def verify(
-    cube: Annotated[Path, typer.Argument(help="Cube written by `infer`.")],
+    cube: Annotated[str, typer.Argument(help="Cube written by `infer` (path or URL).")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Check a cube: completion marker, done marks, and that no expression chunk is missing (exit 13 if not)."""

@@ -66,8 +66,8 @@ class SlideJob:
     tissue_mask: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
-    def out_path(self, out: Path) -> Path:
-        return out / f"{self.id}.zarr"
+    def out_path(self, out: str | Path) -> str:
+        return f"{str(out).rstrip('/')}/{self.id}.zarr"
 
 
 def _check_id(job_id: str) -> str | None:
@@ -184,8 +184,21 @@ def state_path(out: Path, job_id: str) -> Path:
     return out / "state" / f"{job_id}.json"
 
 
-def read_states(out: str | Path) -> list[dict[str, Any]]:
-    folder = Path(out) / "state"
+def run_dir_for(out: str | Path, state_dir: str | Path | None = None) -> Path:
+    """Where a run keeps state, locks and summaries: the output folder itself, or for an object-store
+    output (s3://, gs://, ...) a local folder (``state_dir``, default under ~/.cache/wsi-histosge/runs)."""
+    if state_dir is not None:
+        return Path(state_dir)
+    if "://" not in str(out):
+        return Path(out)
+    import hashlib
+
+    key = hashlib.sha256(str(out).rstrip("/").encode()).hexdigest()[:16]
+    return Path(os.environ.get("WSI_HISTOSGE_CACHE", Path.home() / ".cache" / "wsi-histosge")) / "runs" / key
+
+
+def read_states(run_dir: str | Path) -> list[dict[str, Any]]:
+    folder = Path(run_dir) / "state"
     states = []
     for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
@@ -241,23 +254,29 @@ class SlideLock:
 class RunConfig:
     """What every slide of the run shares (picklable, sent to workers)."""
 
+    def run_dir(self) -> Path:
+        return run_dir_for(self.out, self.state_dir)
+
     out: str
     options: dict[str, Any] = field(default_factory=dict)  # InferOptions fields
     retry_failed: bool = False
+    state_dir: str | None = None  # local folder for state/locks when `out` is an object-store URL
+    torch_threads: int | None = None  # intra-op threads per slide (set so workers x threads = cores)
 
 
 def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     """Infer one slide under its lock, recording state; never raises for a slide's own failure."""
     from .infer import InferOptions, infer_slide
 
-    out = Path(cfg.out)
-    spath = state_path(out, job.id)
+    out = cfg.out
+    run = cfg.run_dir()
+    spath = state_path(run, job.id)
     spath.parent.mkdir(parents=True, exist_ok=True)
-    base = {"id": job.id, "slide": job.slide, "output": str(job.out_path(out)), **job.extra}
+    base = {"id": job.id, "slide": job.slide, "output": job.out_path(out), **job.extra}
     skipped = _skip(job, cfg)
     if skipped is not None:
         return skipped
-    lock = SlideLock(out, job.id)
+    lock = SlideLock(run, job.id)
     if not lock.acquire():
         return {**base, "status": "locked", "error": f"another run holds {lock.path}"}
     started = time.time()
@@ -302,7 +321,7 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
 
 def _skip(job: SlideJob, cfg: RunConfig) -> dict[str, Any] | None:
     """The previous state, marked skipped, when the slide failed before and retries were not asked for."""
-    spath = state_path(Path(cfg.out), job.id)
+    spath = state_path(cfg.run_dir(), job.id)
     previous = json.loads(spath.read_text()) if spath.is_file() else {}
     if previous.get("status") == "failed" and not cfg.retry_failed:
         return {**previous, "skipped": "failed before; pass --retry-failed to try again"}
@@ -320,7 +339,8 @@ def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     proc = ctx.Process(target=run_slide, args=(job, cfg), name=f"wsi-histosge-{job.id}")
     proc.start()
-    out = Path(cfg.out)
+    out = cfg.out
+    run = cfg.run_dir()
     try:
         proc.join()
     except BaseException:
@@ -330,33 +350,33 @@ def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
         if proc.is_alive():
             proc.kill()
             proc.join()
-        SlideLock(out, job.id).release()
+        SlideLock(run, job.id).release()
         _atomic_json(
-            state_path(out, job.id),
+            state_path(run, job.id),
             {
                 "id": job.id,
                 "slide": job.slide,
-                "output": str(job.out_path(out)),
+                "output": job.out_path(out),
                 **job.extra,
                 "status": "interrupted",
                 "error": "interrupted; rerun to resume",
             },
         )
         raise
-    state = json.loads(state_path(out, job.id).read_text()) if state_path(out, job.id).is_file() else {}
+    state = json.loads(state_path(run, job.id).read_text()) if state_path(run, job.id).is_file() else {}
     if proc.exitcode and proc.exitcode != 0 and state.get("status") not in ("done", "failed"):
         code = proc.exitcode
         why = f"crashed, signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"crashed, exit code {code}"
         state = {
             "id": job.id,
             "slide": job.slide,
-            "output": str(job.out_path(out)),
+            "output": job.out_path(out),
             **job.extra,
             "status": "failed",
             "error": why,
         }
-        SlideLock(out, job.id).release()
-        _atomic_json(state_path(out, job.id), state)
+        SlideLock(run, job.id).release()
+        _atomic_json(state_path(run, job.id), state)
     return state
 
 
@@ -386,7 +406,7 @@ def run_batch(
     on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchSummary:
     """Run every job; write summary.csv and summary.json in ``cfg.out``; return the summary."""
-    out = Path(cfg.out)
+    out = cfg.run_dir()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     rows: list[dict[str, Any]] = []
@@ -399,10 +419,20 @@ def run_batch(
             if on_update:
                 on_update(state)
     else:
+        if workers and not scheduler and cfg.torch_threads is None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, torch_threads=max(1, (os.cpu_count() or 1) // workers))
         rows = _run_dask(jobs, cfg, workers, scheduler, retries, on_update)
     ok = sum(r.get("status") == "done" for r in rows)
     code = EXIT_ALL_OK if ok == len(rows) else (EXIT_ALL_FAILED if ok == 0 else EXIT_PARTIAL)
-    return _finish(out, rows, t0, code)
+    summary = _finish(out, rows, t0, code)
+    if "://" in cfg.out:  # keep a copy of the summaries with the outputs in the object store
+        from .store import write_text_atomic
+
+        for name in ("summary.json", "summary.csv"):
+            write_text_atomic(f"{cfg.out.rstrip('/')}/{name}", (out / name).read_text())
+    return summary
 
 
 def _dask_task(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
@@ -462,13 +492,13 @@ def _run_dask(
                 state = {
                     "id": job.id,
                     "slide": job.slide,
-                    "output": str(job.out_path(Path(cfg.out))),
+                    "output": job.out_path(cfg.out),
                     **job.extra,
                     "status": "failed",
                     "error": f"worker lost ({type(exc).__name__}): the slide crashed or killed its worker on every try",
                 }
-                SlideLock(Path(cfg.out), job.id).release()
-                _atomic_json(state_path(Path(cfg.out), job.id), state)
+                SlideLock(cfg.run_dir(), job.id).release()
+                _atomic_json(state_path(cfg.run_dir(), job.id), state)
             rows.append(state)
             if on_update:
                 on_update(state)

@@ -76,7 +76,7 @@ def to_anndata(
     import anndata as ad
     import h5py
 
-    cube, out = Path(cube), Path(out)
+    out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists; pass --overwrite or choose another --out")
     group: Any = open_cube(cube)
@@ -137,7 +137,7 @@ def to_anndata(
             }
         },
         "wsi_histosge": {
-            "cube": str(cube.resolve()),
+            "cube": str(cube) if "://" in str(cube) else str(Path(cube).resolve()),
             "resolution": str(resolution),
             "bin_um": bin_um,
             "bin_cells": f,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import queue
 import threading
 import time
@@ -21,8 +22,8 @@ from .grid import Block, Grid, make_grid
 from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
 from .model import Model, default_model_path, load_model
 from .slide import Slide, open_slide
-from .store import ATTR_KEY, CubeStore, run_fingerprint
-from .tissue import TissueMask, detect_tissue, load_tissue_mask, require_tissue, write_geojson
+from .store import ATTR_KEY, CubeStore, run_fingerprint, sidecar, write_text_atomic
+from .tissue import TissueMask, detect_tissue, load_tissue_mask, mask_to_geojson, require_tissue
 
 
 @dataclass
@@ -334,7 +335,7 @@ def _infer_slide(
     if state.status == "resume":
         say(f"{out}: resuming ({state.chunks_done} chunks already written)")
     if options.write_geojson:
-        write_geojson(tissue, Path(str(out).rstrip("/") + ".tissue.geojson"))
+        write_text_atomic(sidecar(out, ".tissue.geojson"), json.dumps(mask_to_geojson(tissue)))
 
     done = store.done_marks()
     all_blocks = list(grid.blocks())
@@ -429,19 +430,14 @@ def _infer_slide(
     return result
 
 
-def report_path(out: str | Path) -> Path:
-    return Path(str(out).rstrip("/") + ".report.json")
+def report_path(out: str | Path) -> str:
+    return sidecar(out, ".report.json")
 
 
-def write_report(result: InferResult, out: str | Path) -> Path:
-    """The run report next to the cube (atomic: temporary file, then rename)."""
-    import json
-    import os
-
+def write_report(result: InferResult, out: str | Path) -> str:
+    """The run report next to the cube (atomic)."""
     path = report_path(out)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(result.to_dict(), indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(result.to_dict(), indent=1))
     return path
 
 

@@ -28,7 +28,7 @@ def _setup() -> Any:
 class _Canvas:
     """Thumbnail of the slide and the mapping from lattice cells to thumbnail pixels."""
 
-    def __init__(self, cube: Path, slide: str | Path | None, max_px: int) -> None:
+    def __init__(self, cube: str | Path, slide: str | Path | None, max_px: int) -> None:
         self.group: Any = open_cube(cube)
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         meta: dict[str, Any] = self.attrs[ATTR_KEY]
@@ -116,7 +116,7 @@ def plot_genes(
 ) -> list[Path]:
     """One PNG per gene (and ``genes_grid.png`` when several) in ``out_dir``."""
     plt = _setup()
-    canvas = _Canvas(Path(cube), slide, max_px)
+    canvas = _Canvas(cube, slide, max_px)
     for gene in genes:
         canvas.gene_map(gene)  # validate all names before drawing anything
     out_dir = Path(out_dir)
@@ -151,7 +151,7 @@ def plot_genes(
 def plot_qc(cube: str | Path, out: str | Path, *, slide: str | Path | None = None, max_px: int = 1600) -> Path:
     """Tissue outline, predicted spots and run facts over the thumbnail."""
     plt = _setup()
-    canvas = _Canvas(Path(cube), slide, max_px)
+    canvas = _Canvas(cube, slide, max_px)
     meta: dict[str, Any] = canvas.attrs[ATTR_KEY]
     fig, ax = plt.subplots(figsize=(9, 9 * canvas.thumb.shape[0] / canvas.thumb.shape[1] + 1.2), dpi=150)
     ax.imshow(canvas.thumb)

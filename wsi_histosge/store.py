@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +46,40 @@ class OpenState:
     chunks_done: int = 0
 
 
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(path: str | Path) -> tuple[Any, str]:
+    """The fsspec filesystem holding ``path`` (local, s3://, gs://, ...) and the path within it."""
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(str(path))
+    return fs, str(root).rstrip("/")
+
+
+def sidecar(out: str | Path, suffix: str) -> str:
+    """A file next to the cube (``OUT.zarr`` + suffix), as a string so URLs keep their ``//``."""
+    return str(out).rstrip("/") + suffix
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Local: temporary file + rename. Object stores: one PUT (atomic per object)."""
+    if is_url(path):
+        fs, p = filesystem(path)
+        fs.pipe_file(p, text.encode())
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
 class CubeStore:
-    """A Zarr v3 expression cube on a local path."""
+    """A Zarr v3 expression cube on a local path or any fsspec URL that zarr supports."""
 
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
-        self.path = Path(path)
+        self.path = str(path)
         self.group = group
         self.expression: zarr.Array = group["expression"]  # type: ignore[assignment]
         self.done: zarr.Array = group["chunk_done"]  # type: ignore[assignment]
@@ -62,14 +91,14 @@ class CubeStore:
 
         Raises OutputExistsError when the path exists but holds something else.
         """
-        path = Path(path)
-        if not path.exists():
+        fs, root = filesystem(path)
+        if not fs.exists(root):
             return None
-        if path.is_dir() and not any(path.iterdir()):
+        if fs.isdir(root) and not fs.ls(root):
             return None
-        meta = path / "zarr.json"
+        meta = f"{root}/zarr.json"
         try:
-            attrs = json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else None
+            attrs = json.loads(fs.cat_file(meta)).get("attributes", {}) if fs.isfile(meta) else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             attrs = None
         if not attrs or ATTR_KEY not in attrs:
@@ -91,7 +120,6 @@ class CubeStore:
         overwrite: bool = False,
         compressor: str = "zstd",
     ) -> tuple[CubeStore, OpenState]:
-        path = Path(path)
         existing = cls.inspect(path)
         if existing is not None:
             previous = existing[ATTR_KEY].get("run_fingerprint")
@@ -106,13 +134,14 @@ class CubeStore:
                     f"{path}: holds a run with other parameters, model or slide; pass --overwrite to replace "
                     "it or choose another --out"
                 )
-            shutil.rmtree(path)
+            fs, root = filesystem(path)
+            fs.rm(root, recursive=True)
         return cls._create(path, fingerprint, shape, attrs, tissue, tissue_fraction, compressor), OpenState("new")
 
     @classmethod
     def _create(
         cls,
-        path: Path,
+        path: str | Path,
         fingerprint: str,
         shape: tuple[int, int, int],
         attrs: dict[str, Any],
@@ -213,10 +242,11 @@ SAFE_CODECS = {
 
 def check_codecs(path: str | Path) -> None:
     """Refuse a Zarr group whose arrays declare codecs outside :data:`SAFE_CODECS` (e.g. pickle)."""
-    root = Path(path)
-    for meta in sorted(root.rglob("zarr.json")) + sorted(root.rglob(".zarray")):
+    fs, root = filesystem(path)
+    metas = sorted(p for p in fs.find(root) if p.endswith(("/zarr.json", "/.zarray")))
+    for meta in metas:
         try:
-            doc = json.loads(meta.read_text())
+            doc = json.loads(fs.cat_file(meta))
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
             raise DataFormatError(f"{meta}: unreadable Zarr metadata ({exc})") from exc
         names = [c.get("name", "") if isinstance(c, dict) else str(c) for c in doc.get("codecs", []) or []]
@@ -239,12 +269,13 @@ def verify_cube(path: str | Path) -> dict[str, Any]:
 
     Returns a report with ``ok`` and the problems found; reads metadata and directory listings only.
     """
-    path = Path(path)
     attrs = CubeStore.inspect(path)
     if attrs is None:
         raise FileNotFoundError(f"{path}: no such cube")
     check_codecs(path)
     group: Any = zarr.open_group(str(path), mode="r")
+    fs, root = filesystem(path)
+    present = {p[len(root) :] for p in fs.find(f"{root}/expression/c")}
     problems: list[str] = []
     if "completed" not in attrs:
         problems.append("no completion marker: the run stopped early (rerun `infer` with the same options)")
@@ -252,14 +283,12 @@ def verify_cube(path: str | Path) -> dict[str, Any]:
     tissue = np.asarray(group["tissue"][:], dtype=bool)
     c = config.CHUNK_CELLS
     missing, unmarked = [], []
-    sep = "/"
     for cy in range(marks.shape[0]):
         for cx in range(marks.shape[1]):
             has_tissue = bool(tissue[cy * c : (cy + 1) * c, cx * c : (cx + 1) * c].any())
-            chunk = path / "expression" / "c" / sep.join(["0", str(cy), str(cx)])
             if not marks[cy, cx]:
                 unmarked.append((cy, cx))
-            elif has_tissue and not chunk.is_file():
+            elif has_tissue and f"/expression/c/0/{cy}/{cx}" not in present:
                 missing.append((cy, cx))
     if missing:
         problems.append(
