@@ -5,8 +5,11 @@ from __future__ import annotations
 #: Encoder used when none is named: offline weights installed from the package registry.
 DEFAULT_ENCODER = "efficientnet-lite0"
 
-#: Lattice cells per block side. A block is one super-tile read and one unit of work.
+#: Lattice cells per block side (at most). A block is one super-tile read and one unit of work; it is
+#: halved (32, 16, 8) while its side would exceed MAX_SUPERTILE_PX at the read level, so a super-tile
+#: stays under ~200 MB of uint8 whatever the stride.
 BLOCK_CELLS = 64
+MAX_SUPERTILE_PX = 8192
 
 #: Cells per Zarr chunk side (a multiple of BLOCK_CELLS).
 CHUNK_CELLS = 64
@@ -16,6 +19,9 @@ MIN_TISSUE_FRACTION = 0.5
 
 #: Thumbnail resolution used for tissue detection (µm per pixel).
 TISSUE_MPP = 8.0
+
+#: Longest side of the tissue-detection thumbnail (px); huge slides get a coarser mask, not a bigger one.
+MAX_TISSUE_PX = 4096
 
 #: Encoder sub-batch size on CPU and on GPU (patches per forward pass).
 CPU_BATCH = 64

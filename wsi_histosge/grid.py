@@ -109,6 +109,14 @@ class Grid:
         )
 
 
+def block_cells_for(stride_um: float, read_mpp: float) -> int:
+    """The largest block (64, 32, 16, 8 cells) whose side fits config.MAX_SUPERTILE_PX at ``read_mpp``."""
+    cells = config.BLOCK_CELLS
+    while cells > 8 and cells * stride_um / read_mpp > config.MAX_SUPERTILE_PX:
+        cells //= 2
+    return cells
+
+
 def make_grid(
     slide: Slide,
     tissue: TissueMask,

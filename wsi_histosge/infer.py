@@ -18,7 +18,7 @@ import torch
 from . import __version__, config
 from .encoders import Encoder, create_encoder
 from .errors import HistoSGEError, ModelError, NoTissueError, OutputWriteError, UsageError
-from .grid import Block, Grid, make_grid
+from .grid import Block, Grid, block_cells_for, make_grid
 from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
 from .model import Model, default_model_path, load_model
 from .slide import Slide, open_slide
@@ -83,6 +83,18 @@ def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def auto_batch_size(encoder: Encoder, device: torch.device) -> int:
+    """Patches per forward pass: fixed on CPU; on a GPU, from its free memory with a generous
+    per-image budget (64x the fp32 input: ViT-L activations in bf16 need far less), as a power of two in
+    [32, 1024]. `--batch-size` overrides it."""
+    if device.type != "cuda":
+        return config.CPU_BATCH
+    free, _total = torch.cuda.mem_get_info(device)
+    per_image = 3 * encoder.cfg.input_px**2 * 4 * 64
+    n = max(32, min(1024, int(0.6 * free // per_image)))
+    return 1 << (n.bit_length() - 1)
 
 
 def resolve_precision(device: torch.device, precision: str | None) -> torch.dtype:
@@ -276,6 +288,7 @@ def _infer_slide(
         context_um=context,
         origin_um=options.origin_um,
         min_tissue_fraction=options.min_tissue_fraction,
+        block_cells=block_cells_for(stride, slide.level_mpp(slide.best_level_for_mpp(encoder.cfg.mpp))),
     )
     if grid.n_spots == 0:
         raise NoTissueError(
@@ -355,7 +368,7 @@ def _infer_slide(
     encoder = encoder.to(device)
     model.head.to(device)
     enc_module: Any = torch.compile(encoder) if options.compile else encoder
-    batch = options.batch_size or (config.GPU_BATCH if device.type == "cuda" else config.CPU_BATCH)
+    batch = options.batch_size or auto_batch_size(encoder, device)
     writer = _ChunkWriter(store, model.n_genes, grid.shape, {k: v for k, v in blocks_per_chunk.items() if not done[k]})
     writer.start()
     dataset = BlockDataset(slide, grid, todo, level, skip_bad_tiles=options.on_bad_tile == "skip")

@@ -83,16 +83,26 @@ def cut_patches(
     encoder: Encoder,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Crop + resize + normalise every centre's patch from a (h, w, 3) uint8 tile on its device."""
+    """Crop + resize + normalise every centre's patch from a (h, w, 3) uint8 tile on its device.
+
+    Only the part of the tile these patches cover (plus 2 px for bilinear neighbours) is converted to
+    float, so memory follows the sub-batch, not the super-tile; sample positions are unchanged."""
     from torchvision.ops import roi_align
 
     device = tile.device
-    img = tile.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
     ds = geom.downsample
     cx = (centres_level0[:, 0] - geom.level0_xy[0]) / ds
     cy = (centres_level0[:, 1] - geom.level0_xy[1]) / ds
     hx = context_px_level0[0] / 2.0 / ds
     hy = context_px_level0[1] / 2.0 / ds
+    h, w = tile.shape[0], tile.shape[1]
+    x0 = max(0, int(np.floor((cx - hx).min())) - 2)
+    y0 = max(0, int(np.floor((cy - hy).min())) - 2)
+    x1 = min(w, int(np.ceil((cx + hx).max())) + 3)
+    y1 = min(h, int(np.ceil((cy + hy).max())) + 3)
+    crop = tile if (x0, y0, x1, y1) == (0, 0, w, h) else tile[y0:y1, x0:x1]
+    img = crop.permute(2, 0, 1).unsqueeze(0).to(torch.float32).div_(255.0)
+    cx, cy = cx - x0, cy - y0
     boxes = np.stack([np.zeros_like(cx), cx - hx, cy - hy, cx + hx, cy + hy], axis=1)
     rois = torch.as_tensor(boxes, dtype=torch.float32, device=device)
     patches = roi_align(img, rois, output_size=(out_px, out_px), spatial_scale=1.0, sampling_ratio=-1, aligned=True)

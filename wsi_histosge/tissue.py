@@ -37,7 +37,9 @@ class TissueMask:
         """Fraction of the square of half-side ``radius_level0`` around each centre that is tissue."""
         if len(centres_level0) == 0:
             return np.zeros(0, dtype=np.float32)
-        integral = np.pad(self.mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+        integral = np.pad(
+            self.mask.astype(np.int32).cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32), ((1, 0), (1, 0))
+        )
         h, w = self.mask.shape
         c = centres_level0 / self.level0_per_px
         r = max(radius_level0 / self.level0_per_px, 0.5)
@@ -64,11 +66,10 @@ def detect_tissue(slide: Slide, *, mpp: float | None = None, min_area_um2: float
     # Tiny slides: keep at least ~64 px across so detection has something to work with.
     mpp = effective_tissue_mpp(slide, mpp)
     thumb, thumb_mpp = slide.thumbnail(mpp)
-    rgb = thumb.astype(np.float32) / 255.0
-    cmax = rgb.max(axis=2)
-    cmin = rgb.min(axis=2)
-    sat = np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1e-6), 0.0)
-    valid = cmax > 0.1  # scanner borders and black padding are not tissue
+    cmax = thumb.max(axis=2)
+    cmin = thumb.min(axis=2)
+    sat = (cmax - cmin).astype(np.float32) / np.maximum(cmax, 1).astype(np.float32)
+    valid = cmax > 25  # scanner borders and black padding are not tissue
     thr = max(_otsu(sat[valid]) if valid.any() else 1.0, 0.05)
     mask = (sat > thr) & valid
     radius = max(1, round(20.0 / thumb_mpp))
@@ -87,9 +88,12 @@ def detect_tissue(slide: Slide, *, mpp: float | None = None, min_area_um2: float
 
 
 def effective_tissue_mpp(slide: Slide, mpp: float | None = None) -> float:
-    """Requested mask resolution, made finer on tiny slides so the mask is at least ~64 px across."""
+    """Requested mask resolution, made finer on tiny slides (>= ~64 px across) and coarser on huge ones
+    (<= config.MAX_TISSUE_PX on the long side), so the mask's memory does not grow with the slide."""
     mpp = mpp or config.TISSUE_MPP
     width_um = slide.dimensions[0] * slide.mpp.x
+    long_um = max(slide.dimensions[0] * slide.mpp.x, slide.dimensions[1] * slide.mpp.y)
+    mpp = max(mpp, long_um / config.MAX_TISSUE_PX)
     return min(mpp, max(slide.mpp.x, width_um / 64))
 
 
