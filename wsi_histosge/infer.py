@@ -71,6 +71,7 @@ class InferResult:
     spots_per_s: float = 0.0
     bad_tiles: int = 0
     spots_skipped_bad_tiles: int = 0
+    patches_encoded: int = 0  # spots plus halo neighbours encoded again at block edges
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -372,7 +373,7 @@ def _infer_slide(
     writer = _ChunkWriter(store, model.n_genes, grid.shape, {k: v for k, v in blocks_per_chunk.items() if not done[k]})
     writer.start()
     dataset = BlockDataset(slide, grid, todo, level, skip_bad_tiles=options.on_bad_tile == "skip")
-    bad_tiles = skipped_spots = 0
+    bad_tiles = skipped_spots = patches = 0
     t_wait = t_enc = t_head = 0.0
     spots_done = 0
     try:
@@ -388,6 +389,7 @@ def _infer_slide(
                 bad_tiles += len(item.bad)
                 skipped_spots += int((~clear & core).sum())
                 iy, ix, centres = iy[clear], ix[clear], centres[clear]
+            patches += len(centres)
             t1 = time.perf_counter()
             feats = encode_tile(
                 enc_module,
@@ -428,6 +430,7 @@ def _infer_slide(
         spots_per_s=spots_done / max(elapsed, 1e-9),
         bad_tiles=bad_tiles,
         spots_skipped_bad_tiles=skipped_spots,
+        patches_encoded=patches,
         **base,
     )
     store.mark_complete(
