@@ -550,6 +550,58 @@ def verify(
     raise typer.Exit(0 if report["ok"] else 13)
 
 
+@app.command()
+def doctor(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Preflight: versions, device, readers, the built-in model and its offline encoder weights."""
+    import importlib.metadata as md
+    import os
+    import platform
+
+    checks: list[tuple[str, bool, str]] = []
+
+    def check(name: str, fn: Any) -> None:
+        try:
+            detail = fn()
+            checks.append((name, True, str(detail)))
+        except Exception as exc:
+            checks.append((name, False, f"{type(exc).__name__}: {exc}"))
+
+    import torch
+
+    check("python", platform.python_version)
+    check("torch / torchvision", lambda: f"{torch.__version__} / {md.version('torchvision')}")
+    check("device", lambda: torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu only (slow)")
+    check("tiffslide", lambda: md.version("tiffslide"))
+    check("openslide", lambda: __import__("openslide").__library_version__)
+    check("zarr", lambda: md.version("zarr"))
+
+    def default_model() -> str:
+        from wsi_histosge.encoders import create_encoder
+        from wsi_histosge.model import default_model_path, load_model
+
+        m = load_model(default_model_path())
+        enc = create_encoder(m.meta.encoder)
+        if enc.weights_hash != m.meta.encoder_weights_sha256:
+            raise RuntimeError("installed encoder weights differ from the ones the model was trained with")
+        return f"{m.meta.name}: {m.n_genes} genes, encoder {m.meta.encoder} (offline weights ok)"
+
+    check("built-in model", default_model)
+    check(
+        "HF_TOKEN", lambda: "set (not shown)" if os.environ.get("HF_TOKEN") else "not set (only gated encoders need it)"
+    )
+    rows = [{"check": n, "ok": ok, "detail": d} for n, ok, d in checks]
+    if as_json:
+        out_console.print_json(json.dumps(rows))
+    else:
+        table = Table(title="wsi-histosge doctor")
+        for col in ("check", "ok", "detail"):
+            table.add_column(col, overflow="fold")
+        for name, ok, detail in checks:
+            table.add_row(name, "[green]ok[/green]" if ok else "[red]FAIL[/red]", detail)
+        out_console.print(table)
+    raise typer.Exit(0 if all(ok for _, ok, _ in checks) else 1)
+
+
 @app.command("exit-codes")
 def exit_codes() -> None:
     """The documented exit codes."""

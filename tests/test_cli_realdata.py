@@ -82,3 +82,10 @@ def test_info_and_encoders_json(pyramid_slide: Path) -> None:
     assert data["mpp"]["source"] == "TIFF resolution tags" and len(data["levels"]) == 3
     res = runner.invoke(app, ["encoders", "--json"])
     assert res.exit_code == 0 and any(e["name"] == "uni" for e in json.loads(res.stdout))
+
+
+def test_doctor_passes_offline() -> None:
+    res = runner.invoke(app, ["doctor", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["check"]: r for r in json.loads(res.stdout)}
+    assert rows["built-in model"]["ok"] and "785 genes" in rows["built-in model"]["detail"]
