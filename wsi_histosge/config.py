@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 #: Encoder used when none is named: offline weights installed from the package registry.
 DEFAULT_ENCODER = "efficientnet-lite0"
 
@@ -46,3 +48,6 @@ MAX_SLIDE_SIDE_PX = 1_000_000
 
 #: Largest tile side (px) of a tiled TIFF we decode; bigger tiles would allocate huge buffers per read.
 MAX_TILE_SIDE_PX = 16_384
+
+#: Threads decoding the tiles of one super-tile (per reader process); codecs release the GIL.
+DECODE_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))

@@ -94,6 +94,20 @@ def _check_segment(data: bytes | None, expected: int, compression: int) -> None:
         raise ValueError("JPEG stream has no end marker (truncated or overwritten)")
 
 
+_POOL: Any = None
+
+
+def _decode_pool() -> Any:
+    """One small thread pool per process (created lazily, so DataLoader workers each get their own)."""
+    global _POOL
+    if _POOL is None or getattr(_POOL, "_pid", None) != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=config.DECODE_THREADS, thread_name_prefix="wsi-histosge-decode")
+        _POOL._pid = os.getpid()
+    return _POOL
+
+
 class _TileCache:
     """Decoded tiles, least recently used out first, bounded in bytes (per process).
 
@@ -209,25 +223,36 @@ class _TiledLevel:
             with fh.lock:
                 segments = list(fh.read_segments(offsets, counts, [i for i, _, _ in tiles], sort=True))
         expected = dict(zip([t[0] for t in tiles], counts, strict=True))
-        for data, index in segments:
-            tx, ty = where[index]
+
+        def decode(item: tuple[bytes | None, int]) -> tuple[int, np.ndarray | Exception]:
+            data, index = item
             try:
                 _check_segment(data, expected[index], self.compression)
                 tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
                 if tile is None:
                     raise ValueError("no data")
+                return index, _rgb(np.asarray(tile).reshape(self.th, self.tw, self.spp))
             except Exception as exc:  # codecs raise their own types (RuntimeError, zlib.error, ...)
+                return index, exc
+
+        # Codecs release the GIL: decode a super-tile's tiles on a few threads (JPEG 2000 above all).
+        if len(segments) >= 4 and config.DECODE_THREADS > 1:
+            results = list(_decode_pool().map(decode, segments))
+        else:
+            results = [decode(item) for item in segments]
+        for index, result in results:
+            tx, ty = where[index]
+            if isinstance(result, Exception):
                 if bad is not None:
                     bad.append((tx * self.tw - x, ty * self.th - y, (tx + 1) * self.tw - x, (ty + 1) * self.th - y))
                     continue
                 raise CorruptTileError(
                     f"{path}: tile (col {tx}, row {ty}) of level {self.level} failed to decode "
-                    f"({type(exc).__name__}: {str(exc)[:120]}; near level-0 x={int(tx * self.tw * downsample)}, "
+                    f"({type(result).__name__}: {str(result)[:120]}; near level-0 x={int(tx * self.tw * downsample)}, "
                     f"y={int(ty * self.th * downsample)}); the slide is corrupt"
-                ) from exc
-            tile = _rgb(np.asarray(tile).reshape(self.th, self.tw, self.spp))
-            self.cache.put((self.level, index), tile)
-            decoded[index] = tile
+                ) from result
+            self.cache.put((self.level, index), result)
+            decoded[index] = result
         for index, tile in decoded.items():
             tx, ty = index % self.ntx, index // self.ntx
             gx0, gy0 = tx * self.tw, ty * self.th
