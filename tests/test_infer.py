@@ -13,8 +13,8 @@ import pytest
 import zarr
 
 from tests.conftest import write_pyramid
-from wsi_histosge import config
 from wsi_histosge.errors import NoTissueError, OutputExistsError
+from wsi_histosge.grid import block_cells_for
 from wsi_histosge.infer import InferOptions, infer_slide
 from wsi_histosge.store import open_cube
 
@@ -76,7 +76,8 @@ def test_no_seams_when_block_boundaries_move(pyramid_slide: Path, tiny_model: Pa
     """Shift the lattice origin by half a block: the same spots must get the same predictions."""
     stride = 10.0
     a = infer_slide(pyramid_slide, tmp_path / "o1.zarr", _opts(tiny_model, stride_um=stride, origin_um=(5.0, 5.0)))
-    shift = config.BLOCK_CELLS // 2  # half a block
+    block = block_cells_for(stride, 2.0)  # the tiny encoder reads level 2 (2 µm/px) of the synthetic slide
+    shift = block // 2  # half a block
     origin2 = (5.0 + shift * stride, 5.0 + shift * stride)
     infer_slide(pyramid_slide, tmp_path / "o2.zarr", _opts(tiny_model, stride_um=stride, origin_um=origin2))
     e1, _ = _cube(tmp_path / "o1.zarr")
@@ -86,7 +87,10 @@ def test_no_seams_when_block_boundaries_move(pyramid_slide: Path, tiny_model: Pa
     # spots whose neighbourhood is cut off by the new lattice edge are excluded
     both[:8, :] = False
     both[:, :8] = False
-    assert both.sum() > 0.5 * a.spots
+    assert both.sum() > 0.25 * a.spots
+    # the compared spots straddle a block boundary of run 1 (where run 2 has the middle of a block)
+    cols = np.nonzero(both.any(axis=0))[0] + shift  # in run 1's cell coordinates
+    assert any(c % block == 0 for c in cols)
     np.testing.assert_allclose(common[:, both].astype(np.float32), e2[:, both].astype(np.float32), atol=2e-3)
 
 

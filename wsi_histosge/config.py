@@ -10,10 +10,12 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 #: Lattice cells per block side (at most). A block is one super-tile read and one unit of work; it is
 #: halved (32, 16, 8) while its side would exceed MAX_SUPERTILE_PX at the read level, so a super-tile
 #: stays under ~200 MB of uint8 whatever the stride.
-BLOCK_CELLS = 64
+BLOCK_CELLS = 128
 MAX_SUPERTILE_PX = 8192
+#: Room kept on each side of a block for its halo and context when sizing blocks (µm).
+HALO_ALLOWANCE_UM = 500.0
 
-#: Cells per Zarr chunk side (a multiple of BLOCK_CELLS).
+#: Cells per Zarr chunk side (blocks divide it or are multiples of it).
 CHUNK_CELLS = 64
 
 #: A spot is kept when at least this fraction of its disk lies on tissue.

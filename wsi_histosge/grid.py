@@ -34,8 +34,14 @@ class Block:
     hx1: int
 
     @property
-    def chunk_key(self) -> tuple[int, int]:
-        return (self.y0 // config.CHUNK_CELLS, self.x0 // config.CHUNK_CELLS)
+    def chunk_keys(self) -> list[tuple[int, int]]:
+        """The output chunks this block's core cells fall in (one, or several for blocks > a chunk)."""
+        c = config.CHUNK_CELLS
+        return [
+            (cy, cx)
+            for cy in range(self.y0 // c, (self.y1 - 1) // c + 1)
+            for cx in range(self.x0 // c, (self.x1 - 1) // c + 1)
+        ]
 
 
 @dataclass(frozen=True)
@@ -78,9 +84,11 @@ class Grid:
 
     # -- blocks -------------------------------------------------------------------------------
     def blocks(self) -> Iterator[Block]:
-        """Blocks with at least one kept spot, chunk by chunk (so chunks complete one at a time)."""
+        """Blocks with at least one kept spot, region by region (a region is a chunk, or a block when
+        blocks are bigger than chunks), so chunks complete one at a time."""
         ny, nx = self.shape
-        b, h, c = self.block_cells, self.halo_cells, config.CHUNK_CELLS
+        b, h = self.block_cells, self.halo_cells
+        c = max(b, config.CHUNK_CELLS)
         index = 0
         for cy in range(0, ny, c):
             for cx in range(0, nx, c):
@@ -110,9 +118,10 @@ class Grid:
 
 
 def block_cells_for(stride_um: float, read_mpp: float) -> int:
-    """The largest block (64, 32, 16, 8 cells) whose side fits config.MAX_SUPERTILE_PX at ``read_mpp``."""
+    """The largest block (128, 64, ..., 8 cells) whose side, with halo and context, fits
+    config.MAX_SUPERTILE_PX at ``read_mpp``; bigger blocks re-encode fewer halo cells at their edges."""
     cells = config.BLOCK_CELLS
-    while cells > 8 and cells * stride_um / read_mpp > config.MAX_SUPERTILE_PX:
+    while cells > 8 and (cells * stride_um + 2 * config.HALO_ALLOWANCE_UM) / read_mpp > config.MAX_SUPERTILE_PX:
         cells //= 2
     return cells
 
@@ -133,8 +142,8 @@ def make_grid(
         raise UsageError(f"stride, spot and context must be positive µm (got {stride_um}, {spot_um}, {context_um})")
     threshold = config.MIN_TISSUE_FRACTION if min_tissue_fraction is None else min_tissue_fraction
     block = block_cells or config.BLOCK_CELLS
-    if config.CHUNK_CELLS % block:
-        raise UsageError(f"block size {block} must divide the chunk size {config.CHUNK_CELLS}")
+    if config.CHUNK_CELLS % block and block % config.CHUNK_CELLS:
+        raise UsageError(f"block size {block} must divide, or be a multiple of, the chunk size {config.CHUNK_CELLS}")
     mppx, mppy = slide.mpp.x, slide.mpp.y
     w_um, h_um = slide.dimensions[0] * mppx, slide.dimensions[1] * mppy
     ox, oy = origin_um if origin_um is not None else (stride_um / 2.0, stride_um / 2.0)

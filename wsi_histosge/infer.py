@@ -171,7 +171,9 @@ class _ChunkWriter(threading.Thread):
         self.shape = shape
         self.pending = dict(blocks_per_chunk)
         self.buffers: dict[tuple[int, int], np.ndarray] = {}
-        self.q: queue.Queue[tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(maxsize=8)
+        self.q: queue.Queue[tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(
+            maxsize=8
+        )
         self.error: BaseException | None = None
         self.chunks_written = 0
         self.write_s = 0.0
@@ -183,20 +185,24 @@ class _ChunkWriter(threading.Thread):
                 item = self.q.get()
                 if item is None:
                     return
-                key, cy, cx, preds = item
-                buf = self.buffers.get(key)
-                if buf is None:
-                    h = min(c, self.shape[0] - key[0] * c)
-                    w = min(c, self.shape[1] - key[1] * c)
-                    buf = np.full((self.n_genes, h, w), np.nan, dtype=config.EXPRESSION_DTYPE)
-                    self.buffers[key] = buf
-                buf[:, cy - key[0] * c, cx - key[1] * c] = preds.T
-                self.pending[key] -= 1
-                if self.pending[key] == 0:
-                    t0 = time.perf_counter()
-                    self.store.write_chunk(key[0], key[1], self.buffers.pop(key))
-                    self.write_s += time.perf_counter() - t0
-                    self.chunks_written += 1
+                keys, cy, cx, preds = item
+                for key in keys:
+                    if key not in self.pending:  # written by an earlier run: keep it as it is
+                        continue
+                    buf = self.buffers.get(key)
+                    if buf is None:
+                        h = min(c, self.shape[0] - key[0] * c)
+                        w = min(c, self.shape[1] - key[1] * c)
+                        buf = np.full((self.n_genes, h, w), np.nan, dtype=config.EXPRESSION_DTYPE)
+                        self.buffers[key] = buf
+                    inside = (cy // c == key[0]) & (cx // c == key[1])
+                    buf[:, cy[inside] - key[0] * c, cx[inside] - key[1] * c] = preds[inside].T
+                    self.pending[key] -= 1
+                    if self.pending[key] == 0:
+                        t0 = time.perf_counter()
+                        self.store.write_chunk(key[0], key[1], self.buffers.pop(key))
+                        self.write_s += time.perf_counter() - t0
+                        self.chunks_written += 1
         except BaseException as exc:
             self.error = exc
             while True:  # drain so the producer never blocks forever
@@ -206,7 +212,7 @@ class _ChunkWriter(threading.Thread):
                 except queue.Empty:
                     time.sleep(0.01)
 
-    def put(self, item: tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]) -> None:
+    def put(self, item: tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray]) -> None:
         if self.error is not None:
             raise self.error
         self.q.put(item)
@@ -355,8 +361,9 @@ def _infer_slide(
     all_blocks = list(grid.blocks())
     blocks_per_chunk: dict[tuple[int, int], int] = {}
     for b in all_blocks:
-        blocks_per_chunk[b.chunk_key] = blocks_per_chunk.get(b.chunk_key, 0) + 1
-    todo = [b for b in all_blocks if not done[b.chunk_key]]
+        for key in b.chunk_keys:
+            blocks_per_chunk[key] = blocks_per_chunk.get(key, 0) + 1
+    todo = [b for b in all_blocks if not all(done[key] for key in b.chunk_keys)]
     for cy in range(done.shape[0]):  # chunks without tissue: nothing to compute, mark them
         for cx in range(done.shape[1]):
             if not done[cy, cx] and (cy, cx) not in blocks_per_chunk:
@@ -410,7 +417,7 @@ def _infer_slide(
             t3 = time.perf_counter()
             t_enc += t2 - t1
             t_head += t3 - t2
-            writer.put((block.chunk_key, core_y, core_x, preds_np))
+            writer.put((block.chunk_keys, core_y, core_x, preds_np))
             spots_done += len(core_y)
             if progress:
                 progress("advance", len(core_y), todo_spots)
