@@ -12,8 +12,6 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 #: stays under ~200 MB of uint8 whatever the stride.
 BLOCK_CELLS = 128
 MAX_SUPERTILE_PX = 8192
-#: Room kept on each side of a block for its halo and context when sizing blocks (µm).
-HALO_ALLOWANCE_UM = 500.0
 
 #: Cells per Zarr chunk side (blocks divide it or are multiples of it).
 CHUNK_CELLS = 64

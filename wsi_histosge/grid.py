@@ -117,11 +117,12 @@ class Grid:
         )
 
 
-def block_cells_for(stride_um: float, read_mpp: float) -> int:
-    """The largest block (128, 64, ..., 8 cells) whose side, with halo and context, fits
-    config.MAX_SUPERTILE_PX at ``read_mpp``; bigger blocks re-encode fewer halo cells at their edges."""
+def block_cells_for(stride_um: float, read_mpp: float, margin_um: float = 0.0) -> int:
+    """The largest block (128, 64, ..., 8 cells) whose super-tile side (cells plus ``margin_um`` of halo and
+    context on each side) fits config.MAX_SUPERTILE_PX at ``read_mpp``; bigger blocks re-encode fewer halo
+    cells at their edges."""
     cells = config.BLOCK_CELLS
-    while cells > 8 and (cells * stride_um + 2 * config.HALO_ALLOWANCE_UM) / read_mpp > config.MAX_SUPERTILE_PX:
+    while cells > 8 and (cells * stride_um + 2 * margin_um) / read_mpp > config.MAX_SUPERTILE_PX:
         cells //= 2
     return cells
 

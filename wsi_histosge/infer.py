@@ -287,6 +287,7 @@ def _infer_slide(
     stride = options.stride_um or model.meta.spot_um / 2.0
     spot = options.spot_um or model.meta.spot_um
     context = options.context_um or model.meta.context_um
+    offsets = neighbour_cells(model, stride)
     grid = make_grid(
         slide,
         tissue,
@@ -295,14 +296,17 @@ def _infer_slide(
         context_um=context,
         origin_um=options.origin_um,
         min_tissue_fraction=options.min_tissue_fraction,
-        block_cells=block_cells_for(stride, slide.level_mpp(slide.best_level_for_mpp(encoder.cfg.mpp))),
+        block_cells=block_cells_for(
+            stride,
+            slide.level_mpp(slide.best_level_for_mpp(encoder.cfg.mpp)),
+            margin_um=int(np.abs(offsets).max()) * stride + context / 2,
+        ),
     )
     if grid.n_spots == 0:
         raise NoTissueError(
             f"{slide.path}: tissue was found but no spot passes the tissue-fraction threshold; "
             "lower --min-tissue-fraction or check --tissue-mask"
         )
-    offsets = neighbour_cells(model, stride)
     grid = grid.with_halo(int(np.abs(offsets).max()))
 
     device = resolve_device(options.device)
