@@ -49,12 +49,14 @@ def bare_decode(path: Path) -> tuple[float, int, int]:
 
 
 def run_loader(
-    slide_path: Path, stride_um: float, context_um: float, halo: int, workers: int
+    slide_path: Path, stride_um: float, context_um: float, halo: int, workers: int, block_cells: int | None = None
 ) -> tuple[float, int, int]:
     slide = open_slide(slide_path)
     th, tw = slide.thumbnail_shape(8.0)
     everything = TissueMask(np.ones((th, tw), bool), 8.0, slide.dimensions[0] / tw, "all")
-    grid = make_grid(slide, everything, stride_um=stride_um, spot_um=stride_um, context_um=context_um).with_halo(halo)
+    grid = make_grid(
+        slide, everything, stride_um=stride_um, spot_um=stride_um, context_um=context_um, block_cells=block_cells
+    ).with_halo(halo)
     blocks = list(grid.blocks())
     ds = BlockDataset(slide, grid, blocks, slide.best_level_for_mpp(0.5))
     t0 = time.perf_counter()
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--context-um", type=float, default=112.0)
     ap.add_argument("--halo", type=int, default=0, help="halo cells read around each block (model dependent)")
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--block-cells", type=int, default=None, help="cells per block side (default: as infer sizes it)")
     ap.add_argument("--per-spot-limit", type=int, default=600)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--generate", type=int, default=0, help="benchmark a generated N px square slide instead")
@@ -128,12 +131,20 @@ def main() -> None:
     slide = open_slide(args.slide)
     print(
         f"slide {args.slide.name}: {slide.dimensions[0]}x{slide.dimensions[1]} px, mpp {slide.mpp.x}, "
-        f"stride {args.stride_um} µm, context {args.context_um} µm, halo {args.halo}, workers {args.workers}"
+        f"stride {args.stride_um} µm, context {args.context_um} µm, halo {args.halo}, workers {args.workers}, "
+        f"blocks of {args.block_cells or 'auto'} cells"
     )
     bare = min(bare_decode(args.slide)[0] for _ in range(args.repeat))
     _, n_tiles, bare_px = bare_decode(args.slide)
+    if args.block_cells is None:
+        from wsi_histosge.grid import block_cells_for
+
+        args.block_cells = block_cells_for(
+            args.stride_um, slide.mpp.x, args.halo * args.stride_um + args.context_um / 2
+        )
     loader_runs = [
-        run_loader(args.slide, args.stride_um, args.context_um, args.halo, args.workers) for _ in range(args.repeat)
+        run_loader(args.slide, args.stride_um, args.context_um, args.halo, args.workers, args.block_cells)
+        for _ in range(args.repeat)
     ]
     loader_t = min(r[0] for r in loader_runs)
     n_spots, loader_px = loader_runs[0][1], loader_runs[0][2]

@@ -193,6 +193,11 @@ class _TiledLevel:
             for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1)
         ]
         page = self.page
+        # Neighbouring super-tiles overlap only near their edges: cache the tiles of an outer ring (about
+        # 2 tiles wide, > halo + context at usual settings), so the cache is not flushed by interior tiles.
+        ring = 2
+        tx_lo, tx_hi = x0 // self.tw + ring, (x1 - 1) // self.tw - ring
+        ty_lo, ty_hi = y0 // self.th + ring, (y1 - 1) // self.th - ring
         decoded: dict[int, np.ndarray] = {}
         for i, _, _ in tiles:
             hit = self.cache.get((self.level, i))
@@ -251,7 +256,9 @@ class _TiledLevel:
                     f"({type(result).__name__}: {str(result)[:120]}; near level-0 x={int(tx * self.tw * downsample)}, "
                     f"y={int(ty * self.th * downsample)}); the slide is corrupt"
                 ) from result
-            self.cache.put((self.level, index), result)
+            tx, ty = index % self.ntx, index // self.ntx
+            if not (tx_lo <= tx <= tx_hi and ty_lo <= ty <= ty_hi):
+                self.cache.put((self.level, index), result)
             decoded[index] = result
         for index, tile in decoded.items():
             tx, ty = index % self.ntx, index // self.ntx
