@@ -129,6 +129,12 @@ def main() -> None:
         args.slide = generate_slide(Path(f"/tmp/wsi-histosge-bench-{args.generate}.tif"), args.generate, args.slide)
 
     slide = open_slide(args.slide)
+    if args.block_cells is None:
+        from wsi_histosge.grid import block_cells_for
+
+        args.block_cells = block_cells_for(
+            args.stride_um, slide.mpp.x, args.halo * args.stride_um + args.context_um / 2
+        )
     print(
         f"slide {args.slide.name}: {slide.dimensions[0]}x{slide.dimensions[1]} px, mpp {slide.mpp.x}, "
         f"stride {args.stride_um} µm, context {args.context_um} µm, halo {args.halo}, workers {args.workers}, "
@@ -136,12 +142,6 @@ def main() -> None:
     )
     bare = min(bare_decode(args.slide)[0] for _ in range(args.repeat))
     _, n_tiles, bare_px = bare_decode(args.slide)
-    if args.block_cells is None:
-        from wsi_histosge.grid import block_cells_for
-
-        args.block_cells = block_cells_for(
-            args.stride_um, slide.mpp.x, args.halo * args.stride_um + args.context_um / 2
-        )
     loader_runs = [
         run_loader(args.slide, args.stride_um, args.context_um, args.halo, args.workers, args.block_cells)
         for _ in range(args.repeat)
