@@ -92,10 +92,19 @@ def test_72dpi_tiffs_need_mpp(name: str) -> None:
 
 
 @pytest.mark.realdata
-def test_minimal_dicom_is_refused_clearly() -> None:
+def test_minimal_dicom_opens_through_pydicom_with_the_right_frame_order() -> None:
+    """OpenSlide refuses this single-file DICOM WSI (no organisation, no pixel spacing); pydicom reads it.
+    Its frames are column-major: the assembled image must continue across frame edges."""
     path = need_shared("wsi-samples", "pathml_small_dicom.dcm")
-    with pytest.raises(SlideFormatError, match="not a slide any reader can open"):
-        open_slide(path)
+    s = open_slide(path)
+    assert s.backend.name == "pydicom" and s.dimensions == (3236, 2638)
+    assert s.backend.properties["dicom.frame-order"].startswith("column-major")
+    with pytest.raises(MPPMissingError, match="--mpp"):
+        _ = s.mpp
+    img = s.read_region((0, 0), 0, (2500, 2000)).astype(np.int16)
+    across = np.abs(img[:, 499] - img[:, 500]).mean() + np.abs(img[499] - img[500]).mean()
+    within = np.abs(img[:, 249] - img[:, 250]).mean() + np.abs(img[249] - img[250]).mean()
+    assert across < 2 * within + 2  # seams would be many times larger
 
 
 @pytest.mark.realdata

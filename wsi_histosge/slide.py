@@ -488,6 +488,169 @@ class PlainImageBackend:
         self._pixels = None
 
 
+class DicomBackend:
+    """Single-file DICOM VL whole-slide images (TILED_FULL frames) through pydicom, for files OpenSlide
+    refuses (e.g. minimal metadata). One level; frames decoded on demand and cached."""
+
+    name = "pydicom"
+    WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+    def __init__(self, path: Path) -> None:
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            raise SlideFormatError(f"{path}: not a DICOM file ({type(exc).__name__})") from exc
+        if str(ds.get("SOPClassUID", "")) != self.WSI_SOP_CLASS:
+            raise SlideFormatError(f"{path}: DICOM, but not a VL whole-slide image (SOP class {ds.get('SOPClassUID')})")
+        declared = ds.get("DimensionOrganizationType")
+        org = str(declared or "TILED_FULL")
+        if org != "TILED_FULL":
+            raise SlideFormatError(f"{path}: DICOM frames are {org}; only TILED_FULL is read here")
+        self.path = path
+        self.tw, self.th = int(ds.Columns), int(ds.Rows)
+        w, h = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
+        if max(w, h) > config.MAX_SLIDE_SIDE_PX or max(self.tw, self.th) > config.MAX_TILE_SIDE_PX:
+            raise SlideFormatError(
+                f"{path}: header claims {w}x{h} px in {self.tw}x{self.th} frames; corrupt or hostile"
+            )
+        self.ntx, self.nty = -(-w // self.tw), -(-h // self.th)
+        self.n_frames = int(ds.get("NumberOfFrames", 1))
+        if self.n_frames < self.ntx * self.nty:
+            raise SlideFormatError(f"{path}: {self.n_frames} frames cannot tile {w}x{h} px; the file is incomplete")
+        self.transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        self.spp = int(ds.get("SamplesPerPixel", 3))
+        self.level_dimensions: tuple[tuple[int, int], ...] = ((w, h),)
+        self.level_downsamples: tuple[float, ...] = (1.0,)
+        self.vendor = "dicom"
+        self.properties = {"dicom.transfer-syntax": self.transfer_syntax}
+        self.associated_images: dict[str, tuple[int, int]] = {}
+        self._mpp: tuple[float, float] | None = None
+        try:
+            spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+            self._mpp = (float(spacing[1]) * 1000.0, float(spacing[0]) * 1000.0)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            self._mpp = None
+        self._frames: list[bytes] | None = None
+        self._cache = _TileCache(64 * 2**20)
+        # TILED_FULL means row-major frames. Files that do not declare their organisation exist with
+        # column-major frames; for those the order whose tile edges continue best is used, and recorded.
+        self.column_major = False
+        if declared is None and self.n_frames <= 1024 and self.ntx > 2 and self.nty > 2:
+            self.column_major = self._edges_fit_column_major()
+        self.properties["dicom.frame-order"] = ("column-major" if self.column_major else "row-major") + (
+            "" if declared else " (inferred from tile edges)"
+        )
+
+    def _frame_bytes(self) -> list[bytes]:
+        if self._frames is None:
+            import pydicom
+            from pydicom.encaps import generate_frames
+
+            if self.path.stat().st_size > 4 * 2**30:
+                raise SlideFormatError(f"{self.path}: DICOM file over 4 GB; open it with OpenSlide (multi-file WSI)")
+            ds = pydicom.dcmread(self.path)
+            data = ds.PixelData
+            if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+                self._frames = list(generate_frames(data, number_of_frames=self.n_frames))
+            else:
+                size = self.tw * self.th * self.spp
+                self._frames = [data[i * size : (i + 1) * size] for i in range(self.n_frames)]
+        return self._frames
+
+    def _frame_index(self, tx: int, ty: int) -> int:
+        return tx * self.nty + ty if self.column_major else ty * self.ntx + tx
+
+    def _edges_fit_column_major(self) -> bool:
+        """Compare tile-edge continuity of the two frame orders on interior tiles."""
+
+        def mismatch(column_major: bool) -> float:
+            self.column_major = column_major
+            diffs = []
+            for ty in range(self.nty - 2):
+                for tx in range(self.ntx - 2):
+                    a = self._tile(self._frame_index(tx, ty)).astype(np.int16)
+                    right = self._tile(self._frame_index(tx + 1, ty)).astype(np.int16)
+                    below = self._tile(self._frame_index(tx, ty + 1)).astype(np.int16)
+                    diffs.append(np.abs(a[:, -1] - right[:, 0]).mean())
+                    diffs.append(np.abs(a[-1, :] - below[0, :]).mean())
+            return float(np.mean(diffs))
+
+        try:
+            return mismatch(True) < 0.5 * mismatch(False)
+        finally:
+            self._cache = _TileCache(64 * 2**20)
+
+    def _tile(self, index: int) -> np.ndarray:
+        hit = self._cache.get((0, index))
+        if hit is not None:
+            return hit
+        import imagecodecs
+
+        data = self._frame_bytes()[index]
+        try:
+            if self.transfer_syntax in ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"):
+                arr = imagecodecs.jpeg2k_decode(data)
+            elif self.transfer_syntax.startswith("1.2.840.10008.1.2.4."):
+                _check_segment(data, 0, 7)
+                arr = imagecodecs.jpeg8_decode(data)
+            else:
+                arr = np.frombuffer(data, dtype=np.uint8).reshape(self.th, self.tw, self.spp)
+        except Exception as exc:
+            tx, ty = index % self.ntx, index // self.ntx
+            raise CorruptTileError(
+                f"{self.path}: frame {index} (col {tx}, row {ty}) failed to decode ({type(exc).__name__}: "
+                f"{str(exc)[:100]}); the slide is corrupt"
+            ) from exc
+        tile = _rgb(np.asarray(arr))
+        self._cache.put((0, index), tile)
+        return tile
+
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        bad: list[tuple[int, int, int, int]] | None = None,
+    ) -> np.ndarray:
+        x, y = location
+        w, h = size
+        W, H = self.level_dimensions[0]
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        for ty in range(y0 // self.th, (y1 - 1) // self.th + 1):
+            for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1):
+                gx0, gy0 = tx * self.tw, ty * self.th
+                try:
+                    tile = self._tile(self._frame_index(tx, ty))
+                except CorruptTileError:
+                    if bad is None:
+                        raise
+                    bad.append((gx0 - x, gy0 - y, gx0 + self.tw - x, gy0 + self.th - y))
+                    continue
+                sx0, sy0 = max(x0, gx0), max(y0, gy0)
+                sx1, sy1 = min(x1, gx0 + tile.shape[1]), min(y1, gy0 + tile.shape[0])
+                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
+        return out
+
+    def stated_mpp(self) -> tuple[float, float, str] | None:
+        if self._mpp is None:
+            return None
+        return self._mpp[0], self._mpp[1], "DICOM PixelSpacing"
+
+    def close(self) -> None:
+        self._frames = None
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(128)
+        return fh.read(4) == b"DICM"
+
+
 def _plugin_backends() -> list[Any]:
     """Site reader plugins: ``WSI_HISTOSGE_READER_PLUGINS="pkg.module:opener,..."``; each opener takes a
     path and returns a backend, or None to pass. Tried before the built-in readers."""
@@ -523,6 +686,11 @@ def _open_backend(path: Path) -> Backend:
         return OpenSlideBackend(path)
     except Exception as exc:
         errors.append(f"openslide: {type(exc).__name__}: {str(exc)[:160]}")
+    if path.suffix.lower() == ".dcm" or _has_dicom_preamble(path):
+        try:
+            return DicomBackend(path)
+        except SlideFormatError as exc:
+            errors.append(f"pydicom: {str(exc)[:160]}")
     raise SlideFormatError(
         f"{path}: not a slide any reader can open ({'; '.join(errors)}). "
         "Check that the file is complete and is a supported format (SVS, TIFF/OME-TIFF, NDPI, MRXS, "
