@@ -162,26 +162,17 @@ class CubeStore:
             compressors=[codec],
             dimension_names=["gene", "y", "x"],
         )
-        t = group.create_array(
-            "tissue",
-            shape=(ny, nx),
-            chunks=(min(ny, 1024), min(nx, 1024)),
-            dtype="uint8",
-            fill_value=0,
-            compressors=[ZstdCodec(level=3)],
-            dimension_names=["y", "x"],
-        )
-        t[:] = tissue.astype(np.uint8)
-        f = group.create_array(
-            "tissue_fraction",
-            shape=(ny, nx),
-            chunks=(min(ny, 1024), min(nx, 1024)),
-            dtype="float16",
-            fill_value=0,
-            compressors=[ZstdCodec(level=3)],
-            dimension_names=["y", "x"],
-        )
-        f[:] = tissue_fraction.astype(np.float16)
+        for name, values, dtype in (("tissue", tissue, "uint8"), ("tissue_fraction", tissue_fraction, "float16")):
+            arr = group.create_array(
+                name,
+                shape=(ny, nx),
+                chunks=(min(ny, 1024), min(nx, 1024)),
+                dtype=dtype,
+                fill_value=0,
+                compressors=[ZstdCodec(level=3)],
+                dimension_names=["y", "x"],
+            )
+            arr[:] = values.astype(dtype)
         ncy, ncx = -(-ny // c), -(-nx // c)
         group.create_array(
             "chunk_done", shape=(ncy, ncx), chunks=(1, 1), dtype="uint8", fill_value=0, dimension_names=["cy", "cx"]
