@@ -392,8 +392,7 @@ def _infer_slide(
         for item in block_loader(dataset, num_workers=options.num_workers, pin_memory=device.type == "cuda"):
             t_wait += time.perf_counter() - t_last
             block = todo[item.index]
-            iy, ix = item.iy, item.ix
-            centres = grid.centres_level0(iy, ix)
+            iy, ix, centres = item.iy, item.ix, item.centres_level0
             if item.bad:
                 clear = cells_clear_of(item, centres, grid.mpp, grid.context_um)
                 core = (iy >= block.y0) & (iy < block.y1) & (ix >= block.x0) & (ix < block.x1)

@@ -49,29 +49,10 @@ def tile_for_points(slide: Slide, centres_level0: np.ndarray, context_um: float,
 
 
 def read_tile(slide: Slide, geom: TileGeometry, bad: list[tuple[int, int, int, int]] | None = None) -> np.ndarray:
-    """Read a region that may extend past the slide edges; outside is white (glass).
+    """The super-tile's pixels; where it leaves the slide, backends return white (glass).
 
     ``bad`` collects the rectangles (tile px) of corrupt tiles under the skip policy."""
-    w0, h0 = slide.dimensions
-    x0, y0 = geom.level0_xy
-    w, h = geom.size
-    ds = geom.downsample
-    if x0 >= 0 and y0 >= 0 and x0 + w * ds <= w0 and y0 + h * ds <= h0:
-        return slide.read_region((x0, y0), geom.level, (w, h), bad)
-    cx0, cy0 = max(0, x0), max(0, y0)
-    cx1, cy1 = min(w0, int(np.ceil(x0 + w * ds))), min(h0, int(np.ceil(y0 + h * ds)))
-    out = np.full((h, w, 3), 255, dtype=np.uint8)
-    if cx1 <= cx0 or cy1 <= cy0:
-        return out
-    ox, oy = round((cx0 - x0) / ds), round((cy0 - y0) / ds)
-    rw = max(1, min(w - ox, int(np.ceil((cx1 - cx0) / ds))))
-    rh = max(1, min(h - oy, int(np.ceil((cy1 - cy0) / ds))))
-    inner: list[tuple[int, int, int, int]] | None = [] if bad is not None else None
-    region = slide.read_region((cx0, cy0), geom.level, (rw, rh), inner)
-    out[oy : oy + rh, ox : ox + rw] = region[:rh, :rw]
-    if bad is not None and inner:
-        bad.extend((a + ox, b + oy, c + ox, d + oy) for a, b, c, d in inner)
-    return out
+    return slide.read_region(geom.level0_xy, geom.level, geom.size, bad)
 
 
 def cut_patches(
@@ -118,6 +99,7 @@ class TileItem:
     geom: TileGeometry
     iy: np.ndarray
     ix: np.ndarray
+    centres_level0: np.ndarray  # (N, 2) of the cells, computed once in the worker
     bad: list[tuple[int, int, int, int]] = field(default_factory=list)  # corrupt-tile rects, tile px
 
 
@@ -149,7 +131,7 @@ class BlockDataset(Dataset[TileItem]):
         geom = tile_for_points(self.slide, centres, self.grid.context_um, self.level)
         bad: list[tuple[int, int, int, int]] | None = [] if self.skip_bad_tiles else None
         tile = read_tile(self.slide, geom, bad)
-        return TileItem(i, torch.from_numpy(tile), geom, iy, ix, bad or [])
+        return TileItem(i, torch.from_numpy(tile), geom, iy, ix, centres, bad or [])
 
 
 def _collate_one(items: list[TileItem]) -> TileItem:

@@ -81,6 +81,22 @@ def _rgb(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3])
 
 
+def _blank(w: int, h: int) -> np.ndarray:
+    """A region of glass: every backend returns white where the request leaves the image."""
+    return np.full((h, w, 3), 255, dtype=np.uint8)
+
+
+def _paste(
+    out: np.ndarray, x: int, y: int, clip: tuple[int, int, int, int], tile: np.ndarray, gx0: int, gy0: int
+) -> None:
+    """Copy the part of ``tile`` (top-left at level px gx0, gy0) inside ``clip`` into ``out`` (top-left x, y)."""
+    x0, y0, x1, y1 = clip
+    sx0, sy0 = max(x0, gx0), max(y0, gy0)
+    sx1, sy1 = min(x1, gx0 + tile.shape[1]), min(y1, gy0 + tile.shape[0])
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
+
+
 #: TIFF compression codes whose tiles are JPEG or JPEG 2000 codestreams (both end with the FFD9 marker).
 _JPEG_LIKE = {6, 7, 33003, 33004, 33005, 34712}
 
@@ -182,7 +198,7 @@ class _TiledLevel:
         A tile that is missing or fails to decode raises :class:`CorruptTileError`, or, when ``bad`` is a
         list (the ``--on-bad-tile skip`` policy), is left white and its rectangle (level px, relative to
         the region) appended to ``bad`` so callers can drop the spots it touches."""
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        out = _blank(w, h)
         x0, y0 = max(0, x), max(0, y)
         x1, y1 = min(self.width, x + w), min(self.height, y + h)
         if x1 <= x0 or y1 <= y0:
@@ -261,11 +277,7 @@ class _TiledLevel:
                 self.cache.put((self.level, index), result)
             decoded[index] = result
         for index, tile in decoded.items():
-            tx, ty = index % self.ntx, index // self.ntx
-            gx0, gy0 = tx * self.tw, ty * self.th
-            sx0, sy0 = max(x0, gx0), max(y0, gy0)
-            sx1, sy1 = min(x1, gx0 + self.tw), min(y1, gy0 + self.th)
-            out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
+            _paste(out, x, y, (x0, y0, x1, y1), tile, (index % self.ntx) * self.tw, (index // self.ntx) * self.th)
         return out
 
 
@@ -337,8 +349,18 @@ class TiffSlideBackend:
             ds = self.level_downsamples[level]
             x, y = int(np.floor(location[0] / ds)), int(np.floor(location[1] / ds))
             return direct.read(self._slide.ts_tifffile.filehandle, x, y, size[0], size[1], self.path, ds, bad)
-        arr = self._slide.read_region(location, level, size, as_array=True)
-        return _rgb(np.asarray(arr))
+        # tiffslide pads with black; read the part inside the level and put it on glass instead
+        ds = self.level_downsamples[level]
+        x, y = int(np.floor(location[0] / ds)), int(np.floor(location[1] / ds))
+        lw, lh = self.level_dimensions[level]
+        out = _blank(*size)
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(lw, x + size[0]), min(lh, y + size[1])
+        if x1 > x0 and y1 > y0:
+            # ceil: tiffslide floors location / ds, which must land exactly on x0, y0
+            loc = (int(np.ceil(x0 * ds)), int(np.ceil(y0 * ds)))
+            arr = self._slide.read_region(loc, level, (x1 - x0, y1 - y0), as_array=True, padding=False)
+            _paste(out, x, y, (x0, y0, x1, y1), _rgb(np.asarray(arr)), x0, y0)
+        return out
 
     def stated_mpp(self) -> tuple[float, float, str] | None:
         mx = self.properties.get("tiffslide.mpp-x")
@@ -473,11 +495,8 @@ class PlainImageBackend:
         arr = self._array()
         x, y = location
         w, h = size
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, arr.shape[1]), min(y + h, arr.shape[0])
-        if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = arr[y0:y1, x0:x1]
+        out = _blank(w, h)
+        _paste(out, x, y, (max(x, 0), max(y, 0), x + w, y + h), arr, 0, 0)
         return out
 
     def stated_mpp(self) -> tuple[float, float, str] | None:
@@ -617,7 +636,7 @@ class DicomBackend:
         x, y = location
         w, h = size
         W, H = self.level_dimensions[0]
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        out = _blank(w, h)
         x0, y0, x1, y1 = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
         if x1 <= x0 or y1 <= y0:
             return out
@@ -631,9 +650,7 @@ class DicomBackend:
                         raise
                     bad.append((gx0 - x, gy0 - y, gx0 + self.tw - x, gy0 + self.th - y))
                     continue
-                sx0, sy0 = max(x0, gx0), max(y0, gy0)
-                sx1, sy1 = min(x1, gx0 + tile.shape[1]), min(y1, gy0 + tile.shape[0])
-                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - gy0 : sy1 - gy0, sx0 - gx0 : sx1 - gx0]
+                _paste(out, x, y, (x0, y0, x1, y1), tile, gx0, gy0)
         return out
 
     def stated_mpp(self) -> tuple[float, float, str] | None:
