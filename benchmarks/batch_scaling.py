@@ -16,36 +16,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tifffile
 
 from wsi_histosge.cohort import RunConfig, SlideJob, run_batch
-from wsi_histosge.slide import open_slide
-
-SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi-samples" / "CMU-1-Small-Region.svs"
 
 
 def make_slides(folder: Path, n: int) -> list[Path]:
+    from synthetic_slides import source_pixels, write_pyramid
+
     folder.mkdir(parents=True, exist_ok=True)
-    src = open_slide(SOURCE)
-    pix = src.read_region((0, 0), 0, src.dimensions)
-    paths = []
-    for i in range(n):
-        path = folder / f"slide{i}.tif"
-        if not path.is_file():
-            img = np.roll(pix, shift=(i * 211, i * 157), axis=(0, 1))
-            res = 1e4 / src.mpp.x
-            with tifffile.TiffWriter(path) as tw:
-                for lv in range(2):
-                    tw.write(
-                        img[:: 2**lv, :: 2**lv],
-                        tile=(240, 240),
-                        compression="jpeg",
-                        photometric="rgb",
-                        subfiletype=int(lv > 0),
-                        resolution=(res / 2**lv, res / 2**lv),
-                        resolutionunit="CENTIMETER",
-                    )
-        paths.append(path)
+    pix, mpp = source_pixels()
+    paths = [folder / f"slide{i}.tif" for i in range(n)]
+    for i, path in enumerate(paths):
+        if not path.is_file():  # shifted copies, so the slides differ
+            write_pyramid(path, np.roll(pix, shift=(i * 211, i * 157), axis=(0, 1)), mpp, downsamples=(1, 2))
     return paths
 
 

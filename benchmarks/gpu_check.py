@@ -20,7 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 WORK = Path("/tmp/wsi-histosge-gpucheck")
@@ -79,36 +78,13 @@ def write_models(arch: str, n_genes: int) -> Path:
 
 
 def write_slide(n: int) -> Path:
-    import imagecodecs
-    import tifffile
-
-    from wsi_histosge.slide import open_slide
+    from synthetic_slides import source_pixels, write_repeated_jpeg
 
     path = WORK / f"slide-{n}.tif"
     if path.is_file():
         return path
-    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi-samples" / "CMU-1-Small-Region.svs"
-    if not src.is_file():
-        src = Path("shared/data/wsi-samples/CMU-1-Small-Region.svs")
-    pix = open_slide(src).read_region((0, 0), 0, (2048, 2560))
-    tiles = [
-        imagecodecs.jpeg8_encode(np.ascontiguousarray(pix[y : y + 256, x : x + 256]), level=85)
-        for y in range(0, 2560, 256)
-        for x in range(0, 2048, 256)
-    ]
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        count = (-(-n // 256)) ** 2
-        tw.write(
-            (tiles[i % len(tiles)] for i in range(count)),
-            shape=(n, n, 3),
-            dtype="uint8",
-            tile=(256, 256),
-            compression="jpeg",
-            photometric="rgb",
-            resolution=(2e4, 2e4),
-            resolutionunit="CENTIMETER",
-        )
-    return path
+    pix, mpp = source_pixels()
+    return write_repeated_jpeg(path, n, pix, mpp)
 
 
 def main() -> None:

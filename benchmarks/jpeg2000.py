@@ -22,30 +22,14 @@ from wsi_histosge.loader import BlockDataset, block_loader
 from wsi_histosge.slide import open_slide
 from wsi_histosge.tissue import TissueMask
 
-SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi-samples" / "CMU-1-Small-Region.svs"
-
 
 def make(path: Path, n: int, codec: str) -> Path:
+    from synthetic_slides import source_pixels, tiled, write_pyramid
+
     if path.is_file():
         return path
-    src = open_slide(SOURCE)
-    pix = src.read_region((0, 0), 0, src.dimensions)
-    img = np.tile(pix, (-(-n // pix.shape[0]), -(-n // pix.shape[1]), 1))[:n, :n]
-    res = 1e4 / src.mpp.x
-    tmp = path.with_suffix(".partial.tif")
-    args = {"level": 85} if codec == "jpeg" else {"level": 40}
-    tifffile.imwrite(
-        tmp,
-        img,
-        tile=(240, 240),
-        compression=codec,
-        compressionargs=args,
-        photometric="rgb",
-        resolution=(res, res),
-        resolutionunit="CENTIMETER",
-    )
-    tmp.replace(path)
-    return path
+    pix, mpp = source_pixels()
+    return write_pyramid(path, tiled(pix, n), mpp, codec=codec, level=85 if codec == "jpeg" else 40)
 
 
 def bare(path: Path) -> tuple[float, float]:

@@ -19,51 +19,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-SOURCE = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi-samples" / "CMU-1-Small-Region.svs"
 WORK = Path("/tmp/wsi-histosge-membench")
 
 
 def make_slide(n: int) -> Path:
-    import imagecodecs
-    import tifffile
-
-    from wsi_histosge.slide import open_slide
+    from synthetic_slides import source_pixels, write_repeated_jpeg
 
     path = WORK / f"slide-{n}.tif"
     if path.is_file():
         return path
     WORK.mkdir(parents=True, exist_ok=True)
-    src = open_slide(SOURCE)
-    pix = src.read_region((0, 0), 0, src.dimensions)
-    tmp = path.with_suffix(".partial.tif")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-        for level, ds in enumerate((1, 4, 16)):
-            img = pix[::ds, ::ds] if ds > 1 else pix
-            reps = (-(-1024 // img.shape[0]) + 1, -(-1024 // img.shape[1]) + 1, 1)
-            img = np.tile(img, reps)
-            tiles = [
-                imagecodecs.jpeg8_encode(np.ascontiguousarray(img[y : y + 256, x : x + 256]), level=85)
-                for y in range(0, 1024, 256)
-                for x in range(0, 1024, 256)
-            ]
-            size = -(-n // ds)
-            count = (-(-size // 256)) ** 2
-            res = 1e4 / (src.mpp.x * ds)
-            tw.write(
-                (tiles[i % len(tiles)] for i in range(count)),
-                shape=(size, size, 3),
-                dtype="uint8",
-                tile=(256, 256),
-                compression="jpeg",
-                photometric="rgb",
-                subfiletype=int(level > 0),
-                resolution=(res, res),
-                resolutionunit="CENTIMETER",
-            )
-    tmp.replace(path)
-    return path
+    pix, mpp = source_pixels()
+    return write_repeated_jpeg(path, n, pix, mpp, downsamples=(1, 4, 16))
 
 
 def make_model(n_genes: int) -> Path:

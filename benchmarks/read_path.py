@@ -82,31 +82,12 @@ def per_spot(slide_path: Path, stride_um: float, context_um: float, limit: int) 
 
 def generate_slide(path: Path, size_px: int, source: Path) -> Path:
     """A JPEG-tiled (240 px, quality 85) pyramidal TIFF of ``size_px`` square, tiled from real H&E pixels."""
-    import tifffile
+    from synthetic_slides import source_pixels, tiled, write_pyramid
 
     if path.is_file():
         return path
-    src = open_slide(source)
-    pix = src.read_region((0, 0), 0, src.dimensions)
-    reps = (-(-size_px // pix.shape[0]), -(-size_px // pix.shape[1]), 1)
-    img = np.tile(pix, reps)[:size_px, :size_px]
-    res = 1e4 / src.mpp.x
-    tmp = path.with_suffix(".partial.tif")
-    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
-        for i in range(3):
-            lvl = img[:: 2**i, :: 2**i]
-            tw.write(
-                lvl,
-                tile=(240, 240),
-                compression="jpeg",
-                compressionargs={"level": 85},
-                photometric="rgb",
-                subfiletype=int(i > 0),
-                resolution=(res / 2**i, res / 2**i),
-                resolutionunit="CENTIMETER",
-            )
-    tmp.replace(path)
-    return path
+    pix, mpp = source_pixels()
+    return write_pyramid(path, tiled(pix, size_px), mpp, downsamples=(1, 2, 4))
 
 
 def main() -> None:

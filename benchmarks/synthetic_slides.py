@@ -1,0 +1,95 @@
+"""Slides for the benchmarks, written once from real H&E pixels (CMU-1-Small-Region.svs).
+
+Two writers: ``write_pyramid`` encodes whole arrays (any codec tifffile has), ``write_repeated_jpeg`` writes
+pre-encoded JPEG tiles repeated over any size in seconds (gigapixel slides for memory and GPU checks).
+Both write to a temporary name and rename, so an interrupted run never leaves a half slide behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+SOURCE_CANDIDATES = [
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi-samples" / "CMU-1-Small-Region.svs",
+    Path("shared/data/wsi-samples/CMU-1-Small-Region.svs"),  # on the device machine, shared/ is in the tree
+]
+
+
+def source_pixels() -> tuple[np.ndarray, float]:
+    """Level-0 RGB pixels of the sample slide and its µm/px."""
+    from wsi_histosge.slide import open_slide
+
+    path = next((p for p in SOURCE_CANDIDATES if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"sample slide not found in {[str(p) for p in SOURCE_CANDIDATES]}")
+    slide = open_slide(path)
+    return slide.read_region((0, 0), 0, slide.dimensions), slide.mpp.x
+
+
+def tiled(pix: np.ndarray, size_px: int) -> np.ndarray:
+    """``pix`` repeated to a ``size_px`` square."""
+    return np.tile(pix, (-(-size_px // pix.shape[0]), -(-size_px // pix.shape[1]), 1))[:size_px, :size_px]
+
+
+def write_pyramid(
+    path: Path,
+    img: np.ndarray,
+    mpp: float,
+    *,
+    downsamples: Sequence[int] = (1,),
+    codec: str = "jpeg",
+    level: int = 85,
+    tile: int = 240,
+) -> Path:
+    tmp = path.with_suffix(".partial.tif")
+    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        for i, ds in enumerate(downsamples):
+            res = 1e4 / (mpp * ds)
+            tw.write(
+                img[::ds, ::ds],
+                tile=(tile, tile),
+                compression=codec,
+                compressionargs={"level": level},
+                photometric="rgb",
+                subfiletype=int(i > 0),
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
+    tmp.replace(path)
+    return path
+
+
+def write_repeated_jpeg(
+    path: Path, size_px: int, pix: np.ndarray, mpp: float, *, downsamples: Sequence[int] = (1,), tile: int = 256
+) -> Path:
+    import imagecodecs
+
+    tmp = path.with_suffix(".partial.tif")
+    with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
+        for i, ds in enumerate(downsamples):
+            img = tiled(pix[::ds, ::ds], 4 * tile)
+            tiles = [
+                imagecodecs.jpeg8_encode(np.ascontiguousarray(img[y : y + tile, x : x + tile]), level=85)
+                for y in range(0, 4 * tile, tile)
+                for x in range(0, 4 * tile, tile)
+            ]
+            side = -(-size_px // ds)
+            count = (-(-side // tile)) ** 2
+            res = 1e4 / (mpp * ds)
+            tw.write(
+                (tiles[k % len(tiles)] for k in range(count)),
+                shape=(side, side, 3),
+                dtype="uint8",
+                tile=(tile, tile),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=int(i > 0),
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
+    tmp.replace(path)
+    return path
