@@ -30,12 +30,11 @@ import numpy as np
 from .metrics import pearson_per_gene, rasterise, score
 from .model import HeadConfig, Model
 from .stdata import STSection
-from .train import FitConfig, Groups, TrainSet, choose_epochs, fit_head, make_sets, predict_set
+from .train import FitConfig, Groups, TrainSet, choose_epochs, feature_scale, fit_head, make_sets, predict_set
 
 
 def _z(train_x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    mean, std = train_x.mean(0), train_x.std(0)
-    std = np.maximum(std, 0.1 * np.median(std) + 1e-6)
+    mean, std = feature_scale(train_x)
     return lambda a: np.clip((a - mean) / std, -5, 5)
 
 

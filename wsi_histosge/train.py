@@ -25,9 +25,6 @@ from .model import HeadConfig, HisToSGEHead, Model, ModelMeta
 from .slide import open_slide
 from .stdata import SQUARE_STEPS, STSection
 
-#: Square lattice neighbourhood (legacy ST): the spot itself first, then its 8 neighbours (array steps).
-SQUARE_NEIGHBOURS = SQUARE_STEPS
-
 
 def default_cache_dir() -> Path:
     import os
@@ -147,6 +144,14 @@ class TrainSet:
         )
 
 
+def feature_scale(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per feature channel, the std floored at a tenth of the median std: channels that are
+    near-constant on training tissue would otherwise explode on a new section (the head and the ridge
+    baseline both clip the resulting z at 5)."""
+    mean, std = features.mean(0), features.std(0)
+    return mean, np.maximum(std, 0.1 * np.median(std) + 1e-6)
+
+
 @dataclass
 class FitConfig:
     epochs: int = 400
@@ -170,10 +175,7 @@ def fit_head(
     torch.manual_seed(fit.seed)
     np.random.seed(fit.seed)
     head = HisToSGEHead(head_cfg)
-    all_feats = np.concatenate([t.features for t in train])
-    mean = all_feats.mean(0)
-    std = all_feats.std(0)
-    std = np.maximum(std, 0.1 * np.median(std) + 1e-6)  # near-constant channels must not explode
+    mean, std = feature_scale(np.concatenate([t.features for t in train]))
     head.feature_mean.copy_(torch.from_numpy(mean))
     head.feature_std.copy_(torch.from_numpy(std))
     parts_targets = np.concatenate([t.targets for t in train])
