@@ -20,10 +20,14 @@ class UsageError(HistoSGEError, ValueError):
     exit_code = 2
 
 
-class SlideNotFoundError(HistoSGEError, FileNotFoundError):
-    """The slide (or another input file) does not exist."""
+class InputNotFoundError(HistoSGEError, FileNotFoundError):
+    """An input (slide, cube, mask, manifest, model folder, data file) does not exist."""
 
     exit_code = 3
+
+
+#: The historical name: every "input not found" is one error, whatever the input.
+SlideNotFoundError = InputNotFoundError
 
 
 class SlideFormatError(HistoSGEError, ValueError):
@@ -74,27 +78,40 @@ class DataFormatError(HistoSGEError, ValueError):
     exit_code = 9
 
 
+class CubeIncompleteError(HistoSGEError, ValueError):
+    """A cube is incomplete (no completion marker) or has missing chunks where it should have data."""
+
+    exit_code = 13
+
+
 class OutputWriteError(HistoSGEError, OSError):
     """Writing the output failed (disk full, quota, permissions); what was written stays resumable."""
 
     exit_code = 14
 
 
+class OutputLockedError(HistoSGEError, BlockingIOError):
+    """Another running process holds the output's lock (a second `infer` or `batch` on the same output)."""
+
+    exit_code = 15
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success (or nothing to do: output already complete)",
     1: "unexpected internal error (rerun with --debug and report it)",
     2: "bad usage or parameters",
-    3: "input file not found",
+    3: "input not found (slide, cube, mask, manifest, model, data)",
     4: "not a readable slide, or a corrupt/truncated slide",
     5: "slide has no pixel size (MPP); pass --mpp",
     6: "no tissue found",
     7: "output exists with other content or other parameters; use --overwrite or another --out",
     8: "model or encoder cannot be loaded, or they do not fit together",
-    9: "input data (training data, a cube) is malformed or declares unsafe codecs",
+    9: "input data (training data, a cube, a mask, a model's JSON) is malformed or declares unsafe codecs",
     10: "batch: some slides failed (see summary.csv)",
     11: "batch: every slide failed",
     12: "batch: no slides found in the inputs",
-    13: "verify: the cube is incomplete or has missing chunks",
+    13: "the cube is incomplete or has missing chunks (verify, to-anndata, plot)",
     14: "writing the output failed (disk full, quota, permissions); free space and rerun to resume",
+    15: "another running process holds the output's lock; wait for it, or stop it and rerun",
     130: "interrupted (Ctrl-C / SIGTERM); rerun to resume",
 }
