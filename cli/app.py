@@ -41,6 +41,16 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(1)
 
 
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (a scheduler stopping the job, `kill`) ends the run like Ctrl-C: exit 130, resumable."""
+    import signal
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
     _DEBUG["on"] = debug
@@ -122,15 +132,18 @@ def infer(
             rate = t.finished_speed or t.speed
             progress.update(task["id"], rate=f"{rate:.1f}" if rate else "-")
 
+    _terminate_as_interrupt()
     try:
         result = infer_slide(
             slide, out, opts, progress=on_progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True)
         )
     except BaseException as exc:
-        progress.stop()
+        if task:
+            progress.stop()
         _fail(exc)
         return
-    progress.stop()
+    if task:
+        progress.stop()
     report = result.to_dict()
     if as_json:
         out_console.print_json(json.dumps(report))
@@ -362,6 +375,9 @@ def to_anndata_cmd(
     library_id: Annotated[Optional[str], typer.Option(help="Key in uns['spatial'] (default: slide name).")] = None,
     slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing .h5ad.")] = False,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Convert what an incomplete cube holds (marked partial in uns) instead of refusing.")
+    ] = False,
 ) -> None:
     """Convert a cube to AnnData (.h5ad) for scanpy/squidpy, binned in linear space."""
     from wsi_histosge.convert import to_anndata
@@ -372,7 +388,15 @@ def to_anndata_cmd(
     if isinstance(res, str) and res not in ("native", "spot"):
         _fail(UsageError(f"--resolution must be native or spot, got {res!r} (use --bin-um for µm)"))
     try:
-        path = to_anndata(cube, out, resolution=res, library_id=library_id, slide=slide, overwrite=overwrite)
+        path = to_anndata(
+            cube,
+            out,
+            resolution=res,
+            library_id=library_id,
+            slide=slide,
+            overwrite=overwrite,
+            allow_incomplete=allow_incomplete,
+        )
     except BaseException as exc:
         _fail(exc)
         return
@@ -414,8 +438,9 @@ def batch(
     scheduler: Annotated[Optional[str], typer.Option(help="Address of a running dask scheduler.")] = None,
     retries: Annotated[int, typer.Option(help="Retries of a slide whose worker was lost (dask).")] = 2,
     retry_failed: Annotated[bool, typer.Option(help="Try slides that failed in an earlier run again.")] = False,
-    allow_root: Annotated[
-        Optional[list[Path]], typer.Option(help="Extra folder manifest paths may point into.")
+    slides_under: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Only read slides and masks under this folder (repeatable; for services)."),
     ] = None,
     model: Annotated[Optional[Path], typer.Option(help="Model folder (default: the built-in model).")] = None,
     stride_um: Annotated[Optional[float], typer.Option(help="Lattice step in µm.")] = None,
@@ -425,7 +450,7 @@ def batch(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Run a cohort: resumable, one slide's failure never stops the others. Exit 0 all done, 10 some failed,
-    11 all failed, 12 no slides, 130 interrupted."""
+    11 all failed, 12 no slides, 15 none failed but some are locked by another run, 130 interrupted."""
     import signal
 
     from rich.live import Live
@@ -433,7 +458,7 @@ def batch(
     from wsi_histosge.cohort import EXIT_INTERRUPTED, RunConfig, collect_jobs, run_batch
 
     try:
-        jobs = collect_jobs(inputs, allow_roots=allow_root or [])
+        jobs = collect_jobs(inputs, slides_under=slides_under or [])
     except BaseException as exc:
         _fail(exc)
         return
@@ -499,6 +524,14 @@ def batch(
             highlight=False,
             soft_wrap=True,
         )
+        locked = [r for r in summary.rows if r.get("status") == "locked"]
+        if locked:
+            console.print(
+                f"{len(locked)} slide(s) are being processed by another run ({locked[0].get('error', '')}); "
+                "they were left alone: rerun when that run has finished",
+                highlight=False,
+                soft_wrap=True,
+            )
     raise typer.Exit(summary.exit_code)
 
 
@@ -511,7 +544,11 @@ def status(
     """What is done, running, failed (and why) in a batch output folder (reads only the state files)."""
     from wsi_histosge.cohort import read_states, run_dir_for
 
-    states = read_states(run_dir_for(out, state_dir))
+    try:
+        states = read_states(run_dir_for(out, state_dir))
+    except BaseException as exc:
+        _fail(exc)
+        return
     if as_json:
         out_console.print_json(json.dumps(states, default=str))
         return
@@ -609,8 +646,29 @@ def exit_codes() -> None:
         out_console.print(f"{code:>3}  {meaning}")
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The `wsi-histosge` entry point: option errors are one line naming the option (exit 2)."""
+    import sys
+
+    try:  # typer >= 0.2x carries its own copy of click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover - older typer on the real click
+        from click import exceptions as click_exc  # type: ignore[no-redef]
+
+    try:
+        code = app(args=argv, prog_name="wsi-histosge", standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as exc:
+        out_console.print(exc.ctx.get_help() if exc.ctx else "wsi-histosge --help", highlight=False)
+        sys.exit(0)
+    except click_exc.UsageError as exc:
+        where = f"wsi-histosge {exc.ctx.info_name} --help" if exc.ctx and exc.ctx.parent else "wsi-histosge --help"
+        message = " ".join(exc.format_message().split())
+        console.print(f"[red]error:[/red] {message} (see `{where}`)", highlight=False, soft_wrap=True, markup=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

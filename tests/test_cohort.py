@@ -36,14 +36,18 @@ def _cfg(out: Path, model: Path, **kw: object) -> RunConfig:
 def test_manifest_validation_reports_every_bad_row(tmp_path: Path) -> None:
     (tmp_path / "a.svs").write_bytes(b"x")
     m = tmp_path / "m.csv"
-    m.write_text("slide,id,mpp\na.svs,ok,0.5\na.svs,../evil,\n/etc/passwd,x,\nb.svs,ok,\nc.svs,c,abc\n")
+    m.write_text("slide,id,mpp\na.svs,ok,0.5\na.svs,../evil,\n/etc/passwd,x,\nb.svs,ok,\nc.svs,c,abc\nd.svs,d,inf\n")
     with pytest.raises(UsageError) as info:
         read_manifest(m)
     text = str(info.value)
+    assert "\n" not in text
     assert "row 3" in text and "../evil" in text
-    assert "row 4" in text and "outside the manifest's folder" in text
+    assert "row 4" not in text  # an absolute path is the user's intent, allowed by default
     assert "duplicate id 'ok'" in text
-    assert "row 6" in text and "not a number" in text
+    assert "row 6" in text and "'abc' is not a pixel size" in text
+    assert "row 7" in text and "'inf'" in text
+    with pytest.raises(UsageError, match="row 4: slide /etc/passwd is outside --slides-under"):
+        read_manifest(m, slides_under=[tmp_path])
     m.write_text("slide,id\nsub/a.svs,a\n")
     assert read_manifest(m)[0].slide == str(tmp_path / "sub" / "a.svs")  # relative to the manifest
     m.write_bytes(b"slide,id\na.svs,a\x00b\n")

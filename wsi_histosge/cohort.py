@@ -29,13 +29,15 @@ from glob import glob
 from pathlib import Path
 from typing import Any
 
-from .errors import HistoSGEError, SlideNotFoundError, UsageError
+from .errors import HistoSGEError, InputNotFoundError, NoSlidesError, OutputLockedError, UsageError
+from .lock import OutputLock
 
-#: Exit codes of `batch` (also in the README).
+#: Exit codes of `batch` (their meanings are in errors.EXIT_CODES, the one table).
 EXIT_ALL_OK = 0
 EXIT_PARTIAL = 10
 EXIT_ALL_FAILED = 11
-EXIT_NO_SLIDES = 12
+EXIT_NO_SLIDES = NoSlidesError.exit_code
+EXIT_LOCKED = OutputLockedError.exit_code
 EXIT_INTERRUPTED = 130
 
 SLIDE_SUFFIXES = {
@@ -83,60 +85,76 @@ def _within(path: Path, roots: list[Path]) -> bool:
     return any(rp == r or r in rp.parents for r in roots)
 
 
-def read_manifest(path: str | Path, *, allow_roots: Iterable[str | Path] = ()) -> list[SlideJob]:
-    """A CSV with a ``slide`` column (path, relative to the manifest's folder, or URL) and optional ``id``,
-    ``mpp``, ``tissue_mask``; other columns are carried into the summary. Every problem is reported at
-    once, before any slide is touched."""
+def read_manifest(path: str | Path, *, slides_under: Iterable[str | Path] = ()) -> list[SlideJob]:
+    """A CSV with a ``slide`` column (absolute path, path relative to the manifest's folder, or URL) and
+    optional ``id``, ``mpp``, ``tissue_mask``; other columns are carried into the summary. Every problem is
+    reported at once, before any slide is touched.
+
+    ``slides_under``: when given (service deployments), every local slide and mask must lie under one of
+    these folders."""
+    import math
+
+    from .infer import OPTION_RANGES
+
     path = Path(path)
     if not path.is_file():
-        raise SlideNotFoundError(f"{path}: manifest not found")
+        raise InputNotFoundError(f"{path}: manifest not found; check the path")
     raw = path.read_bytes()
     if b"\x00" in raw:
         raise UsageError(f"{path}: the manifest contains NUL bytes; it is not a text CSV")
     base = path.resolve().parent
-    roots = [base, *(Path(r).resolve() for r in allow_roots)]
-    text = raw.decode("utf-8-sig")
+    roots = [Path(r).resolve() for r in slides_under]
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: the manifest is not UTF-8 text; save it as a UTF-8 CSV") from None
     reader = csv.DictReader(text.splitlines())
     if reader.fieldnames is None or "slide" not in reader.fieldnames:
         raise UsageError(f"{path}: needs a 'slide' column (columns: {reader.fieldnames})")
     jobs, problems = [], []
+
+    def local(value: str, n: int, what: str) -> str | None:
+        p = Path(value)
+        p = p if p.is_absolute() else base / p
+        if roots and not _within(p, roots):
+            problems.append(f"row {n}: {what} {value} is outside --slides-under ({', '.join(map(str, roots))})")
+            return None
+        return str(p)
+
     for n, row in enumerate(reader, start=2):
-        slide = (row.get("slide") or "").strip()
+        slide: str | None = (row.get("slide") or "").strip()
         if not slide:
             problems.append(f"row {n}: empty slide")
             continue
-        is_url = "://" in slide
-        if not is_url:
-            p = Path(slide)
-            p = p if p.is_absolute() else base / p
-            if not _within(p, roots):
-                problems.append(f"row {n}: {slide} is outside the manifest's folder (allow it with --allow-root)")
+        if "://" not in slide:
+            slide = local(slide, n, "slide")
+            if slide is None:
                 continue
-            slide = str(p)
         job_id = (row.get("id") or "").strip() or Path(slide.rstrip("/")).stem
         why = _check_id(job_id)
         if why:
             problems.append(f"row {n}: id {job_id!r} is {why}")
             continue
         mpp = None
-        if row.get("mpp"):
+        if (row.get("mpp") or "").strip():
+            lo, hi = OPTION_RANGES["mpp"]
             try:
                 mpp = float(row["mpp"])
             except ValueError:
-                problems.append(f"row {n}: mpp {row['mpp']!r} is not a number")
+                mpp = math.nan
+            if not (math.isfinite(mpp) and lo <= mpp <= hi):
+                problems.append(f"row {n}: mpp {row['mpp']!r} is not a pixel size between {lo:g} and {hi:g} µm/px")
                 continue
         mask = (row.get("tissue_mask") or "").strip() or None
         if mask and "://" not in mask:
-            mp = Path(mask) if Path(mask).is_absolute() else base / mask
-            if not _within(mp, roots):
-                problems.append(f"row {n}: tissue_mask {mask} is outside the manifest's folder")
+            mask = local(mask, n, "tissue_mask")
+            if mask is None:
                 continue
-            mask = str(mp)
         extra = {k: v for k, v in row.items() if k not in ("slide", "id", "mpp", "tissue_mask") and k is not None}
         jobs.append(SlideJob(slide, job_id, mpp, mask, extra))
     problems += _duplicates(jobs)
     if problems:
-        raise UsageError(f"{path}: {len(problems)} bad row(s), nothing was run:\n  " + "\n  ".join(problems))
+        raise UsageError(f"{path}: {len(problems)} bad row(s), nothing was run: " + "; ".join(problems))
     return jobs
 
 
@@ -154,22 +172,57 @@ def _duplicates(jobs: list[SlideJob]) -> list[str]:
     return out
 
 
-def collect_jobs(inputs: list[str], *, allow_roots: Iterable[str | Path] = ()) -> list[SlideJob]:
-    """Slides from globs, directories (their slide files), and CSV manifests."""
+def _has_glob(item: str) -> bool:
+    return any(c in item for c in "*?[")
+
+
+def _folder_slides(folder: Path) -> list[SlideJob]:
+    """The slides in a folder: its slide files, and its sub-folders that hold one DICOM series each. A
+    folder that is itself one DICOM series is one slide."""
+    from .slide import dicom_series_folder
+
+    if dicom_series_folder(folder):
+        return [SlideJob(str(folder), folder.name)]
+    jobs = []
+    for f in sorted(folder.iterdir()):
+        if f.is_dir():
+            if dicom_series_folder(f):
+                jobs.append(SlideJob(str(f), f.name))
+        elif f.suffix.lower() in SLIDE_SUFFIXES:
+            jobs.append(SlideJob(str(f), f.stem))
+    return jobs
+
+
+def collect_jobs(inputs: list[str], *, slides_under: Iterable[str | Path] = ()) -> list[SlideJob]:
+    """Slides from paths, globs, folders (their slide files and DICOM series folders) and CSV manifests.
+
+    A glob that matches nothing raises NoSlidesError (exit 12) naming it: a typo must not pass for an
+    empty cohort."""
     jobs: list[SlideJob] = []
     for item in inputs:
         p = Path(item)
-        if p.suffix.lower() == ".csv":
-            jobs += read_manifest(p, allow_roots=allow_roots)
+        if p.suffix.lower() == ".csv" and not _has_glob(item):
+            jobs += read_manifest(p, slides_under=slides_under)
         elif p.is_dir() and p.suffix.lower() != ".svs":
-            jobs += [SlideJob(str(f), f.stem) for f in sorted(p.iterdir()) if f.suffix.lower() in SLIDE_SUFFIXES]
+            jobs += _folder_slides(p)
+        elif _has_glob(item) and not p.exists():
+            matches = sorted(glob(item))
+            if not matches:
+                raise NoSlidesError(f"{item!r} matched no file; check the pattern (quote it so the shell keeps it)")
+            for m in matches:
+                mp = Path(m)
+                if mp.suffix.lower() == ".csv":
+                    jobs += read_manifest(mp, slides_under=slides_under)
+                elif mp.is_dir():
+                    jobs += _folder_slides(mp)
+                else:
+                    jobs.append(SlideJob(m, mp.stem))
         else:
-            matches = sorted(glob(item)) or [item]
-            jobs += [SlideJob(m, Path(m).stem) for m in matches]
+            jobs.append(SlideJob(item, p.stem if p.suffix else p.name))
     problems = [f"id {j.id!r} ({j.slide}) is {why}" for j in jobs if (why := _check_id(j.id))]
     problems += _duplicates(jobs)
     if problems:
-        raise UsageError("bad inputs, nothing was run:\n  " + "\n  ".join(problems))
+        raise UsageError("bad inputs, nothing was run: " + "; ".join(problems))
     return jobs
 
 
@@ -198,55 +251,36 @@ def run_dir_for(out: str | Path, state_dir: str | Path | None = None) -> Path:
 
 
 def read_states(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every slide's state in a run folder; InputNotFoundError when the folder is not a batch output."""
     folder = Path(run_dir) / "state"
+    if not Path(run_dir).exists():
+        raise InputNotFoundError(f"{run_dir}: no such folder; give the --out folder of a `batch` run")
+    if not folder.is_dir():
+        raise InputNotFoundError(f"{run_dir}: not a `batch` output (no state/ folder inside); check the path")
     states = []
-    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            states.append(json.loads(p.read_text()))
-        except (json.JSONDecodeError, OSError):
-            states.append({"id": p.stem, "status": "unknown", "error": "unreadable state file"})
+    for p in sorted(folder.glob("*.json")):
+        state = read_state(p)
+        states.append(state or {"id": p.stem, "status": "unknown", "error": "unreadable state file"})
     return states
 
 
-def _pid_alive(pid: int) -> bool:
+def read_state(path: Path) -> dict[str, Any]:
+    """A slide's state, or {} when absent; an unreadable or truncated state file (a crash while writing,
+    a full disk) reads as absent, so the slide is simply run again."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-class SlideLock:
-    """An O_EXCL lock file per slide output; stale locks (dead pid on this host) are reclaimed."""
+class SlideLock(OutputLock):
+    """The lock of one slide of a run: ``RUN/state/<id>.lock``."""
 
     def __init__(self, out: Path, job_id: str) -> None:
-        self.path = out / "state" / f"{job_id}.lock"
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (json.JSONDecodeError, OSError):
-                    holder = {}
-                same_host = holder.get("host") == socket.gethostname()
-                if same_host and not _pid_alive(int(holder.get("pid", -1))):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                return False
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            return True
-        return False
-
-    def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        super().__init__(Path(out) / "state" / f"{job_id}.lock")
 
 
 # -- one slide ------------------------------------------------------------------------------------
@@ -276,9 +310,13 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     skipped = _skip(job, cfg)
     if skipped is not None:
         return skipped
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
     lock = SlideLock(run, job.id)
     if not lock.acquire():
-        return {**base, "status": "locked", "error": f"another run holds {lock.path}"}
+        return {**base, "status": "locked", "error": f"another run is processing it ({lock.describe_holder()})"}
     started = time.time()
     _atomic_json(
         spath, {**base, "status": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": started}
@@ -303,6 +341,8 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
             "seconds": time.time() - started,
             "error": "",
         }
+    except OutputLockedError as exc:  # a plain `infer` is writing this output
+        state = {**base, "status": "locked", "error": str(exc), "seconds": time.time() - started}
     except HistoSGEError as exc:
         state = {
             **base,
@@ -321,8 +361,7 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
 
 def _skip(job: SlideJob, cfg: RunConfig) -> dict[str, Any] | None:
     """The previous state, marked skipped, when the slide failed before and retries were not asked for."""
-    spath = state_path(cfg.run_dir(), job.id)
-    previous = json.loads(spath.read_text()) if spath.is_file() else {}
+    previous = read_state(state_path(cfg.run_dir(), job.id))
     if previous.get("status") == "failed" and not cfg.retry_failed:
         return {**previous, "skipped": "failed before; pass --retry-failed to try again"}
     return None
@@ -350,7 +389,7 @@ def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
         if proc.is_alive():
             proc.kill()
             proc.join()
-        SlideLock(run, job.id).release()
+        SlideLock(run, job.id).release(force=True)
         _atomic_json(
             state_path(run, job.id),
             {
@@ -363,7 +402,18 @@ def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
             },
         )
         raise
-    state = json.loads(state_path(run, job.id).read_text()) if state_path(run, job.id).is_file() else {}
+    state = read_state(state_path(run, job.id))
+    if proc.exitcode == 0 and state.get("status") == "running":
+        # the child found the slide locked: the state file is the other run's, which is still running
+        holder = SlideLock(run, job.id).describe_holder()
+        return {
+            "id": job.id,
+            "slide": job.slide,
+            "output": job.out_path(out),
+            **job.extra,
+            "status": "locked",
+            "error": f"another run is processing it ({holder})",
+        }
     if proc.exitcode and proc.exitcode != 0 and state.get("status") not in ("done", "failed"):
         code = proc.exitcode
         why = f"crashed, signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"crashed, exit code {code}"
@@ -375,7 +425,7 @@ def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
             "status": "failed",
             "error": why,
         }
-        SlideLock(run, job.id).release()
+        SlideLock(run, job.id).release(force=True)
         _atomic_json(state_path(run, job.id), state)
     return state
 
@@ -405,7 +455,19 @@ def run_batch(
     isolate: bool = True,
     on_update: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchSummary:
-    """Run every job; write summary.csv and summary.json in ``cfg.out``; return the summary."""
+    """Run every job; write summary.csv and summary.json in ``cfg.out``; return the summary.
+
+    Options are checked (UsageError) before anything is created."""
+    from .infer import InferOptions, validate_options
+
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024):
+        raise UsageError(f"--workers must be an integer between 1 and 1024, got {workers!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
+        raise UsageError(f"--retries must be an integer between 0 and 100, got {retries!r}")
+    try:
+        validate_options(InferOptions(**cfg.options))
+    except TypeError as exc:
+        raise UsageError(f"unknown run option ({exc})") from None
     out = cfg.run_dir()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -424,8 +486,7 @@ def run_batch(
 
             cfg = replace(cfg, torch_threads=max(1, (os.cpu_count() or 1) // workers))
         rows = _run_dask(jobs, cfg, workers, scheduler, retries, on_update)
-    ok = sum(r.get("status") == "done" for r in rows)
-    code = EXIT_ALL_OK if ok == len(rows) else (EXIT_ALL_FAILED if ok == 0 else EXIT_PARTIAL)
+    code = batch_exit_code(rows)
     summary = _finish(out, rows, t0, code)
     if "://" in cfg.out:  # keep a copy of the summaries with the outputs in the object store
         from .store import write_text_atomic
@@ -433,6 +494,17 @@ def run_batch(
         for name in ("summary.json", "summary.csv"):
             write_text_atomic(f"{cfg.out.rstrip('/')}/{name}", (out / name).read_text())
     return summary
+
+
+def batch_exit_code(rows: list[dict[str, Any]]) -> int:
+    """0 all done; 10 some failed; 11 every slide failed; 15 none failed but some are locked by another
+    run (they are that run's work, not failures)."""
+    ok = sum(r.get("status") == "done" for r in rows)
+    locked = sum(r.get("status") == "locked" for r in rows)
+    failed = len(rows) - ok - locked
+    if failed:
+        return EXIT_ALL_FAILED if failed == len(rows) else EXIT_PARTIAL
+    return EXIT_LOCKED if locked else EXIT_ALL_OK
 
 
 def _dask_task(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
@@ -497,7 +569,7 @@ def _run_dask(
                     "status": "failed",
                     "error": f"worker lost ({type(exc).__name__}): the slide crashed or killed its worker on every try",
                 }
-                SlideLock(cfg.run_dir(), job.id).release()
+                SlideLock(cfg.run_dir(), job.id).release(force=True)
                 _atomic_json(state_path(cfg.run_dir(), job.id), state)
             rows.append(state)
             if on_update:

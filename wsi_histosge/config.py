@@ -36,6 +36,10 @@ MPP_PLAUSIBLE = (0.05, 50.0)
 #: Largest plain (untiled) image we decode whole, in pixels.
 MAX_PLAIN_IMAGE_PIXELS = 2_000_000_000
 
+#: Most lattice cells a run may have (rows x cols of the stride lattice over the whole slide): 4e8 is a
+#: 100 mm x 100 mm slide at a 5 µm stride. A smaller stride on a big slide is refused up front.
+MAX_LATTICE_CELLS = 400_000_000
+
 #: Expression array dtype in the output cube.
 EXPRESSION_DTYPE = "float16"
 

@@ -90,6 +90,12 @@ class OutputWriteError(HistoSGEError, OSError):
     exit_code = 14
 
 
+class NoSlidesError(HistoSGEError, FileNotFoundError):
+    """`batch` found no slides in its inputs (a glob that matches nothing, an empty folder)."""
+
+    exit_code = 12
+
+
 class OutputLockedError(HistoSGEError, BlockingIOError):
     """Another running process holds the output's lock (a second `infer` or `batch` on the same output)."""
 
@@ -109,9 +115,9 @@ EXIT_CODES: dict[int, str] = {
     9: "input data (training data, a cube, a mask, a model's JSON) is malformed or declares unsafe codecs",
     10: "batch: some slides failed (see summary.csv)",
     11: "batch: every slide failed",
-    12: "batch: no slides found in the inputs",
+    12: "batch: no slides found in the inputs (a glob that matches no file, an empty folder)",
     13: "the cube is incomplete or has missing chunks (verify, to-anndata, plot)",
     14: "writing the output failed (disk full, quota, permissions); free space and rerun to resume",
-    15: "another running process holds the output's lock; wait for it, or stop it and rerun",
+    15: "another running process holds the output's lock (infer; batch: no slide failed but some are locked)",
     130: "interrupted (Ctrl-C / SIGTERM); rerun to resume",
 }

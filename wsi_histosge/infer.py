@@ -20,9 +20,10 @@ from .encoders import Encoder, create_encoder
 from .errors import HistoSGEError, ModelError, NoTissueError, OutputWriteError, UsageError
 from .grid import Block, Grid, block_cells_for, make_grid
 from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
+from .lock import OutputLock
 from .model import Model, default_model_path, load_model
 from .slide import Slide, open_slide
-from .store import ATTR_KEY, CubeStore, run_fingerprint, sidecar, write_text_atomic
+from .store import ATTR_KEY, CubeStore, is_url, run_fingerprint, sidecar, write_text_atomic
 from .tissue import TissueMask, detect_tissue, load_tissue_mask, mask_to_geojson, require_tissue
 
 
@@ -81,9 +82,83 @@ ProgressFn = Callable[[str, int, int], None]  # (event, advance, total)
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """``None``/``auto``: CUDA when present, else CPU. A named device must exist here (UsageError)."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    assert name is not None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"--device {name!r}: only cpu and cuda[:N] are supported")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available on this machine; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..); pick one of them"
+        )
+    return device
+
+
+#: Accepted ranges of the numeric options (inclusive), in the options' own units.
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "mpp": config.MPP_PLAUSIBLE,
+    "stride_um": (1.0, 10_000.0),
+    "spot_um": (1.0, 10_000.0),
+    "context_um": (4.0, 10_000.0),
+    "min_tissue_fraction": (0.0, 1.0),
+    "batch_size": (1, 65_536),
+    "num_workers": (0, 64),
+}
+#: Option names as the user types them.
+OPTION_FLAGS = {"num_workers": "--workers"}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _flag(name: str) -> str:
+    return OPTION_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def check_number(name: str, value: Any, *, integer: bool = False, flag: str | None = None) -> None:
+    """Raise UsageError unless ``value`` is a finite number (an int when ``integer``) in OPTION_RANGES."""
+    import math
+
+    flag = flag or _flag(name)
+    lo, hi = OPTION_RANGES[name]
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
+        raise UsageError(f"{flag} must be {kind} between {lo:g} and {hi:g}, got {value!r}")
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise UsageError(f"{flag} must be {kind} between {lo:g} and {hi:g}, got {value!r}")
+
+
+def validate_options(options: InferOptions) -> None:
+    """Every option checked (finite, in range, device present) before anything is opened or written."""
+    for name in ("mpp", "stride_um", "spot_um", "context_um", "min_tissue_fraction"):
+        value = getattr(options, name)
+        if value is not None:
+            check_number(name, value)
+    for name in ("batch_size", "num_workers"):
+        value = getattr(options, name)
+        if value is not None:
+            check_number(name, value, integer=True)
+    if options.origin_um is not None:
+        import math
+
+        if len(options.origin_um) != 2 or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in options.origin_um
+        ):
+            raise UsageError(f"origin_um must be two finite numbers (x, y) in µm, got {options.origin_um!r}")
+    if options.on_bad_tile not in ("fail", "skip"):
+        raise UsageError(f"--on-bad-tile must be fail or skip, got {options.on_bad_tile!r}")
+    if options.precision not in (None, "auto", *PRECISIONS):
+        raise UsageError(f"--precision must be one of auto, {', '.join(PRECISIONS)}; got {options.precision!r}")
+    device = resolve_device(options.device)
+    if device.type == "cpu" and options.precision in ("bf16", "fp16"):
+        raise UsageError(f"--precision {options.precision} needs a CUDA device; on the CPU the run is fp32")
 
 
 def auto_batch_size(encoder: Encoder, device: torch.device) -> int:
@@ -103,10 +178,22 @@ def resolve_precision(device: torch.device, precision: str | None) -> torch.dtyp
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise ModelError(f"precision must be one of {sorted(table)}, got {precision!r}")
-    return table[precision]
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def check_lattice_size(slide: Slide, stride_um: float) -> None:
+    """Refuse a lattice too large to hold (a tiny --stride-um on a big slide) before anything is allocated."""
+    w_um = slide.dimensions[0] * slide.mpp.x
+    h_um = slide.dimensions[1] * slide.mpp.y
+    cells = (w_um / stride_um + 1) * (h_um / stride_um + 1)
+    if cells > config.MAX_LATTICE_CELLS:
+        raise UsageError(
+            f"--stride-um {stride_um:g} gives {cells:.3g} lattice cells on {slide.path} "
+            f"({w_um / 1000:.1f} x {h_um / 1000:.1f} mm); the limit is {config.MAX_LATTICE_CELLS:.0e}: "
+            "use a larger stride"
+        )
 
 
 def neighbour_cells(model: Model, stride_um: float) -> np.ndarray:
@@ -270,8 +357,7 @@ def _infer_slide(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    if options.on_bad_tile not in ("fail", "skip"):
-        raise UsageError(f"--on-bad-tile must be fail or skip, got {options.on_bad_tile!r}")
+    validate_options(options)
     slide = open_slide(slide_path, mpp=options.mpp, skip_bad_tiles=options.on_bad_tile == "skip")
     mpp = slide.mpp
     model_path = Path(options.model) if options.model is not None else default_model_path()
@@ -284,9 +370,10 @@ def _infer_slide(
     t0 = time.perf_counter()
     tissue = _tissue(slide, options)
     timings["tissue"] = time.perf_counter() - t0
-    stride = options.stride_um or model.meta.spot_um / 2.0
-    spot = options.spot_um or model.meta.spot_um
-    context = options.context_um or model.meta.context_um
+    stride = options.stride_um if options.stride_um is not None else model.meta.spot_um / 2.0
+    spot = options.spot_um if options.spot_um is not None else model.meta.spot_um
+    context = options.context_um if options.context_um is not None else model.meta.context_um
+    check_lattice_size(slide, stride)
     offsets = neighbour_cells(model, stride)
     grid = make_grid(
         slide,
@@ -330,6 +417,56 @@ def _infer_slide(
     }
     fingerprint = run_fingerprint(fp_parts)
     attrs = _cube_attributes(slide, model, encoder, grid, tissue, fingerprint, precision)
+    lock = None if is_url(out) else OutputLock(sidecar(out, ".lock"))
+    if lock is not None:
+        lock.acquire_or_raise(str(out))
+    try:
+        plan = _Plan(slide, model, encoder, grid, tissue, offsets, fingerprint, attrs, device, dtype, precision)
+        return _run(plan, out, options, progress=progress, say=say, timings=timings, t_start=t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@dataclass
+class _Plan:
+    """Everything decided before the output is touched."""
+
+    slide: Slide
+    model: Model
+    encoder: Encoder
+    grid: Grid
+    tissue: TissueMask
+    offsets: np.ndarray
+    fingerprint: str
+    attrs: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    precision: str
+
+
+def _run(
+    plan: _Plan,
+    out: str | Path,
+    options: InferOptions,
+    *,
+    progress: ProgressFn | None,
+    say: Callable[[str], None],
+    timings: dict[str, float],
+    t_start: float,
+) -> InferResult:
+    """Open (or resume) the cube under the output lock, run every block, finish."""
+    slide, model, encoder, grid, tissue, offsets = (
+        plan.slide,
+        plan.model,
+        plan.encoder,
+        plan.grid,
+        plan.tissue,
+        plan.offsets,
+    )
+    fingerprint, attrs, device, dtype, precision = plan.fingerprint, plan.attrs, plan.device, plan.dtype, plan.precision
+    mpp = slide.mpp
+    stride = grid.stride_um
     store, state = CubeStore.open_for_run(
         out,
         fingerprint=fingerprint,
@@ -380,7 +517,7 @@ def _infer_slide(
     encoder = encoder.to(device)
     model.head.to(device)
     enc_module: Any = torch.compile(encoder) if options.compile else encoder
-    batch = options.batch_size or auto_batch_size(encoder, device)
+    batch = options.batch_size if options.batch_size is not None else auto_batch_size(encoder, device)
     writer = _ChunkWriter(store, model.n_genes, grid.shape, {k: v for k, v in blocks_per_chunk.items() if not done[k]})
     writer.start()
     dataset = BlockDataset(slide, grid, todo, level, skip_bad_tiles=options.on_bad_tile == "skip")

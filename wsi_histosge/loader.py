@@ -143,11 +143,26 @@ def default_workers() -> int:
     return max(0, min(8, n - 1))
 
 
+def can_start_processes() -> bool:
+    """False inside a daemonic process (a dask worker, a multiprocessing pool worker), which may not
+    have children: DataLoader worker processes would fail there with "daemonic processes are not allowed
+    to have children"."""
+    import multiprocessing
+
+    return not multiprocessing.current_process().daemon
+
+
 def block_loader(
     dataset: BlockDataset, *, num_workers: int | None = None, pin_memory: bool = False, prefetch: int = 2
 ) -> Iterator[TileItem]:
-    """Iterate super-tiles in block order with background workers and prefetch."""
+    """Iterate super-tiles in block order with background workers and prefetch.
+
+    Worker processes where the process may have children; inside a daemonic process (dask workers)
+    one reader thread instead, which keeps reads overlapped with encoding (decoding releases the GIL)."""
     workers = default_workers() if num_workers is None else num_workers
+    if workers > 0 and not can_start_processes():
+        yield from _threaded_loader(dataset, pin_memory=pin_memory, prefetch=max(1, prefetch * workers))
+        return
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs = {"prefetch_factor": prefetch, "persistent_workers": False}
@@ -161,6 +176,46 @@ def block_loader(
         **kwargs,
     )  # type: ignore[arg-type]
     yield from loader
+
+
+def _threaded_loader(dataset: BlockDataset, *, pin_memory: bool, prefetch: int) -> Iterator[TileItem]:
+    """Items in order from one background reader thread, at most ``prefetch`` ahead; a read error is
+    raised in the consumer at the item where it happened."""
+    import contextlib
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[TileItem | None, BaseException | None]] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for i in range(len(dataset)):
+                if stop.is_set():
+                    return
+                item = dataset[i]
+                if pin_memory:
+                    item.tile = item.tile.pin_memory()
+                q.put((item, None))
+            q.put((None, None))
+        except BaseException as exc:
+            q.put((None, exc))
+
+    thread = threading.Thread(target=produce, name="wsi-histosge-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is None:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.05)
 
 
 @torch.inference_mode()
