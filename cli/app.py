@@ -455,7 +455,7 @@ def batch(
 
     from rich.live import Live
 
-    from wsi_histosge.cohort import EXIT_INTERRUPTED, RunConfig, collect_jobs, run_batch
+    from wsi_histosge.cohort import EXIT_INTERRUPTED, RunConfig, collect_jobs, run_batch, validate_run
 
     try:
         jobs = collect_jobs(inputs, slides_under=slides_under or [])
@@ -476,6 +476,11 @@ def batch(
     cfg = RunConfig(
         out=out, options=options, retry_failed=retry_failed, state_dir=str(state_dir) if state_dir else None
     )
+    try:
+        validate_run(cfg, workers=workers, retries=retries)
+    except BaseException as exc:
+        _fail(exc)
+        return
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

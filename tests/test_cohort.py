@@ -30,7 +30,8 @@ from wsi_histosge.errors import UsageError
 
 
 def _cfg(out: Path, model: Path, **kw: object) -> RunConfig:
-    return RunConfig(out=str(out), options={"model": str(model), "stride_um": 10.0, "num_workers": 0, **kw})
+    """The run options a user would give: a model and a stride; slide workers at their default."""
+    return RunConfig(out=str(out), options={"model": str(model), "stride_um": 10.0, **kw})
 
 
 def test_manifest_validation_reports_every_bad_row(tmp_path: Path) -> None:
@@ -156,3 +157,213 @@ def test_rerun_after_killing_the_batch_recomputes_nothing_done(tiny_model: Path,
 
 def test_no_slides_exit_code(tmp_path: Path, tiny_model: Path) -> None:
     assert run_batch([], _cfg(tmp_path, tiny_model)).exit_code == EXIT_NO_SLIDES
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "wsi_histosge" / "samples" / "cmu1-skin-crop.tif"
+
+
+def _two_sample_slides(tmp_path: Path) -> list[Path]:
+    import shutil
+
+    slides = [tmp_path / "slides" / f"sample{i}.tif" for i in (1, 2)]
+    slides[0].parent.mkdir()
+    for p in slides:
+        shutil.copy(SAMPLE, p)
+    return slides
+
+
+def test_batch_workers_with_default_flags(tmp_path: Path) -> None:
+    """`batch FOLDER --out OUT --workers 2` exactly as the README shows it: the built-in model, default
+    slide workers (DataLoader workers inside daemonic dask workers must not fail)."""
+    from typer.testing import CliRunner
+
+    from wsi_histosge.cli.app import app
+
+    _two_sample_slides(tmp_path)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["batch", str(tmp_path / "slides"), "--out", str(out), "--workers", "2", "--json"])
+    summary = json.loads(res.stdout)
+    assert res.exit_code == 0, summary
+    assert [r["status"] for r in summary["slides"]] == ["done", "done"], summary
+    assert all(r["spots"] > 100 for r in summary["slides"])
+    for i in (1, 2):
+        assert CliRunner().invoke(app, ["verify", str(out / f"sample{i}.zarr")]).exit_code == 0
+
+
+def test_batch_on_an_external_scheduler_with_default_slide_workers(tiny_model: Path, tmp_path: Path) -> None:
+    """`dask scheduler` + `dask worker` processes (daemonic workers), the slide options at their defaults."""
+    import socket
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from wsi_histosge.cli.app import app
+
+    _two_sample_slides(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = [sys.executable, "-m", "distributed.cli"]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    del dask
+    try:
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "distributed.cli.dask_worker",
+                    address,
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        from dask.distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+        out = tmp_path / "out"
+        res = CliRunner().invoke(
+            app,
+            [
+                "batch",
+                str(tmp_path / "slides"),
+                "--out",
+                str(out),
+                "--scheduler",
+                address,
+                "--model",
+                str(tiny_model),
+                "--json",
+            ],
+        )
+        summary = json.loads(res.stdout)
+        assert res.exit_code == 0, summary
+        assert [r["status"] for r in summary["slides"]] == ["done", "done"], summary
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_glob_matching_nothing_exits_12_and_names_it(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_histosge.cli.app import app
+
+    pattern = str(tmp_path / "*.svs")
+    res = CliRunner().invoke(app, ["batch", pattern, "--out", str(tmp_path / "out")])
+    assert res.exit_code == 12, res.output
+    assert "matched no file" in res.output and pattern in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_status_on_a_missing_folder_exits_3(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_histosge.cli.app import app
+
+    res = CliRunner().invoke(app, ["status", str(tmp_path / "nope")])
+    assert res.exit_code == 3 and "nope" in res.output
+
+
+def test_absolute_manifest_paths_are_the_users_intent(tiny_model: Path, tmp_path: Path) -> None:
+    slides = _two_sample_slides(tmp_path)
+    elsewhere = tmp_path / "manifests"
+    elsewhere.mkdir()
+    m = elsewhere / "cohort.csv"
+    m.write_text(f"slide,id,site\n{slides[0]},a,x\n../slides/{slides[1].name},b,y\n")
+    jobs = collect_jobs([str(m)])
+    assert [(j.id, Path(j.slide).resolve()) for j in jobs] == [("a", slides[0]), ("b", slides[1].resolve())]
+    with pytest.raises(UsageError, match="outside --slides-under"):
+        collect_jobs([str(m)], slides_under=[elsewhere])
+    assert len(collect_jobs([str(m)], slides_under=[tmp_path / "slides"])) == 2
+
+
+def test_a_locked_slide_is_reported_as_locked_not_failed(tiny_model: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_histosge.cli.app import app
+
+    slides = _two_sample_slides(tmp_path)
+    out = tmp_path / "out"
+    holder = SlideLock(out, "sample1")
+    assert holder.acquire()  # as another running batch on this output would
+    res = CliRunner().invoke(app, ["batch", str(slides[0]), "--out", str(out), "--model", str(tiny_model)])
+    assert res.exit_code == 15, res.output
+    assert "another run" in res.output and "every slide failed" not in res.output
+    holder.release()
+    res = CliRunner().invoke(app, ["batch", str(slides[0]), "--out", str(out), "--model", str(tiny_model)])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_truncated_state_file_does_not_stop_the_batch(tiny_model: Path, tmp_path: Path) -> None:
+    slides = _two_sample_slides(tmp_path)
+    out = tmp_path / "out"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / "sample1.json").write_text('{"id": "sample1", "status": "fail')  # cut mid-write
+    summary = run_batch([SlideJob(str(p), p.stem) for p in slides], _cfg(out, tiny_model, stride_um=50.0))
+    assert summary.exit_code == EXIT_ALL_OK, summary.rows
+    assert json.loads((out / "state" / "sample1.json").read_text())["status"] == "done"
+
+
+@pytest.mark.realdata
+def test_a_dicom_series_folder_is_one_slide(tmp_path: Path) -> None:
+    import shutil
+
+    series = tmp_path / "cohort" / "boxes"
+    series.mkdir(parents=True)
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(need_shared("wsi-samples", "openslide-synthetic", name), series / name)
+    shutil.copy(SAMPLE, tmp_path / "cohort" / "sample.tif")
+    assert [(j.id, j.slide) for j in collect_jobs([str(series)])] == [("boxes", str(series))]
+    jobs = collect_jobs([str(tmp_path / "cohort")])
+    assert sorted(j.id for j in jobs) == ["boxes", "sample"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--workers", "0"),
+        ("--workers", "-3"),
+        ("--retries", "-1"),
+        ("--stride-um", "nan"),
+        ("--mpp", "inf"),
+        ("--device", "banana"),
+        ("--slide-workers", "-1"),
+    ],
+)
+def test_batch_option_values_are_checked_before_anything_is_written(tmp_path: Path, flag: str, value: str) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_histosge.cli.app import app
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["batch", str(SAMPLE), "--out", str(out), flag, value])
+    assert res.exit_code == 2, res.output
+    assert flag in res.output and len(res.output.strip().splitlines()) == 1
+    assert not out.exists()

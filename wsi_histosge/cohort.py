@@ -367,6 +367,11 @@ def _skip(job: SlideJob, cfg: RunConfig) -> dict[str, Any] | None:
     return None
 
 
+def _child_main(job: SlideJob, cfg: RunConfig, conn: Any) -> None:
+    conn.send(run_slide(job, cfg))
+    conn.close()
+
+
 def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     """run_slide in a spawned child process; a crash (signal) marks the slide failed instead of killing us."""
     import multiprocessing as mp
@@ -376,8 +381,10 @@ def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
         return skipped
 
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=run_slide, args=(job, cfg), name=f"wsi-histosge-{job.id}")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(job, cfg, child_end), name=f"wsi-histosge-{job.id}")
     proc.start()
+    child_end.close()
     out = cfg.out
     run = cfg.run_dir()
     try:
@@ -403,17 +410,11 @@ def _run_slide_in_child(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
         )
         raise
     state = read_state(state_path(run, job.id))
-    if proc.exitcode == 0 and state.get("status") == "running":
-        # the child found the slide locked: the state file is the other run's, which is still running
-        holder = SlideLock(run, job.id).describe_holder()
-        return {
-            "id": job.id,
-            "slide": job.slide,
-            "output": job.out_path(out),
-            **job.extra,
-            "status": "locked",
-            "error": f"another run is processing it ({holder})",
-        }
+    if parent_end.poll():
+        try:
+            return dict(parent_end.recv())  # what run_slide returned (also "locked", which writes no state)
+        except (EOFError, OSError):
+            pass
     if proc.exitcode and proc.exitcode != 0 and state.get("status") not in ("done", "failed"):
         code = proc.exitcode
         why = f"crashed, signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"crashed, exit code {code}"
@@ -458,16 +459,7 @@ def run_batch(
     """Run every job; write summary.csv and summary.json in ``cfg.out``; return the summary.
 
     Options are checked (UsageError) before anything is created."""
-    from .infer import InferOptions, validate_options
-
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024):
-        raise UsageError(f"--workers must be an integer between 1 and 1024, got {workers!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
-        raise UsageError(f"--retries must be an integer between 0 and 100, got {retries!r}")
-    try:
-        validate_options(InferOptions(**cfg.options))
-    except TypeError as exc:
-        raise UsageError(f"unknown run option ({exc})") from None
+    validate_run(cfg, workers=workers, retries=retries)
     out = cfg.run_dir()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -494,6 +486,20 @@ def run_batch(
         for name in ("summary.json", "summary.csv"):
             write_text_atomic(f"{cfg.out.rstrip('/')}/{name}", (out / name).read_text())
     return summary
+
+
+def validate_run(cfg: RunConfig, *, workers: int | None = None, retries: int = 2) -> None:
+    """UsageError naming the option unless every run option is valid; nothing is created."""
+    from .infer import InferOptions, validate_options
+
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024):
+        raise UsageError(f"--workers must be an integer between 1 and 1024, got {workers!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
+        raise UsageError(f"--retries must be an integer between 0 and 100, got {retries!r}")
+    try:
+        validate_options(InferOptions(**cfg.options), flags={"num_workers": "--slide-workers"})
+    except TypeError as exc:
+        raise UsageError(f"unknown run option ({exc})") from None
 
 
 def batch_exit_code(rows: list[dict[str, Any]]) -> int:

@@ -135,16 +135,19 @@ def check_number(name: str, value: Any, *, integer: bool = False, flag: str | No
         raise UsageError(f"{flag} must be {kind} between {lo:g} and {hi:g}, got {value!r}")
 
 
-def validate_options(options: InferOptions) -> None:
-    """Every option checked (finite, in range, device present) before anything is opened or written."""
+def validate_options(options: InferOptions, *, flags: dict[str, str] | None = None) -> None:
+    """Every option checked (finite, in range, device present) before anything is opened or written.
+
+    ``flags``: option names as the calling command spells them (``batch`` says --slide-workers)."""
+    flags = flags or {}
     for name in ("mpp", "stride_um", "spot_um", "context_um", "min_tissue_fraction"):
         value = getattr(options, name)
         if value is not None:
-            check_number(name, value)
+            check_number(name, value, flag=flags.get(name))
     for name in ("batch_size", "num_workers"):
         value = getattr(options, name)
         if value is not None:
-            check_number(name, value, integer=True)
+            check_number(name, value, integer=True, flag=flags.get(name))
     if options.origin_um is not None:
         import math
 
