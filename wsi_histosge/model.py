@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelError
+from .errors import DataFormatError, InputNotFoundError, ModelError
 
 CHECKPOINT_FORMAT = "wsi-histosge-checkpoint/1"
 POSITION_MODES = ("relative-um", "absolute")
@@ -224,24 +224,149 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: Largest model.json we parse (bytes): gene lists and means of ~40k genes are a few MB.
+MAX_MODEL_JSON_BYTES = 64 * 2**20
+_HEAD_INTS = ("in_dim", "n_genes", "dim", "depth", "heads", "dim_head", "hidden", "n_frequencies")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_meta(raw: dict[str, Any], meta_path: Path) -> None:
+    """Types and values of a checkpoint's JSON; anything malformed is a :class:`DataFormatError` naming the key."""
+
+    def bad(key: str, what: str) -> DataFormatError:
+        return DataFormatError(
+            f"{meta_path}: '{key}' {what}; the file is corrupt or was edited by hand "
+            "(restore the model.json written by `train`)"
+        )
+
+    required = [
+        name
+        for name, f in ModelMeta.__dataclass_fields__.items()
+        if f.default is MISSING and f.default_factory is MISSING
+    ]
+    missing = [k for k in ("format", *required) if k not in raw]
+    if missing:
+        raise DataFormatError(f"{meta_path}: lacks the key(s) {', '.join(missing)}; this is not a complete model.json")
+    genes = raw["genes"]
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) and g for g in genes):
+        raise bad("genes", "must be a non-empty list of gene names (strings)")
+    if len(set(genes)) != len(genes):
+        seen: set[str] = set()
+        dup = next(g for g in genes if g in seen or seen.add(g))  # type: ignore[func-returns-value]
+        raise bad("genes", f"names a gene twice ({dup!r})")
+    for key in ("spot_um", "context_um"):
+        if not _is_number(raw[key]) or not math.isfinite(raw[key]) or raw[key] <= 0:
+            raise bad(key, f"must be a positive number of µm, got {raw[key]!r}")
+    for key in ("encoder", "encoder_weights_sha256"):
+        if not isinstance(raw[key], str):
+            raise bad(key, f"must be a string, got {type(raw[key]).__name__}")
+    for key in ("name", "units", "software_version"):
+        if key in raw and not isinstance(raw[key], str):
+            raise bad(key, f"must be a string, got {type(raw[key]).__name__}")
+    for key in ("normalisation", "training", "metrics"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise bad(key, f"must be an object, got {type(raw[key]).__name__}")
+    offsets = raw["neighbour_offsets_um"]
+    if (
+        not isinstance(offsets, list)
+        or not offsets
+        or not all(isinstance(o, list) and len(o) == 2 and all(_is_number(v) for v in o) for o in offsets)
+        or not all(math.isfinite(v) for o in offsets for v in o)
+    ):
+        raise bad("neighbour_offsets_um", "must be a non-empty list of finite [x, y] offsets in µm")
+    if offsets[0] != [0, 0]:
+        raise bad("neighbour_offsets_um", f"must start with [0, 0] (the spot itself), starts with {offsets[0]}")
+    head = raw["head"]
+    if not isinstance(head, dict):
+        raise bad("head", f"must be an object, got {type(head).__name__}")
+    unknown = sorted(set(head) - set(HeadConfig.__dataclass_fields__))
+    if unknown:
+        raise bad("head", f"has unknown fields {unknown}")
+    for key in _HEAD_INTS:
+        if key in head and not (isinstance(head[key], int) and not isinstance(head[key], bool) and head[key] > 0):
+            raise bad(f"head.{key}", f"must be a positive integer, got {head[key]!r}")
+    for key in ("in_dim", "n_genes"):
+        if key not in head:
+            raise bad("head", f"lacks '{key}'")
+    if head.get("mlp_dim") is not None and not (isinstance(head["mlp_dim"], int) and head["mlp_dim"] > 0):
+        raise bad("head.mlp_dim", f"must be null or a positive integer, got {head['mlp_dim']!r}")
+    if "dropout" in head and not (_is_number(head["dropout"]) and 0 <= head["dropout"] < 1):
+        raise bad("head.dropout", f"must be a number in [0, 1), got {head['dropout']!r}")
+    scale = head.get("position_scale_um", 1.0)
+    if not (_is_number(scale) and math.isfinite(scale) and scale > 0):
+        raise bad("head.position_scale_um", f"must be a positive number, got {scale!r}")
+    if head.get("position_mode", POSITION_MODES[0]) not in POSITION_MODES:
+        raise bad("head.position_mode", f"must be one of {POSITION_MODES}, got {head.get('position_mode')!r}")
+    if head["n_genes"] != len(genes):
+        raise bad("head.n_genes", f"is {head['n_genes']} but 'genes' lists {len(genes)} genes")
+    means = raw.get("training", {}).get("gene_means")
+    if means is not None and (
+        not isinstance(means, list)
+        or len(means) != len(genes)
+        or not all(_is_number(v) and math.isfinite(v) for v in means)
+    ):
+        raise bad("training.gene_means", f"must be {len(genes)} finite numbers, one per gene")
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], cfg: HeadConfig, weights_path: Path, meta_path: Path) -> None:
+    """Names and shapes against the head the JSON describes, built on the meta device (nothing allocated, so a
+    JSON claiming a gigantic head cannot exhaust memory); values must be finite."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in HisToSGEHead(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    if wrong or missing or unexpected:
+        detail = (
+            f"{wrong[0]} is {list(got[wrong[0]])}, the JSON implies {list(expected[wrong[0]])}"
+            if wrong
+            else f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+        raise ModelError(
+            f"{weights_path}: tensors do not fit the head described in {meta_path.name} ({detail}); the two files "
+            "belong to different models"
+        )
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ModelError(f"{weights_path}: tensor {k} holds NaN or infinite values; the model is unusable")
+    if bool((tensors["feature_std"] <= 0).any()):
+        raise ModelError(f"{weights_path}: feature_std has values <= 0; the model is unusable")
+
+
 def load_model(path: str | Path) -> Model:
-    """Load a checkpoint (safetensors + JSON). Never unpickles."""
+    """Load a checkpoint (safetensors + JSON). Never unpickles.
+
+    A missing path raises :class:`InputNotFoundError`; a malformed JSON :class:`DataFormatError`; weights that
+    do not fit the JSON, a wrong format or a folder without the two files :class:`ModelError`.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     meta_path, weights_path = _paths(path)
+    if not path.exists() and not meta_path.exists():
+        raise InputNotFoundError(f"{path}: model not found; pass a folder written by `wsi-histosge train`")
     if not meta_path.is_file() or not weights_path.is_file():
         raise ModelError(
             f"{path}: not a model checkpoint (expected {meta_path.name} and {weights_path.name}); "
             "pass a folder written by `wsi-histosge train`"
         )
+    if meta_path.stat().st_size > MAX_MODEL_JSON_BYTES:
+        raise DataFormatError(f"{meta_path}: {meta_path.stat().st_size} bytes, too large for a model's JSON")
     try:
-        raw = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{meta_path}: invalid JSON ({exc})") from exc
-    if raw.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{meta_path}: unknown checkpoint format {raw.get('format')!r}; expected {CHECKPOINT_FORMAT}")
+        raw = json.loads(meta_path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataFormatError(
+            f"{meta_path}: not valid JSON ({' '.join(str(exc).split())}); restore the model.json written by `train`"
+        ) from exc
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{meta_path}: holds a JSON {type(raw).__name__}, not a model description (an object)")
+    if "format" in raw and raw["format"] != CHECKPOINT_FORMAT:
+        raise ModelError(f"{meta_path}: unknown checkpoint format {raw['format']!r}; expected {CHECKPOINT_FORMAT}")
+    _check_meta(raw, meta_path)
     digest = raw.pop("weights_sha256", None)
     actual = _sha256(weights_path)
     if digest is not None and digest != actual:
@@ -254,7 +379,9 @@ def load_model(path: str | Path) -> Model:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(f"{weights_path}: not a valid safetensors file ({exc})") from exc
-    head = HisToSGEHead(HeadConfig(**meta.head))
+    cfg = HeadConfig(**meta.head)
+    _check_tensors(tensors, cfg, weights_path, meta_path)
+    head = HisToSGEHead(cfg)
     try:
         head.load_state_dict({k: v.float() for k, v in tensors.items()})
     except RuntimeError as exc:

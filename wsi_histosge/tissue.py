@@ -8,6 +8,7 @@ specks smaller than a minimum area. The mask lives at thumbnail resolution with 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import config
-from .errors import DataFormatError, NoTissueError, SlideNotFoundError
+from .errors import DataFormatError, InputNotFoundError, NoTissueError, SlideFormatError, UsageError
 from .slide import Slide
 
 
@@ -142,61 +143,265 @@ def write_geojson(mask: TissueMask, path: str | Path) -> Path:
     return path
 
 
-def _polygons(obj: Any) -> list[list[list[list[float]]]]:
-    """All polygons (list of rings) in a GeoJSON object."""
-    kind = obj.get("type") if isinstance(obj, dict) else None
-    if kind == "FeatureCollection":
-        return [p for f in obj.get("features", []) for p in _polygons(f)]
-    if kind == "Feature":
-        return _polygons(obj.get("geometry") or {})
-    if kind == "GeometryCollection":
-        return [p for g in obj.get("geometries", []) for p in _polygons(g)]
-    if kind == "Polygon":
-        return [obj["coordinates"]]
-    if kind == "MultiPolygon":
-        return list(obj["coordinates"])
-    return []
+# -- user-given masks --------------------------------------------------------------------------
+#: Largest GeoJSON mask we parse (bytes); QuPath exports of whole-slide annotations are a few MB.
+MAX_GEOJSON_BYTES = 512 * 2**20
+#: Largest mask image we decode (pixels, e.g. 16384 x 16384); it is resampled to the tissue grid anyway.
+MAX_MASK_IMAGE_PIXELS = 2**28
+#: A coordinate beyond this (level-0 px) belongs to no slide (the largest side we open is 1e6 px).
+MAX_ABS_COORDINATE = 1e9
+#: Scanline crossings rasterised per mask (edges x mask rows they span): a few seconds of work at most.
+MAX_CROSSINGS = 200_000_000
+#: A mask image may differ from the slide's aspect ratio by this much (rounding of a downsampled export).
+MASK_ASPECT_TOLERANCE = 0.02
+_MAX_NESTING = 32
+_GEOJSON_SUFFIXES = {".json", ".geojson"}
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _rings(coords: Any, path: Path, where: str) -> list[np.ndarray]:
+    """A Polygon's rings as (n, 2) float arrays of level-0 px, validated."""
+    if not isinstance(coords, list) or not coords:
+        raise DataFormatError(f"{path}: {where}: Polygon coordinates must be a non-empty list of rings of [x, y]")
+    rings = []
+    for k, ring in enumerate(coords):
+        if not isinstance(ring, list) or len(ring) < 3:
+            raise DataFormatError(f"{path}: {where} ring {k}: a ring needs at least 3 [x, y] positions")
+        for j, pos in enumerate(ring):
+            if not (isinstance(pos, list) and len(pos) >= 2 and _is_number(pos[0]) and _is_number(pos[1])):
+                raise DataFormatError(
+                    f"{path}: {where} ring {k} position {j} is {json.dumps(pos)[:60]}, not [x, y] numbers; "
+                    "export the polygons as GeoJSON in level-0 px"
+                )
+        arr = np.array([pos[:2] for pos in ring], dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise DataFormatError(f"{path}: {where} ring {k} has NaN or infinite coordinates; re-export the polygons")
+        if np.abs(arr).max() > MAX_ABS_COORDINATE:
+            raise DataFormatError(
+                f"{path}: {where} ring {k} has a coordinate of {np.abs(arr).max():.3g} px, beyond any slide; "
+                "give polygons in level-0 px"
+            )
+        rings.append(arr)
+    return rings
+
+
+def _collect(obj: Any, path: Path, where: str, polys: list[list[np.ndarray]], other: set[str], depth: int) -> None:
+    """Append every Polygon (list of rings) in a GeoJSON object to ``polys``; other geometry types to ``other``."""
+    here = where or "the top level"
+    if depth > _MAX_NESTING:
+        raise DataFormatError(f"{path}: GeoJSON nested deeper than {_MAX_NESTING} levels at {here}")
+    if isinstance(obj, list):  # QuPath writes a bare list of Features
+        for i, item in enumerate(obj):
+            _collect(item, path, f"{where}[{i}]", polys, other, depth + 1)
+        return
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}: {here} is a {type(obj).__name__}, not a GeoJSON object")
+    kind = obj.get("type")
+    members = {"FeatureCollection": "features", "GeometryCollection": "geometries"}
+    if kind in members:
+        key = members[kind]
+        items = obj.get(key)
+        if not isinstance(items, list):
+            raise DataFormatError(f"{path}: {here}: a {kind} needs a list '{key}'")
+        for i, item in enumerate(items):
+            _collect(item, path, f"{where}.{key}[{i}]".lstrip("."), polys, other, depth + 1)
+    elif kind == "Feature":
+        if obj.get("geometry") is not None:  # null geometry is valid GeoJSON: no area
+            _collect(obj["geometry"], path, f"{where}.geometry".lstrip("."), polys, other, depth + 1)
+    elif kind == "Polygon":
+        polys.append(_rings(obj.get("coordinates"), path, here))
+    elif kind == "MultiPolygon":
+        coords = obj.get("coordinates")
+        if not isinstance(coords, list):
+            raise DataFormatError(f"{path}: {here}: MultiPolygon coordinates must be a list of polygons")
+        for j, rings in enumerate(coords):
+            polys.append(_rings(rings, path, f"{here} polygon {j}"))
+    elif isinstance(kind, str):
+        other.add(kind)  # Point, LineString, ...: no area
+    else:
+        raise DataFormatError(f"{path}: {here} has no GeoJSON 'type'; export the annotation as GeoJSON")
+
+
+def _ring_crossings(ring_px: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scanline crossings of a closed ring: for each mask row r whose centre line y = r it crosses (an edge
+    spans min(y) <= r < max(y)), the row and the crossing's x."""
+    x0, y0 = ring_px[:, 0], ring_px[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    lo = np.clip(np.ceil(np.minimum(y0, y1)), 0, rows).astype(np.int64)
+    hi = np.clip(np.ceil(np.maximum(y0, y1)), 0, rows).astype(np.int64)
+    n = hi - lo  # 0 for horizontal edges and edges outside the mask
+    edge = np.repeat(np.arange(len(n)), n)
+    starts = np.repeat(np.cumsum(n) - n, n)
+    row = np.repeat(lo, n) + (np.arange(len(edge)) - starts)
+    t = (row - y0[edge]) / (y1[edge] - y0[edge])
+    return row, x0[edge] + t * (x1[edge] - x0[edge])
+
+
+def _rasterise(path: Path, polys: list[list[np.ndarray]], shape: tuple[int, int], level0_per_px: float) -> np.ndarray:
+    """Union of the polygons: a pixel is tissue when its centre is inside a polygon (even-odd rule over the
+    polygon's rings, so holes are honoured). Scanline fill: the work follows the outline, not its area x
+    its vertex count (point-in-polygon over a 20k-vertex QuPath outline took minutes)."""
+    h, w = shape
+    mask = np.zeros(shape, dtype=bool)
+    budget = MAX_CROSSINGS
+    for rings in polys:
+        parts = [_ring_crossings(ring / level0_per_px - 0.5, h) for ring in rings]
+        row = np.concatenate([p[0] for p in parts])
+        if len(row) == 0:
+            continue
+        budget -= len(row)
+        if budget < 0:
+            raise DataFormatError(
+                f"{path}: the polygons are too complex to rasterise (over {MAX_CROSSINGS} scanline crossings); "
+                "simplify them (e.g. QuPath: Simplify shape)"
+            )
+        x = np.concatenate([p[1] for p in parts])
+        r0, r1 = int(row.min()), int(row.max()) + 1
+        # a crossing at x toggles every pixel whose centre c > x; the parity of the toggles is inside/outside
+        col = np.clip(np.floor(x) + 1, 0, w).astype(np.int64)
+        toggles = np.zeros((r1 - r0, w + 1), dtype=np.uint8)
+        np.add.at(toggles, (row - r0, col), 1)
+        mask[r0:r1] |= (np.cumsum(toggles, axis=1, dtype=np.uint8)[:, :w] & 1).astype(bool)
+    return mask
+
+
+def _geojson_mask(path: Path, slide: Slide, shape: tuple[int, int], level0_per_px: float) -> np.ndarray:
+    if path.stat().st_size > MAX_GEOJSON_BYTES:
+        raise DataFormatError(
+            f"{path}: {path.stat().st_size / 2**20:.0f} MB of GeoJSON, beyond the {MAX_GEOJSON_BYTES // 2**20} MB "
+            "limit for a tissue mask; simplify the polygons"
+        )
+    try:
+        obj = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataFormatError(
+            f"{path}: not valid GeoJSON ({_one_line(exc)}); export the annotation as GeoJSON"
+        ) from exc
+    polys: list[list[np.ndarray]] = []
+    other: set[str] = set()
+    _collect(obj, path, "", polys, other, 0)
+    if not polys:
+        found = f" (found only {', '.join(sorted(other))})" if other else ""
+        raise DataFormatError(
+            f"{path}: no Polygon/MultiPolygon geometry{found}; export the tissue areas as polygons in level-0 px"
+        )
+    width, height = slide.dimensions
+    boxes = np.array([[s[:, 0].min(), s[:, 1].min(), s[:, 0].max(), s[:, 1].max()] for s in (p[0] for p in polys)])
+    inside = (boxes[:, 2] > 0) & (boxes[:, 0] < width) & (boxes[:, 3] > 0) & (boxes[:, 1] < height)
+    if not inside.any():
+        x0, y0 = boxes[:, :2].min(0)
+        x1, y1 = boxes[:, 2:].max(0)
+        raise UsageError(
+            f"{path}: the mask's polygons lie outside the slide: they span x {x0:.6g}..{x1:.6g}, y {y0:.6g}..{y1:.6g} "
+            f"but {slide.path.name} is {width}x{height} level-0 px; give coordinates in level-0 pixels of this slide "
+            "(not another level's pixels, a thumbnail's, or µm)"
+        )
+    return _rasterise(path, polys, shape, level0_per_px)
+
+
+def _read_mask_image(path: Path) -> np.ndarray:
+    """Decode a PNG/JPEG/TIFF mask after checking its size from the header (never allocate a claimed size)."""
+
+    def check_size(w: int, h: int) -> None:
+        if w <= 0 or h <= 0 or w * h > MAX_MASK_IMAGE_PIXELS:
+            raise DataFormatError(
+                f"{path}: the mask image header says {w}x{h} px (limit {MAX_MASK_IMAGE_PIXELS} px); give a smaller "
+                "mask image at the slide's aspect ratio, or GeoJSON polygons in level-0 px"
+            )
+
+    try:
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages.first
+                w, h = int(page.imagewidth), int(page.imagelength)
+                check_size(w, h)
+                img = np.asarray(page.asarray())
+        else:
+            import imagecodecs
+
+            from .slide import _image_size
+
+            try:
+                w, h = _image_size(path)
+            except SlideFormatError as exc:
+                raise DataFormatError(
+                    f"{path}: not a PNG, JPEG or TIFF mask image ({_one_line(exc).removeprefix(f'{path}: ')}); "
+                    "give a mask image or GeoJSON polygons in level-0 px"
+                ) from exc
+            check_size(w, h)
+            img = np.asarray(imagecodecs.imread(str(path)))
+    except DataFormatError:
+        raise
+    except Exception as exc:
+        raise DataFormatError(
+            f"{path}: cannot read the mask image ({type(exc).__name__}: {_one_line(exc)}); give a PNG/TIFF mask "
+            "or GeoJSON polygons in level-0 px"
+        ) from exc
+    if img.ndim not in (2, 3) or img.shape[:2] != (h, w) or (img.ndim == 3 and not 1 <= img.shape[2] <= 4):
+        raise DataFormatError(
+            f"{path}: the mask image decodes to shape {img.shape}, expected {h}x{w} with 1-4 channels; the file is "
+            "corrupt or not a single image"
+        )
+    if img.ndim == 3:  # tissue where any colour channel is non-zero (alpha and grey+alpha's alpha ignored)
+        img = np.asarray((img[..., : 1 if img.shape[2] <= 2 else 3] > 0).any(axis=2))
+    return np.asarray(img > 0)
+
+
+def _image_mask(path: Path, slide: Slide, shape: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    tissue = _read_mask_image(path)
+    h, w = tissue.shape
+    width, height = slide.dimensions
+    if abs((w / h) / (width / height) - 1.0) > MASK_ASPECT_TOLERANCE:
+        k = max(width, height) / max(w, h)
+        raise UsageError(
+            f"{path}: the mask image is {w}x{h} px (aspect {w / h:.3f}) but {slide.path.name} is {width}x{height} "
+            f"level-0 px (aspect {width / height:.3f}); a mask image covers the whole slide, so give one at the "
+            f"slide's aspect ratio (e.g. {round(width / k)}x{round(height / k)} px) or GeoJSON polygons in level-0 px"
+        )
+    if not tissue.any():
+        raise NoTissueError(f"{path}: the mask image has no non-zero (tissue) pixel; mark tissue with non-zero values")
+    resized = Image.fromarray(tissue.view(np.uint8)).resize(shape[::-1], Image.Resampling.NEAREST)
+    return np.asarray(resized) > 0
 
 
 def load_tissue_mask(path: str | Path, slide: Slide, *, mpp: float | None = None) -> TissueMask:
-    """Rasterise a GeoJSON (level-0 px polygons, holes honoured) or read a PNG/TIFF mask image.
+    """Rasterise a GeoJSON (level-0 px polygons, holes honoured) or read a PNG/JPEG/TIFF mask image.
 
-    An image mask covers the whole slide: it is stretched to the slide's aspect, non-zero = tissue.
+    An image mask covers the whole slide, so its aspect ratio must be the slide's (within 2%); it is resampled
+    to the tissue grid, non-zero = tissue. Malformed files raise :class:`DataFormatError`, polygons outside the
+    slide or a mask of another aspect ratio :class:`UsageError`, a mask without tissue :class:`NoTissueError`.
     """
-    from skimage.draw import polygon as draw_polygon
-
     path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: tissue mask file not found; check --tissue-mask")
     if not path.is_file():
-        raise SlideNotFoundError(f"{path}: tissue mask file not found; check --tissue-mask")
+        raise DataFormatError(f"{path}: is a folder, not a mask file; give GeoJSON polygons (level-0 px) or a PNG mask")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise UsageError(f"the tissue mask resolution must be a positive number of µm/px, got {mpp}")
     mpp = effective_tissue_mpp(slide, mpp)
     shape = slide.thumbnail_shape(mpp)
     level0_per_px = slide.dimensions[0] / shape[1]
     mpp = level0_per_px * slide.mpp.x
-    if path.suffix.lower() in {".json", ".geojson"}:
-        try:
-            obj = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataFormatError(f"{path}: not valid GeoJSON ({exc}); export the annotation as GeoJSON") from exc
-        polys = _polygons(obj)
-        if not polys:
-            raise DataFormatError(f"{path}: no Polygon/MultiPolygon geometry found; export tissue polygons")
-        mask = np.zeros(shape, dtype=bool)
-        for rings in polys:
-            for i, ring in enumerate(rings):
-                pts = np.asarray(ring, dtype=np.float64) / level0_per_px
-                rr, cc = draw_polygon(pts[:, 1] - 0.5, pts[:, 0] - 0.5, shape=shape)
-                mask[rr, cc] = i == 0  # first ring is the shell, the others are holes
-        return TissueMask(mask, mpp, level0_per_px, f"geojson:{path.name}")
-    import imagecodecs
-    from PIL import Image
-
-    try:
-        img = np.asarray(imagecodecs.imread(str(path)))
-    except Exception as exc:
-        raise DataFormatError(f"{path}: cannot read the mask image ({exc}); give GeoJSON or a PNG") from exc
-    if img.ndim == 3:
-        img = img[..., 0]
-    mask = (
-        np.asarray(Image.fromarray((img > 0).astype(np.uint8) * 255).resize(shape[::-1], Image.Resampling.NEAREST)) > 0
-    )
-    return TissueMask(mask, mpp, level0_per_px, f"image:{path.name}")
+    if path.suffix.lower() in _GEOJSON_SUFFIXES:
+        mask = _geojson_mask(path, slide, shape, level0_per_px)
+        source = f"geojson:{path.name}"
+    else:
+        mask = _image_mask(path, slide, shape)
+        source = f"image:{path.name}"
+    if not mask.any():
+        raise NoTissueError(
+            f"{path}: the mask covers no pixel of the slide's tissue grid ({shape[1]}x{shape[0]} px at {mpp:.1f} "
+            "µm/px); mark larger tissue areas"
+        )
+    return TissueMask(mask, mpp, level0_per_px, source)
