@@ -451,17 +451,10 @@ def batch(
 ) -> None:
     """Run a cohort: resumable, one slide's failure never stops the others. Exit 0 all done, 10 some failed,
     11 all failed, 12 no slides, 15 none failed but some are locked by another run, 130 interrupted."""
-    import signal
-
     from rich.live import Live
 
     from wsi_histosge.cohort import EXIT_INTERRUPTED, RunConfig, collect_jobs, run_batch, validate_run
 
-    try:
-        jobs = collect_jobs(inputs, slides_under=slides_under or [])
-    except BaseException as exc:
-        _fail(exc)
-        return
     options = {
         k: v
         for k, v in {
@@ -478,14 +471,11 @@ def batch(
     )
     try:
         validate_run(cfg, workers=workers, retries=retries)
+        jobs = collect_jobs(inputs, slides_under=slides_under or [])
     except BaseException as exc:
         _fail(exc)
         return
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    _terminate_as_interrupt()
     done: dict[str, int] = {}
     table = Table(title=f"{len(jobs)} slides -> {out}")
     for col in ("id", "status", "spots", "seconds", "error"):

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _infer(slide: Path, out: Path, *extra: str) -> tuple[int, str]:
-    res = runner.invoke(app, ["infer", str(slide), "--out", str(out), "--workers", "0", *extra])
+    res = runner.invoke(app, ["infer", str(slide), "--out", str(out), *extra])
     return res.exit_code, res.output
 
 
@@ -416,3 +416,277 @@ def test_16_sigterm_during_batch_then_resume(tmp_path: Path, tiny_model: Path) -
     assert proc2.returncode == 0, proc2.stderr
     rows = {r["id"]: r for r in json.loads(proc2.stdout)["slides"]}
     assert rows["s0"]["result"] == "resumed" and rows["s1"]["status"] == "done"
+
+
+# Option values, through the real entry point (one-line errors, exit 2, nothing created) -------------
+SAMPLE = ROOT / "wsi_histosge" / "samples" / "cmu1-skin-crop.tif"
+
+
+def _main(args: list[str]) -> tuple[int, str]:
+    """Run the installed entry point in-process: (exit code, stdout + stderr)."""
+    import contextlib
+    import io
+
+    from wsi_histosge.cli.app import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        else:
+            code = 0
+    return code, buf.getvalue()
+
+
+def _one_line_error(text: str) -> bool:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--mpp", "inf"],
+        ["--mpp", "1e9"],
+        ["--mpp", "0"],
+        ["--mpp", "-0.5"],
+        ["--stride-um", "nan"],
+        ["--stride-um", "0"],
+        ["--stride-um", "-50"],
+        ["--spot-um", "0"],
+        ["--context-um", "0"],
+        ["--context-um", "inf"],
+        ["--batch-size", "-1"],
+        ["--batch-size", "0"],
+        ["--workers", "-3"],
+        ["--device", "banana"],
+        ["--device", "cuda:7"],
+        ["--precision", "fp8"],
+        ["--min-tissue-fraction", "2"],
+        ["--min-tissue-fraction", "nan"],
+        ["--on-bad-tile", "ignore"],
+        ["--stride-um", "abc"],
+    ],
+    ids=lambda e: " ".join(e),
+)
+def test_20_option_values_exit_2_naming_the_option_and_write_nothing(extra: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "cube.zarr"
+    code, text = _main(["infer", str(SAMPLE), "--out", str(out), *extra])
+    assert code == 2, text
+    assert _one_line_error(text), text
+    assert extra[0] in text
+    assert list(tmp_path.iterdir()) == []  # no cube, no sidecar, no lock: the corrected command just runs
+
+
+def test_20b_precision_that_needs_a_gpu_is_refused_on_cpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, text = _main(["infer", str(SAMPLE), "--out", str(tmp_path / "c.zarr"), "--precision", "bf16"])
+    assert code == 2 and "--precision bf16 needs a CUDA device" in text, text
+
+
+# Property: any value of a numeric option gets the documented answer ----------------------------------
+_INFER_RANGES = {
+    "--mpp": (0.05, 50.0, False),
+    "--stride-um": (1.0, 10_000.0, False),
+    "--spot-um": (1.0, 10_000.0, False),
+    "--context-um": (4.0, 10_000.0, False),
+    "--min-tissue-fraction": (0.0, 1.0, False),
+    "--batch-size": (1, 65_536, True),
+    "--workers": (0, 64, True),
+}
+_BATCH_RANGES = {
+    "--workers": (1, 1024, True),
+    "--retries": (0, 100, True),
+    "--stride-um": (1.0, 10_000.0, False),
+    "--mpp": (0.05, 50.0, False),
+    "--slide-workers": (0, 64, True),
+}
+
+
+def _valid(value: object, lo: float, hi: float, integer: bool) -> bool | None:
+    """The oracle: True/False for numbers, None for strings (only the shape of the answer is checked)."""
+    import math
+
+    if isinstance(value, str):
+        return None
+    if integer and not isinstance(value, int):
+        return False
+    assert isinstance(value, (int, float))
+    return math.isfinite(value) and lo <= value <= hi
+
+
+def _values(integer: bool):  # type: ignore[no-untyped-def]
+    from hypothesis import strategies as st
+
+    numbers = st.integers(min_value=-(10**12), max_value=10**12)
+    if not integer:
+        numbers = numbers | st.floats(allow_nan=True, allow_infinity=True)
+    return numbers | st.text(min_size=1, max_size=12).filter(lambda t: not t.startswith("-"))
+
+
+def _check_answer(value: object, valid: bool | None, code: int, text: str, ok_code: int, flag: str) -> None:
+    from wsi_histosge.errors import EXIT_CODES
+
+    assert code in EXIT_CODES, (value, code, text)
+    assert "Traceback" not in text and "internal error" not in text, (value, text)
+    if valid is False:
+        assert code == 2 and _one_line_error(text) and flag in text, (value, code, text)
+    elif valid is True:
+        assert code == ok_code, (value, code, text)
+    else:
+        assert code in (2, ok_code), (value, code, text)
+        if code == 2:
+            assert _one_line_error(text), (value, text)
+
+
+def _arg(value: object) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def test_21_every_numeric_option_of_infer_and_batch_gets_the_documented_answer(tmp_path: Path) -> None:
+    """infer on a missing slide: a bad value exits 2 before the slide is looked at, a good one reaches the
+    slide (exit 3); batch on a glob matching nothing: bad value 2, good value 12. Nothing is created."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    missing = tmp_path / "missing.svs"
+    out = tmp_path / "out"
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def run(data: st.DataObject) -> None:
+        command = data.draw(st.sampled_from(["infer", "batch"]))
+        ranges = _INFER_RANGES if command == "infer" else _BATCH_RANGES
+        flag = data.draw(st.sampled_from(sorted(ranges)))
+        lo, hi, integer = ranges[flag]
+        value = data.draw(_values(integer))
+        if command == "infer":
+            args = ["infer", str(missing), "--out", str(out), flag, _arg(value)]
+            ok = 3
+        else:
+            args = ["batch", str(tmp_path / "none-*.svs"), "--out", str(out), flag, _arg(value)]
+            ok = 12
+        code, text = _main(args)
+        _check_answer(value, _valid(value, lo, hi, integer), code, text, ok, flag)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], text
+
+    run()
+
+
+@pytest.fixture(scope="module")
+def small_cube(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    slide = write_pyramid(tmp_path_factory.mktemp("s") / "s.tif", synthetic_tissue(1200, 1600, seed=3), levels=2)
+    out = tmp_path_factory.mktemp("c") / "s.zarr"
+    res = runner.invoke(app, ["infer", str(slide), "--out", str(out), "--model", str(tiny_model)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_21b_every_bin_size_of_to_anndata_gets_the_documented_answer(small_cube: Path, tmp_path: Path) -> None:
+    """--bin-um: not a finite positive number -> 2 and no file; a number -> a .h5ad (0) or a one-line 2
+    (not a multiple of the stride) and no file; never a huge allocation or a traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    h5 = tmp_path / "x.h5ad"
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**9), 10**9) | st.text(min_size=1, max_size=8)
+    )
+    def run(value: object) -> None:
+        if isinstance(value, str) and value.startswith("-"):
+            value = " " + value
+        code, text = _main(["to-anndata", str(small_cube), "--out", str(h5), "--bin-um", _arg(value)])
+        import math
+
+        assert "Traceback" not in text and "internal error" not in text, (value, text)
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+            assert code == 2 and _one_line_error(text) and "--bin-um" in text, (value, code, text)
+        assert code in (0, 2), (value, code, text)
+        if code == 2:
+            assert _one_line_error(text), (value, text)
+            assert not h5.exists()
+        else:
+            assert h5.is_file()
+            h5.unlink()
+        assert [p.name for p in tmp_path.iterdir() if p.name != "x.h5ad"] == []
+
+    run()
+
+
+# Locks, signals -------------------------------------------------------------------------------------
+def test_22_a_second_infer_on_the_same_output_is_refused_while_the_first_runs(
+    small_cube: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    from wsi_histosge.lock import OutputLock
+
+    slide = write_pyramid(tmp_path / "s.tif", synthetic_tissue(1200, 1600, seed=4), levels=2)
+    out = tmp_path / "s.zarr"
+    first = OutputLock(str(out) + ".lock")
+    assert first.acquire()  # as a running `infer` holds it
+    code, text = _main(["infer", str(slide), "--out", str(out), "--model", str(tiny_model)])
+    assert code == 15 and _one_line_error(text) and "another run" in text and str(out) in text, text
+    assert not out.exists()
+    first.release()
+    code, text = _main(["infer", str(slide), "--out", str(out), "--model", str(tiny_model)])
+    assert code == 0, text
+    assert not Path(str(out) + ".lock").exists()
+
+
+def test_23_sigterm_to_infer_exits_130_with_the_resume_hint_and_the_rerun_resumes(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    slide = write_pyramid(tmp_path / "big.tif", synthetic_tissue(4000, 5000, seed=6), levels=3)
+    out = tmp_path / "big.zarr"
+    args = ["infer", str(slide), "--out", str(out), "--model", str(tiny_model), "--stride-um", "10"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsi_histosge.cli.app", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    marks = out / "chunk_done" / "c"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if marks.exists() and sum(1 for p in marks.rglob("*") if p.is_file()) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "rerun the same command to resume" in stderr
+    assert not Path(str(out) + ".lock").exists()
+    res = _cli([*args, "--json"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["status"] == "resumed"
+    assert _cli(["verify", str(out)]).returncode == 0
+
+
+# The one exit-code table ----------------------------------------------------------------------------
+def test_24_readme_failure_table_is_the_code_table() -> None:
+    import re
+
+    from wsi_histosge.errors import EXIT_CODES, HistoSGEError
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Failure behaviour") :]
+    rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", section, re.M))
+    assert {int(k) for k in rows} == set(EXIT_CODES), "README failure table and errors.EXIT_CODES differ"
+    for code, meaning in EXIT_CODES.items():
+        assert rows[str(code)] == meaning, (code, rows[str(code)], meaning)
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(s for c in cls.__subclasses__() for s in subclasses(c))]
+
+    for cls in subclasses(HistoSGEError):
+        assert cls.exit_code in EXIT_CODES, cls
+    from wsi_histosge import cohort
+
+    for name in ("EXIT_ALL_OK", "EXIT_PARTIAL", "EXIT_ALL_FAILED", "EXIT_NO_SLIDES", "EXIT_LOCKED", "EXIT_INTERRUPTED"):
+        assert getattr(cohort, name) in EXIT_CODES
+    code, text = _main(["exit-codes"])
+    assert code == 0 and all(meaning in " ".join(text.split()) for meaning in EXIT_CODES.values())
