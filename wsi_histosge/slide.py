@@ -25,6 +25,19 @@ from .errors import CorruptTileError, MPPMissingError, SlideFormatError, SlideNo
 
 PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
+#: A pyramid level is compared with level 0 before it is used (see :meth:`Slide.level_check`): probe regions
+#: are reduced to cells of mean colour, and a level fails when a channel's mean absolute difference from
+#: level 0, over the probes' cells (or over their tissue cells alone), exceeds this many 8-bit units.
+#: Measured: correct levels of the sample slides differ by at most 2.8 (JPEG re-encoding, resampling,
+#: misalignment below a pixel); CMU-1 with red and blue swapped (BGR) by 12.7-15.5, other channel orders by
+#: ~40, YCbCr shown as RGB by ~70, inverted, black or blank levels by 80-200.
+LEVEL_CHECK_MAX_DIFF = 8.0
+#: Side of a probe at the checked level (px), the most level-0 px one probe reads per side (bounds the cost on
+#: coarse levels), and the side of the cells (level px) whose mean colours are compared.
+LEVEL_CHECK_PROBE_PX = 64
+LEVEL_CHECK_MAX_LEVEL0_PX = 1024
+LEVEL_CHECK_CELL_PX = 16
+
 
 @dataclass(frozen=True)
 class MPP:
@@ -385,6 +398,7 @@ class OpenSlideBackend:
     def __init__(self, path: Path) -> None:
         import openslide
 
+        self.path = Path(path)
         self._slide = openslide.OpenSlide(path)
         self.level_dimensions = tuple((int(d[0]), int(d[1])) for d in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
@@ -404,7 +418,17 @@ class OpenSlideBackend:
         try:
             img = self._slide.read_region(location, level, size)
         except openslide.OpenSlideError as exc:
-            raise CorruptTileError(f"OpenSlide failed to read region at {location}: {exc}") from exc
+            # OpenSlide errors are sticky: the handle refuses every later read. Reopen it, so one bad level
+            # (e.g. cropped edge frames of a DICOM level) does not poison reads of the others.
+            try:
+                self._slide.close()
+                self._slide = openslide.OpenSlide(self.path)
+            except openslide.OpenSlideError:
+                pass
+            raise CorruptTileError(
+                f"{self.path}: OpenSlide failed to read level {level} at level-0 {tuple(location)}, size "
+                f"{tuple(size)} ({str(exc)[:160]}); the slide is corrupt or truncated, or this level is broken"
+            ) from exc
         return _rgb(np.asarray(img))
 
     def stated_mpp(self) -> tuple[float, float, str] | None:
@@ -568,7 +592,10 @@ class DicomBackend:
             from pydicom.encaps import generate_frames
 
             if self.path.stat().st_size > 4 * 2**30:
-                raise SlideFormatError(f"{self.path}: DICOM file over 4 GB; open it with OpenSlide (multi-file WSI)")
+                raise SlideFormatError(
+                    f"{self.path}: level 0 is a DICOM file over 4 GB, too large for the pydicom reader; "
+                    "open the series folder with OpenSlide (multi-file WSI)"
+                )
             ds = pydicom.dcmread(self.path)
             data = ds.PixelData
             if ds.file_meta.TransferSyntaxUID.is_encapsulated:
@@ -617,9 +644,11 @@ class DicomBackend:
             else:
                 arr = np.frombuffer(data, dtype=np.uint8).reshape(self.th, self.tw, self.spp)
         except Exception as exc:
-            tx, ty = index % self.ntx, index // self.ntx
+            tx, ty = (
+                (index // self.nty, index % self.nty) if self.column_major else (index % self.ntx, index // self.ntx)
+            )
             raise CorruptTileError(
-                f"{self.path}: frame {index} (col {tx}, row {ty}) failed to decode ({type(exc).__name__}: "
+                f"{self.path}: frame {index} (col {tx}, row {ty}) of level 0 failed to decode ({type(exc).__name__}: "
                 f"{str(exc)[:100]}); the slide is corrupt"
             ) from exc
         tile = _rgb(np.asarray(arr))
@@ -668,6 +697,135 @@ def _has_dicom_preamble(path: Path) -> bool:
         return fh.read(4) == b"DICM"
 
 
+#: Suffixes of slide files other than DICOM: a folder holding any of them is not one DICOM slide.
+_OTHER_SLIDE_SUFFIXES = {
+    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".jpg", ".jpeg", ".png",
+}  # fmt: skip
+#: DICOM ImageType values (3rd value) that are not part of the pyramid: scanners may store them as their own series.
+_DICOM_SIDE_IMAGES = {"LABEL", "OVERVIEW", "MACRO"}
+
+
+@dataclass(frozen=True)
+class _DicomInstance:
+    path: Path
+    series: str
+    flavour: str  # ImageType's 3rd value (VOLUME, THUMBNAIL, LABEL, OVERVIEW), "" when absent
+    pixels: int  # TotalPixelMatrixColumns x TotalPixelMatrixRows
+
+
+def _dicom_instances(folder: Path, *, stop_at_second_series: bool = False) -> tuple[list[_DicomInstance], list[str]]:
+    """The DICOM VL whole-slide instances among the .dcm files of ``folder`` (headers only, no pixels), and
+    one line per .dcm file that is not one. With ``stop_at_second_series``, stops once a second pyramid series
+    shows up (enough to tell that the folder is not one slide)."""
+    import pydicom
+
+    tags = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns", "TotalPixelMatrixRows"]
+    found: list[_DicomInstance] = []
+    others: list[str] = []
+    series: set[str] = set()
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() != ".dcm" or not path.is_file():
+            continue
+        # pydicom warns (lazily, as values are read) about third-party headers that bend the standard, e.g.
+        # 65-character UIDs: such files are still read, and the warnings would only be noise in a header scan.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
+                sop = str(ds.get("SOPClassUID", ""))
+                image_type = [str(v) for v in (ds.get("ImageType") or [])]
+                uid = str(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID: {path.name})"
+                pixels = int(ds.get("TotalPixelMatrixColumns", 0) or 0) * int(ds.get("TotalPixelMatrixRows", 0) or 0)
+            except Exception as exc:
+                others.append(f"{path.name} (not readable as DICOM: {type(exc).__name__})")
+                continue
+        if sop != DicomBackend.WSI_SOP_CLASS:
+            others.append(f"{path.name} (SOP class {sop or 'missing'}, not a VL whole-slide image)")
+            continue
+        flavour = image_type[2].upper() if len(image_type) > 2 else ""
+        found.append(_DicomInstance(path, uid, flavour, pixels))
+        if flavour not in _DICOM_SIDE_IMAGES:
+            series.add(uid)
+            if stop_at_second_series and len(series) > 1:
+                break
+    return found, others
+
+
+def _dicom_series_files(folder: Path) -> list[_DicomInstance]:
+    """The instances of the one DICOM WSI series in ``folder``, level 0 (largest) first; else SlideFormatError."""
+    others = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in _OTHER_SLIDE_SUFFIXES and f.is_file())
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise SlideFormatError(
+            f"{folder}: is a directory holding slide files ({listed}); "
+            "a folder is read as one slide only when it holds the .dcm files of one DICOM WSI: pass each slide file "
+            "on its own (MRXS: pass the .mrxs file)"
+        )
+    found, not_wsi = _dicom_instances(folder)
+    if not found:
+        what = (
+            f"its .dcm files are not DICOM whole-slide images ({'; '.join(not_wsi[:2])})"
+            if not_wsi
+            else "no .dcm files"
+        )
+        raise SlideFormatError(
+            f"{folder}: is a directory with {what}; a folder may hold only the .dcm files of one DICOM WSI series "
+            "(one file per pyramid level); for other formats pass the slide file itself (MRXS: the .mrxs file)"
+        )
+    pyramid = [d for d in found if d.flavour not in _DICOM_SIDE_IMAGES]
+    series = sorted({d.series for d in pyramid})
+    if len(series) > 1:
+        raise SlideFormatError(
+            f"{folder}: holds the .dcm files of {len(series)} DICOM WSI series "
+            f"({', '.join('...' + u[-12:] for u in series[:4])}{', ...' if len(series) > 4 else ''}); "
+            "a folder must hold one slide: split them into one folder per slide (series), by SeriesInstanceUID"
+        )
+    if not pyramid:
+        raise SlideFormatError(
+            f"{folder}: its DICOM files hold only label/overview images, no pyramid level; pass the slide's series"
+        )
+    uid = series[0]
+    return sorted((d for d in found if d.series == uid), key=lambda d: (d.flavour != "VOLUME", -d.pixels, d.path.name))
+
+
+def dicom_series_folder(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a folder holding the .dcm files of exactly one DICOM WSI series (one slide).
+
+    Cheap: reads DICOM headers only, and stops at the second series. A folder that also holds other
+    slide files (SVS, TIFF, JPEG, ...) is not one slide."""
+    folder = Path(path)
+    try:
+        if not folder.is_dir():
+            return False
+        if any(f.suffix.lower() in _OTHER_SLIDE_SUFFIXES for f in folder.iterdir()):
+            return False
+        found, _ = _dicom_instances(folder, stop_at_second_series=True)
+    except OSError:
+        return False
+    series = {d.series for d in found if d.flavour not in _DICOM_SIDE_IMAGES}
+    return len(series) == 1
+
+
+def _open_dicom_folder(folder: Path) -> Backend:
+    """OpenSlide through the series' level-0 file (it finds the other levels in the folder), else pydicom."""
+    files = _dicom_series_files(folder)
+    errors: list[str] = []
+    try:
+        return OpenSlideBackend(files[0].path)
+    except Exception as exc:
+        errors.append(f"openslide: {type(exc).__name__}: {str(exc)[:160]}")
+    try:
+        backend = DicomBackend(files[0].path)  # level 0 only: the other levels are optional
+        backend.properties["dicom.series-files"] = str(len(files))
+        return backend
+    except SlideFormatError as exc:
+        errors.append(f"pydicom: {str(exc)[:160]}")
+    raise SlideFormatError(
+        f"{folder}: DICOM WSI series of {len(files)} file(s) that no reader can open ({'; '.join(errors)}); "
+        "check that the series is complete"
+    )
+
+
 def _plugin_backends() -> list[Any]:
     """Site reader plugins: ``WSI_HISTOSGE_READER_PLUGINS="pkg.module:opener,..."``; each opener takes a
     path and returns a backend, or None to pass. Tried before the built-in readers."""
@@ -690,6 +848,8 @@ def _open_backend(path: Path) -> Backend:
         backend = opener(path)
         if backend is not None:
             return backend  # type: ignore[no-any-return]
+    if path.is_dir():
+        return _open_dicom_folder(path)
     if path.suffix.lower() in PLAIN_SUFFIXES:
         return PlainImageBackend(path)
     errors: list[str] = []
@@ -715,6 +875,17 @@ def _open_backend(path: Path) -> Backend:
     )
 
 
+def _hash_ends(h: Any, path: Path) -> None:
+    """Feed the size and the first and last MiB of ``path`` into ``h``."""
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            h.update(fh.read(1 << 20))
+
+
 @dataclass
 class Slide:
     """A whole-slide image. Open with ``Slide(path, mpp=None)``."""
@@ -723,14 +894,18 @@ class Slide:
     mpp_override: float | None = None
     skip_bad_tiles: bool = False  # the `--on-bad-tile skip` policy for reads that do not collect bad tiles
     _backend: Backend | None = field(default=None, init=False, repr=False, compare=False)
+    #: level -> (ok, reason, difference) of the checks made so far (see :meth:`level_check`)
+    _level_verdicts: dict[int, tuple[bool, str, float | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         if not self.path.exists():
             raise SlideNotFoundError(f"{self.path}: no such file; check the path")
         if self.path.is_dir():
-            raise SlideFormatError(f"{self.path}: is a directory, not a slide file (MRXS: pass the .mrxs file)")
-        if self.path.stat().st_size == 0:
+            _dicom_series_files(self.path)  # one DICOM WSI series, or an error that says what a folder may hold
+        elif self.path.stat().st_size == 0:
             raise SlideFormatError(f"{self.path}: file is empty (0 bytes); re-copy the slide")
         if self.mpp_override is not None and not (self.mpp_override > 0):
             raise MPPMissingError(f"--mpp must be a positive number of µm/px, got {self.mpp_override}")
@@ -744,12 +919,18 @@ class Slide:
 
     # -- pickling: keep the path, reopen lazily in each worker --------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "mpp_override": self.mpp_override, "skip_bad_tiles": self.skip_bad_tiles}
+        return {
+            "path": self.path,
+            "mpp_override": self.mpp_override,
+            "skip_bad_tiles": self.skip_bad_tiles,
+            "level_verdicts": dict(self._level_verdicts),  # workers need not check the levels again
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
         self.mpp_override = state["mpp_override"]
         self.skip_bad_tiles = state.get("skip_bad_tiles", False)
+        self._level_verdicts = dict(state.get("level_verdicts", {}))
         self._backend = None
 
     @property
@@ -810,27 +991,116 @@ class Slide:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Content fingerprint: size plus the first and last MiB (fast on multi-GB files)."""
+        """Content fingerprint: size plus the first and last MiB (fast on multi-GB files); for a DICOM folder,
+        the same over each of its .dcm files (sorted by name, names included)."""
         h = hashlib.blake2b(digest_size=16)
-        size = self.path.stat().st_size
-        h.update(str(size).encode())
-        with open(self.path, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                h.update(fh.read(1 << 20))
+        if self.path.is_dir():
+            files = sorted(f for f in self.path.iterdir() if f.suffix.lower() == ".dcm" and f.is_file())
+            h.update(f"dicom-folder:{len(files)}".encode())
+            for f in files:
+                h.update(f.name.encode() + b"\0")
+                _hash_ends(h, f)
+        else:
+            _hash_ends(h, self.path)
         return h.hexdigest()
 
     def level_mpp(self, level: int) -> float:
         return self.mpp.mean * self.level_downsamples[level]
 
-    def best_level_for_mpp(self, target_mpp: float) -> int:
-        """The coarsest level whose pixels are at least as fine as ``target_mpp`` (1% tolerance)."""
+    def best_level_for_mpp(self, target_mpp: float, *, verified: bool = True) -> int:
+        """The coarsest level whose pixels are at least as fine as ``target_mpp`` (1% tolerance).
+
+        With ``verified`` (the default), a level other than 0 is first compared with level 0 (see
+        :meth:`level_check`); a level that fails is skipped for the next finer good one."""
         best = 0
         for level in range(self.level_count):
             if self.level_mpp(level) <= target_mpp * 1.01:
                 best = level
+        while verified and best > 0 and not self._check_level(best)[0]:
+            best -= 1
         return best
+
+    # -- pyramid level checks ------------------------------------------------------------------
+    def _check_level(self, level: int) -> tuple[bool, str, float | None]:
+        """Verdict on ``level`` against level 0, computed once per level (lazily) and cached."""
+        if level == 0:
+            return True, "reference", None
+        verdict = self._level_verdicts.get(level)
+        if verdict is None:
+            verdict = self._compare_level(level)
+            self._level_verdicts[level] = verdict
+        return verdict
+
+    def _probes(self, level: int) -> list[tuple[int, int, int, int]]:
+        """Probe rectangles (x, y, w, h) in level px: the centre, four points around it, and the far corner
+        (partial edge tiles are where broken levels fail to read)."""
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        side = max(4, min(LEVEL_CHECK_PROBE_PX, int(LEVEL_CHECK_MAX_LEVEL0_PX / ds)))
+        pw, ph = min(side, lw), min(side, lh)
+        rects = []
+        for fx, fy in [(0.5, 0.5), (0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7), (1.0, 1.0)]:
+            x = min(max(0, round(fx * lw) - pw // 2), lw - pw)
+            y = min(max(0, round(fy * lh) - ph // 2), lh - ph)
+            if (x, y, pw, ph) not in rects:
+                rects.append((x, y, pw, ph))
+        return rects
+
+    def _compare_level(self, level: int) -> tuple[bool, str, float | None]:
+        from PIL import Image
+
+        w0, h0 = self.dimensions
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        sx, sy = w0 / lw, h0 / lh  # per-axis downsample (level sizes are rounded)
+        ref_cells: list[np.ndarray] = []
+        lvl_cells: list[np.ndarray] = []
+        for x, y, pw, ph in self._probes(level):
+            try:
+                patch = self.backend.read_region((int(np.ceil(x * ds)), int(np.ceil(y * ds))), level, (pw, ph))
+            except Exception as exc:
+                msg = str(exc).replace(str(self.path), "").strip(": ")[:160]
+                return False, f"read failed at level px ({x}, {y}): {type(exc).__name__}: {msg}", None
+            x0, y0 = round(x * sx), round(y * sy)
+            size0 = (max(1, min(w0 - x0, round(pw * sx))), max(1, min(h0 - y0, round(ph * sy))))
+            try:
+                ref = self.backend.read_region((x0, y0), 0, size0)
+            except Exception:
+                continue  # level 0 is the reference: where it cannot be read, this probe says nothing
+            grid = (max(1, pw // LEVEL_CHECK_CELL_PX), max(1, ph // LEVEL_CHECK_CELL_PX))
+            box = Image.Resampling.BOX
+            ref_cells.append(np.asarray(Image.fromarray(ref).resize(grid, box), np.float32).reshape(-1, 3))
+            lvl_cells.append(np.asarray(Image.fromarray(patch).resize(grid, box), np.float32).reshape(-1, 3))
+        if not ref_cells:
+            return True, "not checked: level 0 could not be read at the probes", None
+        ref_all, lvl_all = np.concatenate(ref_cells), np.concatenate(lvl_cells)
+        diff = np.abs(ref_all - lvl_all)
+        score = float(diff.mean(axis=0).max())
+        tissue = (255.0 - ref_all.min(axis=1)) > 40  # glass shows no colour error: judge tissue on its own too
+        if tissue.sum() >= 4:
+            score = max(score, float(diff[tissue].mean(axis=0).max()))
+        if score > LEVEL_CHECK_MAX_DIFF:
+            channel = "RGB"[int(np.argmax(diff.mean(axis=0)))]
+            return (
+                False,
+                f"pixels differ from level 0 by {score:.1f} (mean abs, channel {channel}; limit "
+                f"{LEVEL_CHECK_MAX_DIFF:g}): wrong colours or content",
+                round(score, 2),
+            )
+        return True, f"matches level 0 (difference {score:.1f} <= {LEVEL_CHECK_MAX_DIFF:g})", round(score, 2)
+
+    def level_check(self) -> list[dict[str, Any]]:
+        """Every level checked against level 0 (runs the checks not made yet): level, ok, reason, difference."""
+        out = []
+        for level in range(self.level_count):
+            ok, reason, difference = self._check_level(level)
+            out.append({"level": level, "ok": ok, "reason": reason, "difference": difference})
+        return out
+
+    @property
+    def skipped_levels(self) -> dict[int, str]:
+        """Levels found bad so far (by a check or a failed read), with the reason: reads use finer levels."""
+        return {level: reason for level, (ok, reason, _) in sorted(self._level_verdicts.items()) if not ok}
 
     # -- pixels -----------------------------------------------------------------------------
     def read_region(
@@ -866,11 +1136,23 @@ class Slide:
         Read in horizontal strips from the coarsest adequate level, so memory stays bounded on
         single-level gigapixel files.
         """
+        w0, _h0 = self.dimensions
+        level = self.best_level_for_mpp(mpp)
+        while True:
+            try:
+                return self._thumbnail_from(level, mpp), self.mpp.x * w0 / self.thumbnail_shape(mpp)[1]
+            except CorruptTileError as exc:
+                if level == 0:
+                    raise
+                # a level that passed the probes but fails elsewhere (e.g. an edge frame): use a finer one
+                msg = str(exc).replace(str(self.path), "").strip(": ")[:160]
+                self._level_verdicts[level] = (False, f"read failed while making a thumbnail: {msg}", None)
+                level = self.best_level_for_mpp(mpp)
+
+    def _thumbnail_from(self, level: int, mpp: float) -> np.ndarray:
         from PIL import Image
 
-        w0, _h0 = self.dimensions
         th, tw = self.thumbnail_shape(mpp)
-        level = self.best_level_for_mpp(mpp)
         lw, lh = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         out = np.empty((th, tw, 3), dtype=np.uint8)
@@ -881,7 +1163,7 @@ class Slide:
             ly1 = max(ly0 + 1, min(lh, int(np.ceil(ty1 * lh / th))))
             strip = self.read_region((0, int(ly0 * ds)), level, (lw, ly1 - ly0))
             out[ty0:ty1] = np.asarray(Image.fromarray(strip).resize((tw, ty1 - ty0), Image.Resampling.BOX))
-        return out, self.mpp.x * w0 / tw
+        return out
 
     def info(self) -> dict[str, Any]:
         """Everything `wsi-histosge info` shows, JSON-serialisable."""
@@ -901,6 +1183,7 @@ class Slide:
             "mpp": mpp,
             "associated_images": sorted(self.backend.associated_images),
             "fingerprint": self.fingerprint,
+            "level_check": self.level_check(),
         }
 
     def close(self) -> None:
