@@ -2,9 +2,16 @@
 
 Binning: ``f x f`` lattice cells per bin (``f = bin_um / stride_um``, an integer), averaged in linear
 space: ``log1p(mean(expm1(x)))`` over the predicted cells of the bin, so a bin's value is the log of the
-expression a bigger spot would have measured. Only bins holding at least one predicted cell are kept.
-Conversion streams the cube band by band and writes ``X`` into the HDF5 file as it goes: peak memory
-is one band of cells (about 64 rows of the lattice) plus the obs table, whatever the cube's size.
+expression a bigger spot would have measured. Only bins holding at least one predicted value are kept:
+a bin that would be all NaN (its cells unreadable or skipped) is never written as data.
+Conversion streams the cube window by window (chunk-aligned reads, per-bin running sums) and writes
+``X`` into the HDF5 file as it goes: peak memory is bounded by ``band_mb`` plus one chunk and the obs
+table, whatever the cube's size and whatever the bin size.
+
+An incomplete cube (no completion marker, or chunks missing on disk) is refused unless
+``allow_incomplete``; then only cells of readable chunks are converted and ``uns['wsi_histosge']``
+says the result is partial and which chunks were lacking. The .h5ad appears only when complete
+(written as ``OUT.partial``, then renamed).
 
 The result follows the Space Ranger / scanpy conventions: ``obsm['spatial']`` in level-0 px of the
 slide, ``uns['spatial'][library_id]`` with 'hires'/'lowres' images and their scale factors, and
@@ -13,36 +20,58 @@ slide, ``uns['spatial'][library_id]`` with 'hires'/'lowres' images and their sca
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import math
 import os
-import warnings
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .errors import OutputExistsError, SlideNotFoundError, UsageError
+from .errors import (
+    CubeIncompleteError,
+    HistoSGEError,
+    OutputExistsError,
+    OutputWriteError,
+    SlideNotFoundError,
+    UsageError,
+)
 from .slide import open_slide
-from .store import ATTR_KEY, open_cube
+from .store import ATTR_KEY, Cube, read_cube
 
 HIRES_MAX_PX = 2000
 LOWRES_MAX_PX = 600
 
 
 def bin_factor(attrs: dict[str, Any], resolution: str | float) -> int:
-    """Cells per bin side for ``resolution``: "native", "spot", or a bin size in µm."""
+    """Cells per bin side for ``resolution``: "native", "spot", or a bin size in µm (finite, > 0)."""
     stride = float(attrs["stride_um"])
     if resolution == "native":
         return 1
-    bin_um = float(attrs["spot_um"]) if resolution == "spot" else float(resolution)
+    if resolution == "spot":
+        bin_um = float(attrs["spot_um"])
+    else:
+        try:
+            bin_um = float(resolution)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"--resolution must be native or spot, or give --bin-um in µm; got {resolution!r}"
+            ) from None
+        if isinstance(resolution, bool) or not math.isfinite(bin_um) or bin_um <= 0:
+            raise UsageError(f"--bin-um must be a positive, finite size in µm; got {resolution!r}")
     f = bin_um / stride
     if f < 1 - 1e-6 or abs(f - round(f)) > 1e-3:
-        lo, hi = max(1, math.floor(f)), max(1, math.ceil(f))
+        sizes = sorted({max(1, math.floor(f)) * stride, max(1, math.ceil(f)) * stride})
+        what = f"the spot size ({bin_um:g} µm)" if resolution == "spot" else f"--bin-um {bin_um:g}"
         raise UsageError(
-            f"bin size {bin_um:g} µm is not a whole multiple of the cube's {stride:g} µm stride; "
-            f"use {lo * stride:g} or {hi * stride:g} µm"
+            f"{what} is not a whole multiple of the cube's {stride:g} µm stride; use --bin-um "
+            + " or ".join(f"{v:g}" for v in sizes)
         )
     return round(f)
 
@@ -61,6 +90,168 @@ def _slide_images(
     return images, scales
 
 
+#: errno values that mean "the output cannot be written here" (disk full, quota, file too big, read-only).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS}
+
+
+def _spans(a: int, b: int, align: int, size: int) -> Iterator[tuple[int, int]]:
+    """[a, b) cut into pieces of at most ``size`` whose ends fall on multiples of ``align`` (chunk edges)."""
+    s = a
+    while s < b:
+        e = min(b, (s // align) * align + size)
+        yield s, e
+        s = e
+
+
+def _bin_sum(values: np.ndarray, lo: tuple[int, int], f: int, dtype: Any) -> np.ndarray:
+    """Sum of ``values`` (..., h, w), whose first cell is lattice cell ``lo``, over each f x f bin it touches."""
+    h, w = values.shape[-2:]
+    rows = np.flatnonzero(np.diff((np.arange(lo[0], lo[0] + h) // f), prepend=-1))
+    cols = np.flatnonzero(np.diff((np.arange(lo[1], lo[1] + w) // f), prepend=-1))
+    by_rows = np.add.reduceat(values, rows, axis=-2, dtype=dtype)
+    return np.add.reduceat(by_rows, cols, axis=-1, dtype=dtype)
+
+
+def _candidate_counts(cells: np.ndarray, f: int, band_rows: int) -> np.ndarray:
+    """(bin rows, bin cols): how many readable predicted cells each bin holds."""
+    ny, nx = cells.shape
+    counts = np.zeros((-(-ny // f), -(-nx // f)), dtype=np.int32)
+    step = max(1, band_rows // f)
+    for b0 in range(0, counts.shape[0], step):
+        part = _bin_sum(cells[b0 * f : (b0 + step) * f], (b0 * f, 0), f, np.int32)
+        counts[b0 : b0 + part.shape[0]] = part
+    return counts
+
+
+def _write_x(
+    h5: Any, cube: Cube, f: int, by: np.ndarray, bx: np.ndarray, *, band_cells: int, band_mb: float
+) -> np.ndarray:
+    """Stream the binned means into ``h5['X']`` (rows: the candidate bins that get a value, raster order).
+
+    Returns, per candidate bin, how many cells with a value it averaged (0: all NaN, not written)."""
+    n_genes = len(cube.genes)
+    cells = cube.usable_cells()
+    ny, nx = cells.shape
+    ch, cw = cube.chunk_cells
+    nby, nbx = -(-ny // f), -(-nx // f)
+    budget = band_mb * 2**20
+    # memory: band output (float32 per bin and gene), per-bin sums (float64 + int32 counts) for one
+    # rectangle of bins, one read window (float32 values, their expm1, masks): each about a quarter.
+    band_bins = max(1, min(nby, band_cells // f, int(budget / 4 // max(1, nbx * n_genes * 4))))
+    tile_bins = max(1, min(nbx, int(budget / 4 // max(1, band_bins * n_genes * 12))))
+    window_cols = max(cw, int(budget / 4 // (n_genes * 16 * ch)) // cw * cw)
+    n_cand = len(by)
+    x = h5.create_dataset(
+        "X",
+        shape=(n_cand, n_genes),
+        maxshape=(None, n_genes),
+        dtype="float32",
+        chunks=(min(n_cand, 1024), n_genes),
+        compression="lzf",
+    )
+    x.attrs["encoding-type"] = "array"
+    x.attrs["encoding-version"] = "0.2.0"
+    n_valued = np.zeros(n_cand, dtype=np.int64)
+    written = 0
+    for b0 in range(0, nby, band_bins):
+        b1 = min(nby, b0 + band_bins)
+        lo, hi = np.searchsorted(by, b0), np.searchsorted(by, b1)
+        if lo == hi:
+            continue
+        band = np.full((hi - lo, n_genes), np.nan, dtype=np.float32)
+        y0, y1 = b0 * f, min(ny, b1 * f)
+        for c0 in range(0, nbx, tile_bins):
+            c1 = min(nbx, c0 + tile_bins)
+            sel = lo + np.flatnonzero((bx[lo:hi] >= c0) & (bx[lo:hi] < c1))
+            if not len(sel):
+                continue
+            x0, x1 = c0 * f, min(nx, c1 * f)
+            sums = np.zeros((n_genes, b1 - b0, c1 - c0), dtype=np.float64)
+            counts = np.zeros((n_genes, b1 - b0, c1 - c0), dtype=np.int32)
+            valued = np.zeros((b1 - b0, c1 - c0), dtype=np.int32)
+            for ys, ye in _spans(y0, y1, ch, ch):
+                for xs, xe in _spans(x0, x1, cw, window_cols):
+                    if not cells[ys:ye, xs:xe].any():
+                        continue  # nothing readable here: never decoded
+                    lin = np.expm1(cube.read_expression(ys, ye, xs, xe))
+                    finite = np.isfinite(lin)
+                    lin[~finite] = 0.0
+                    r = slice(ys // f - b0, (ye - 1) // f - b0 + 1)
+                    c = slice(xs // f - c0, (xe - 1) // f - c0 + 1)
+                    sums[:, r, c] += _bin_sum(lin, (ys, xs), f, np.float64)
+                    counts[:, r, c] += _bin_sum(finite, (ys, xs), f, np.int32)
+                    valued[r, c] += _bin_sum(finite.any(axis=0), (ys, xs), f, np.int32)
+                    del lin, finite
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = np.log1p(sums / counts).astype(np.float32)  # 0/0: NaN, a gene without a value
+            band[sel - lo] = means[:, by[sel] - b0, bx[sel] - c0].T
+            n_valued[sel] = valued[by[sel] - b0, bx[sel] - c0]
+        keep = n_valued[lo:hi] > 0
+        n_keep = int(keep.sum())
+        if n_keep:
+            x[written : written + n_keep] = band[keep]
+            written += n_keep
+    if written < n_cand:
+        x.resize((written, n_genes))
+    return n_valued
+
+
+@contextlib.contextmanager
+def _h5_handle_errors() -> Iterator[list[OSError]]:
+    """Collect the write errors h5py meets while releasing a handle (a full disk found when a dataset or
+    attribute is closed): Python can only report those as ignored exceptions, with a traceback printed to
+    stderr, and the file is then not whole. The caller fails on them; their tracebacks are not printed
+    (whatever else reaches stderr meanwhile is passed on)."""
+    seen: list[OSError] = []
+    previous = sys.unraisablehook
+
+    def hook(info: Any) -> None:
+        if isinstance(info.exc_value, OSError) and "h5py" in repr(info.object):
+            seen.append(info.exc_value)
+        else:
+            previous(info)
+
+    captured = io.StringIO()
+    sys.unraisablehook = hook
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield seen
+    finally:
+        sys.unraisablehook = previous
+        marker = "Traceback (most recent call last):"
+        for i, part in enumerate(captured.getvalue().split(marker)):
+            if part and not (i and "h5py/_objects.pyx" in part and "_dealloc" in part):
+                sys.stderr.write(part if i == 0 else marker + part)
+
+
+def _abandon(h5: Any, tmp: Path) -> None:
+    """Close a half-written HDF5 file that is about to be deleted. Closing flushes; on a full disk that
+    fails, and would fail again (printed as an ignored exception) when the handle is collected: emptying
+    the file first frees the space the flush needs."""
+    with contextlib.suppress(OSError):
+        os.truncate(tmp, 0)
+    with contextlib.suppress(Exception):
+        h5.close()
+    tmp.unlink(missing_ok=True)
+
+
+def _write_elements(h5: Any, adata: Any) -> None:
+    """Everything of an .h5ad but X (already written), as ``anndata.write_h5ad`` lays it out."""
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem  # type: ignore[no-redef]
+
+    h5.attrs.setdefault("encoding-type", "anndata")
+    h5.attrs.setdefault("encoding-version", "0.1.0")
+    write_elem(h5, "obs", adata.obs)
+    write_elem(h5, "var", adata.var)
+    write_elem(h5, "obsm", dict(adata.obsm))
+    for key in ("varm", "obsp", "varp", "layers"):
+        write_elem(h5, key, {})
+    write_elem(h5, "uns", dict(adata.uns))
+
+
 def to_anndata(
     cube: str | Path,
     out: str | Path,
@@ -69,35 +260,104 @@ def to_anndata(
     library_id: str | None = None,
     slide: str | Path | None = None,
     overwrite: bool = False,
+    allow_incomplete: bool = False,
     band_cells: int = 64,
     band_mb: float = 128.0,
 ) -> Path:
-    """Write ``out`` (.h5ad) from the cube at ``cube``; see the module docstring."""
+    """Write ``out`` (.h5ad) from the cube at ``cube``; see the module docstring.
+
+    Raises InputNotFoundError (no cube, or its slide moved: pass ``slide``), DataFormatError (not a cube
+    of this tool, malformed or unsafe), CubeIncompleteError (incomplete cube and not ``allow_incomplete``),
+    UsageError (bad ``resolution``), OutputExistsError (``out`` exists and not ``overwrite``) and
+    OutputWriteError (disk full, read-only): ``out`` is then left as it was."""
     import anndata as ad
     import h5py
 
     out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"{out}: is a folder; --out takes the path of the .h5ad file to write")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists; pass --overwrite or choose another --out")
-    group: Any = open_cube(cube)
-    attrs: dict[str, Any] = dict(group.attrs)
-    meta: dict[str, Any] = attrs[ATTR_KEY]
+    c = read_cube(cube)
+    if not allow_incomplete:
+        c.require_complete()
+    attrs, meta = c.attrs, c.attrs[ATTR_KEY]
     f = bin_factor(attrs, resolution)
     stride = float(attrs["stride_um"])
-    affine = np.asarray(attrs["affine_level0"], dtype=np.float64)
-    genes = list(attrs["genes"])
-    expr = group["expression"]
-    tissue = np.asarray(group["tissue"][:]).astype(bool)
-    ny, nx = tissue.shape
-    nby, nbx = -(-ny // f), -(-nx // f)
-    padded = np.zeros((nby * f, nbx * f), dtype=np.int32)
-    padded[:ny, :nx] = tissue
-    counts = padded.reshape(nby, f, nbx, f).sum(axis=(1, 3))
+    ny, nx = c.tissue.shape
+    if f > max(ny, nx):
+        raise UsageError(
+            f"--bin-um {f * stride:g} is larger than the whole cube ({nx * stride:g} x {ny * stride:g} µm); use at "
+            f"most --bin-um {max(ny, nx) * stride:g} (one bin)"
+        )
+    lacking = c.lacking()
+    counts = _candidate_counts(c.usable_cells(), f, band_cells)
     by, bx = np.nonzero(counts)
-    n_bins = len(by)
-    if n_bins == 0:
+    if len(by) == 0:
+        if lacking:
+            raise CubeIncompleteError(
+                f"{cube}: no chunk with tissue is written yet ({len(lacking)} lacking); rerun `wsi-histosge infer` "
+                "with the same options to finish the cube"
+            )
         raise UsageError(f"{cube}: no predicted cells in the cube")
+    slide_path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
+    if not slide_path.is_file():
+        raise SlideNotFoundError(f"{slide_path}: the cube's slide is not there (moved?); pass --slide PATH")
+    images, scales = _slide_images(slide_path, float(meta["mpp"]["x"]), tuple(meta["slide"]["dimensions"]))
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        with _h5_handle_errors() as late_errors:
+            h5 = h5py.File(tmp, "w")
+            try:
+                n_valued = _write_x(h5, c, f, by, bx, band_cells=band_cells, band_mb=band_mb)
+                keep = n_valued > 0
+                if not keep.any():
+                    raise UsageError(f"{cube}: every predicted cell is NaN (all tiles skipped?); nothing to convert")
+                adata = _anndata_without_x(
+                    ad, c, cube, f, by[keep], bx[keep], n_valued[keep], images, scales, library_id, resolution, lacking
+                )
+                adata.uns["wsi_histosge"]["bins_without_values"] = int((~keep).sum())
+                _write_elements(h5, adata)
+                h5.close()
+                if late_errors:  # a write h5py could report only while releasing a handle: the file is not whole
+                    raise late_errors[0]
+            except BaseException:
+                _abandon(h5, tmp)
+                raise
+        os.replace(tmp, out)
+    except OSError as exc:
+        if isinstance(exc, HistoSGEError) or exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OutputWriteError(
+            f"{out}: writing failed ({os.strerror(exc.errno)}); free space or fix permissions, then rerun the "
+            f"command (nothing was written to {out.name})"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _anndata_without_x(
+    ad: Any,
+    c: Cube,
+    cube: str | Path,
+    f: int,
+    by: np.ndarray,
+    bx: np.ndarray,
+    n_cells: np.ndarray,
+    images: dict[str, np.ndarray],
+    scales: dict[str, float],
+    library_id: str | None,
+    resolution: str | float,
+    lacking: list[tuple[int, int]],
+) -> Any:
+    """obs, var, obsm and uns of the kept bins (X is streamed separately)."""
+    attrs, meta = c.attrs, c.attrs[ATTR_KEY]
+    stride = float(attrs["stride_um"])
+    affine = np.asarray(attrs["affine_level0"], dtype=np.float64)
+    n_bins = len(by)
     centre_ix = bx * f + (f - 1) / 2.0
     centre_iy = by * f + (f - 1) / 2.0
     xy = (affine @ np.stack([centre_ix, centre_iy, np.ones(n_bins)]))[:2].T
@@ -108,19 +368,16 @@ def to_anndata(
             "in_tissue": np.ones(n_bins, dtype=np.int8),
             "array_row": by.astype(np.int32),
             "array_col": bx.astype(np.int32),
-            "n_cells": counts[by, bx].astype(np.int32),
-            "tissue_fraction": (counts[by, bx] / float(f * f)).astype(np.float32),
+            "n_cells": n_cells.astype(np.int32),
+            "tissue_fraction": (n_cells / float(f * f)).astype(np.float32),
             "x_um": (origin[0] + centre_ix * stride).astype(np.float32),
             "y_um": (origin[1] + centre_iy * stride).astype(np.float32),
         },
-        index=pd.Index([f"bin_{r}_{c}" for r, c in zip(by, bx, strict=True)], name="bin"),
+        index=pd.Index([f"bin_{r}_{col}" for r, col in zip(by, bx, strict=True)], name="bin"),
     )
+    genes = c.genes
     var = pd.DataFrame({"gene_ids": genes}, index=pd.Index(genes, name="gene"))
     library_id = library_id or Path(meta["slide"]["path"]).stem
-    slide_path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
-    if not slide_path.is_file():
-        raise SlideNotFoundError(f"{slide_path}: the cube's slide is not there (moved?); pass --slide PATH")
-    images, scales = _slide_images(slide_path, mpp_x, tuple(meta["slide"]["dimensions"]))
     bin_um = f * stride
     scalefactors = {
         **scales,
@@ -128,6 +385,7 @@ def to_anndata(
         "bin_size_um": bin_um,
         "fiducial_diameter_fullres": bin_um / mpp_x,
     }
+    partial = bool(lacking) or not c.completed
     uns = {
         "spatial": {
             library_id: {
@@ -147,49 +405,12 @@ def to_anndata(
             "spot_um": attrs["spot_um"],
             "context_um": attrs["context_um"],
             "provenance_json": json.dumps(meta),
+            # an incomplete cube converted with allow_incomplete: which expression chunks (cy, cx) of
+            # the cube were lacking; their cells are absent from obs
+            "partial": partial,
+            "cube_completed": c.completed,
+            "chunks_total": int(c.marks.size),
+            "missing_chunks": np.asarray(lacking, dtype=np.int32).reshape(-1, 2),
         },
     }
-    adata = ad.AnnData(obs=obs, var=var, obsm={"spatial": xy.astype(np.float64)}, uns=uns)
-    tmp = out.with_name(out.name + ".partial")
-    adata.write_h5ad(tmp)
-    del adata
-
-    # X, band by band (rows of bins, raster order = obs order), each band in column tiles, so that
-    # memory is bounded by ``band_mb`` whatever the cube's width and height.
-    n_genes = len(genes)
-    band_bins = max(1, min(band_cells // f, int(band_mb * 2**20 // max(1, nbx * n_genes * 4))))
-    tile_bins = max(1, int(band_mb * 2**20 // max(1, band_bins * f * f * n_genes * 4 * 3)))
-    with h5py.File(tmp, "a") as h5:
-        if "X" in h5:
-            del h5["X"]
-        x = h5.create_dataset(
-            "X", shape=(n_bins, n_genes), dtype="float32", chunks=(min(n_bins, 1024), n_genes), compression="lzf"
-        )
-        x.attrs["encoding-type"] = "array"
-        x.attrs["encoding-version"] = "0.2.0"
-        for b0 in range(0, nby, band_bins):
-            b1 = min(nby, b0 + band_bins)
-            idx = np.nonzero((by >= b0) & (by < b1))[0]
-            if not len(idx):
-                continue
-            out_band = np.empty((len(idx), n_genes), dtype=np.float32)
-            y0, y1 = b0 * f, min(ny, b1 * f)
-            for c0 in range(0, nbx, tile_bins):
-                c1 = min(nbx, c0 + tile_bins)
-                sel = (bx[idx] >= c0) & (bx[idx] < c1)
-                if not sel.any():
-                    continue
-                x0, x1 = c0 * f, min(nx, c1 * f)
-                lin = np.expm1(np.asarray(expr[:, y0:y1, x0:x1], dtype=np.float32))
-                g, h, w = lin.shape
-                pad = np.full((g, (b1 - b0) * f, (c1 - c0) * f), np.nan, dtype=np.float32)
-                pad[:, :h, :w] = lin
-                del lin
-                with warnings.catch_warnings():  # empty bins (not in obs) average to NaN
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    means = np.log1p(np.nanmean(pad.reshape(g, b1 - b0, f, c1 - c0, f), axis=(2, 4)))
-                rows = idx[sel]
-                out_band[sel] = means[:, by[rows] - b0, bx[rows] - c0].T
-            x[idx[0] : idx[-1] + 1] = out_band
-    os.replace(tmp, out)
-    return out
+    return ad.AnnData(obs=obs, var=var, obsm={"spatial": xy.astype(np.float64)}, uns=uns)

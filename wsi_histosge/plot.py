@@ -2,10 +2,15 @@
 
 Each map carries the gene name, units, a colour bar and a scale bar in µm; off-tissue cells are
 transparent. Thumbnails are sized for a screen (``max_px`` on the long side), whatever the slide's size.
+
+An incomplete cube (no completion marker, or chunks missing on disk) is refused (CubeIncompleteError)
+unless ``allow_incomplete``: then the cells of unreadable chunks stay transparent, never drawn as
+expression, and each picture says that it is partial.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +18,7 @@ import numpy as np
 
 from .errors import SlideNotFoundError, UsageError
 from .slide import Slide, open_slide
-from .store import ATTR_KEY, open_cube
+from .store import ATTR_KEY, read_cube
 
 
 def _setup() -> Any:
@@ -28,9 +33,12 @@ def _setup() -> Any:
 class _Canvas:
     """Thumbnail of the slide and the mapping from lattice cells to thumbnail pixels."""
 
-    def __init__(self, cube: str | Path, slide: str | Path | None, max_px: int) -> None:
-        self.group: Any = open_cube(cube)
-        self.attrs: dict[str, Any] = dict(self.group.attrs)
+    def __init__(self, cube: str | Path, slide: str | Path | None, max_px: int, allow_incomplete: bool) -> None:
+        self.cube = read_cube(cube)
+        if not allow_incomplete:
+            self.cube.require_complete()
+        self.lacking = self.cube.lacking() if not self.cube.completed or self.cube.missing else []
+        self.attrs: dict[str, Any] = self.cube.attrs
         meta: dict[str, Any] = self.attrs[ATTR_KEY]
         path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
         if not path.is_file():
@@ -41,7 +49,7 @@ class _Canvas:
         self.thumb, self.thumb_mpp = self.slide.thumbnail(thumb_mpp)
         self.genes = list(self.attrs["genes"])
         self.stride = float(self.attrs["stride_um"])
-        self.tissue = np.asarray(self.group["tissue"][:]).astype(bool)
+        self.tissue = self.cube.usable_cells()
         ox, oy = self.attrs["origin_um"]
         ny, nx = self.tissue.shape
         # lattice cells are squares of side `stride` centred on their spot; extent in thumbnail px
@@ -53,15 +61,26 @@ class _Canvas:
             (oy / self.thumb_mpp) - s / 2,
         )
 
-    def gene_map(self, gene: str) -> np.ndarray:
+    def check_gene(self, gene: str) -> None:
+        """UsageError naming ``gene`` (and similar names) unless the model predicts it."""
         if gene not in self.genes:
             close = [g for g in self.genes if g.upper().startswith(gene.upper()[:3])][:5]
             raise UsageError(
                 f"gene {gene!r} is not in the model's {len(self.genes)} genes"
                 + (f" (similar: {', '.join(close)})" if close else "")
             )
-        m = np.asarray(self.group["expression"][self.genes.index(gene)], dtype=np.float32)
-        return np.where(self.tissue, m, np.nan)
+
+    def gene_map(self, gene: str) -> np.ndarray:
+        self.check_gene(gene)
+        ny, nx = self.tissue.shape
+        return self.cube.read_expression(0, ny, 0, nx, gene=self.genes.index(gene))
+
+    @property
+    def partial_note(self) -> str:
+        """'' for a complete cube, else what is lacking (shown on every picture of a partial cube)."""
+        if not self.lacking and self.cube.completed:
+            return ""
+        return f" (partial: {len(self.lacking)} of {self.cube.marks.size} chunks lacking)"
 
     def scalebar(self, ax: Any) -> None:
         from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
@@ -97,10 +116,20 @@ class _Canvas:
             vmin=vmin,
             vmax=vmax,
         )
-        ax.set_title(gene)
+        ax.set_title(gene + self.partial_note)
         ax.set_axis_off()
         self.scalebar(ax)
         return im
+
+
+def _save(fig: Any, path: Path) -> None:
+    """PNG via a temporary and a rename: a failed write never leaves a truncated picture under ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_genes(
@@ -113,12 +142,15 @@ def plot_genes(
     cmap: str = "magma",
     alpha: float = 0.75,
     grid: bool = True,
+    allow_incomplete: bool = False,
 ) -> list[Path]:
-    """One PNG per gene (and ``genes_grid.png`` when several) in ``out_dir``."""
+    """One PNG per gene (and ``genes_grid.png`` when several) in ``out_dir``.
+
+    An incomplete cube raises CubeIncompleteError unless ``allow_incomplete`` (see the module docstring)."""
     plt = _setup()
-    canvas = _Canvas(cube, slide, max_px)
+    canvas = _Canvas(cube, slide, max_px, allow_incomplete)
     for gene in genes:
-        canvas.gene_map(gene)  # validate all names before drawing anything
+        canvas.check_gene(gene)  # all names before drawing anything
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     units = canvas.attrs["units"]
@@ -129,7 +161,7 @@ def plot_genes(
         im = canvas.draw_gene(ax, gene, cmap, alpha)
         fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=f"{gene}, {units}")
         path = out_dir / f"{gene}.png"
-        fig.savefig(path, bbox_inches="tight")
+        _save(fig, path)
         plt.close(fig)
         written.append(path)
     if grid and len(genes) > 1:
@@ -142,16 +174,33 @@ def plot_genes(
         for ax in axes.ravel()[len(genes) :]:
             ax.set_axis_off()
         path = out_dir / "genes_grid.png"
-        fig.savefig(path, bbox_inches="tight")
+        _save(fig, path)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def plot_qc(cube: str | Path, out: str | Path, *, slide: str | Path | None = None, max_px: int = 1600) -> Path:
-    """Tissue outline, predicted spots and run facts over the thumbnail."""
+def _fact(meta: dict[str, Any], *keys: str) -> Any:
+    """A provenance entry for the QC caption, '?' where an older or foreign cube lacks it."""
+    val: Any = meta
+    for key in keys:
+        val = val.get(key) if isinstance(val, dict) else None
+    return "?" if val is None else val
+
+
+def plot_qc(
+    cube: str | Path,
+    out: str | Path,
+    *,
+    slide: str | Path | None = None,
+    max_px: int = 1600,
+    allow_incomplete: bool = False,
+) -> Path:
+    """Tissue outline, predicted spots and run facts over the thumbnail.
+
+    An incomplete cube raises CubeIncompleteError unless ``allow_incomplete`` (see the module docstring)."""
     plt = _setup()
-    canvas = _Canvas(cube, slide, max_px)
+    canvas = _Canvas(cube, slide, max_px, allow_incomplete)
     meta: dict[str, Any] = canvas.attrs[ATTR_KEY]
     fig, ax = plt.subplots(figsize=(9, 9 * canvas.thumb.shape[0] / canvas.thumb.shape[1] + 1.2), dpi=150)
     ax.imshow(canvas.thumb)
@@ -174,16 +223,18 @@ def plot_qc(cube: str | Path, out: str | Path, *, slide: str | Path | None = Non
     canvas.scalebar(ax)
     ax.set_axis_off()
     ax.legend(loc="upper right", fontsize=8)
+    area = _fact(meta, "tissue", "area_mm2")
+    area_text = f"{area:.2f}" if isinstance(area, (int, float)) else "?"
     facts = (
-        f"MPP {meta['mpp']['x']:.4f} µm/px ({meta['mpp']['source']}); stride {canvas.stride:g} µm, "
+        f"MPP {meta['mpp']['x']:.4f} µm/px ({_fact(meta, 'mpp', 'source')}); stride {canvas.stride:g} µm, "
         f"spot {canvas.attrs['spot_um']:g} µm, context {canvas.attrs['context_um']:g} µm\n"
-        f"tissue {meta['tissue']['area_mm2']:.2f} mm² ({meta['tissue']['source']}); model {meta['model']['name']}, "
-        f"encoder {meta['encoder']['name']}"
+        f"tissue {area_text} mm² ({_fact(meta, 'tissue', 'source')}); model {_fact(meta, 'model', 'name')}, "
+        f"encoder {_fact(meta, 'encoder', 'name')}"
     )
-    ax.set_title(Path(meta["slide"]["path"]).name, fontsize=10)
+    ax.set_title(Path(meta["slide"]["path"]).name + canvas.partial_note, fontsize=10)
     fig.text(0.01, 0.01, facts, fontsize=7, va="bottom")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
+    _save(fig, out)
     plt.close(fig)
     return out

@@ -10,17 +10,21 @@ Layout::
       zarr.json       attributes: genes, units, geometry, provenance, OME-NGFF metadata, and last of
                       all ``completed`` with the run fingerprint
 
-Order of writes: chunk data, then its done mark; the completion marker after every mark. A missing
-chunk reads as NaN (the fill value), never as expression.
+Order of writes: the group's zarr.json with all our attributes and ``state: creating`` first (so a
+half-created folder is recognisably ours and a rerun may replace it), then the arrays, then the state
+is dropped; then chunk data, each followed by its done mark; the completion marker after every mark.
+A missing chunk reads as NaN (the fill value), never as expression; readers (:func:`read_cube`) refuse
+a cube whose chunks are missing or unwritten unless asked for what is there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +33,12 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from . import config
-from .errors import DataFormatError, OutputExistsError
+from .errors import CubeIncompleteError, DataFormatError, InputNotFoundError, OutputExistsError, UsageError
 
 ATTR_KEY = "wsi_histosge"
+
+#: Value of ``attrs[ATTR_KEY]["state"]`` while the group's arrays are being created.
+STATE_CREATING = "creating"
 
 
 def run_fingerprint(parts: dict[str, Any]) -> str:
@@ -54,7 +61,12 @@ def filesystem(path: str | Path) -> tuple[Any, str]:
     """The fsspec filesystem holding ``path`` (local, s3://, gs://, ...) and the path within it."""
     from fsspec.core import url_to_fs
 
-    fs, root = url_to_fs(str(path))
+    try:
+        fs, root = url_to_fs(str(path))
+    except (ValueError, ImportError) as exc:  # unknown protocol, or its fsspec backend not installed
+        raise UsageError(
+            f"{path}: cannot open this location ({exc}); give a local path or an s3:// / gs:// URL"
+        ) from exc
     return fs, str(root).rstrip("/")
 
 
@@ -64,15 +76,30 @@ def sidecar(out: str | Path, suffix: str) -> str:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Local: temporary file + rename. Object stores: one PUT (atomic per object)."""
+    """Local: temporary file + rename (the temporary is removed if writing fails). Object stores: one PUT."""
     if is_url(path):
         fs, p = filesystem(path)
         fs.pipe_file(p, text.encode())
         return
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _group_attrs(fs: Any, root: str) -> dict[str, Any] | None:
+    """The attributes of the group at ``root`` if its zarr.json is a readable JSON object, else None."""
+    meta = f"{root}/zarr.json"
+    try:
+        doc = json.loads(fs.cat_file(meta)) if fs.isfile(meta) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    return attrs if isinstance(attrs, dict) else None
 
 
 class CubeStore:
@@ -87,7 +114,7 @@ class CubeStore:
     # -- opening ------------------------------------------------------------------------------
     @staticmethod
     def inspect(path: str | Path) -> dict[str, Any] | None:
-        """Our attributes if ``path`` is a cube written by this tool, None if absent.
+        """Our attributes if ``path`` is a cube written (or being created) by this tool, None if absent.
 
         Raises OutputExistsError when the path exists but holds something else.
         """
@@ -96,12 +123,8 @@ class CubeStore:
             return None
         if fs.isdir(root) and not fs.ls(root):
             return None
-        meta = f"{root}/zarr.json"
-        try:
-            attrs = json.loads(fs.cat_file(meta)).get("attributes", {}) if fs.isfile(meta) else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            attrs = None
-        if not attrs or ATTR_KEY not in attrs:
+        attrs = _group_attrs(fs, root)
+        if not attrs or not isinstance(attrs.get(ATTR_KEY), dict):
             raise OutputExistsError(
                 f"{path}: exists and is not a wsi-histosge output; choose another --out (nothing was changed)"
             )
@@ -120,16 +143,24 @@ class CubeStore:
         overwrite: bool = False,
         compressor: str = "zstd",
     ) -> tuple[CubeStore, OpenState]:
+        """Open the cube for writing: new, resumed (same fingerprint), or already complete.
+
+        A half-created cube (creation failed, e.g. disk full) is recreated; expression chunks that are
+        marked done but missing on disk are unmarked (and the completion marker dropped) so that the run
+        recomputes them."""
         existing = cls.inspect(path)
         if existing is not None:
             previous = existing[ATTR_KEY].get("run_fingerprint")
-            if previous == fingerprint:
-                group = zarr.open_group(str(path), mode="r+")
+            creating = existing[ATTR_KEY].get("state") == STATE_CREATING
+            if previous == fingerprint and not creating:
+                group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
                 store = cls(path, group)
-                if existing.get("completed", {}).get("run_fingerprint") == fingerprint:
+                store._unmark_missing_chunks()
+                completed = store.group.attrs.get("completed")
+                if isinstance(completed, dict) and completed.get("run_fingerprint") == fingerprint:
                     return store, OpenState("complete", store.chunks_done())
                 return store, OpenState("resume", store.chunks_done())
-            if not overwrite:
+            if previous != fingerprint and not overwrite:
                 raise OutputExistsError(
                     f"{path}: holds a run with other parameters, model or slide; pass --overwrite to replace "
                     "it or choose another --out"
@@ -152,7 +183,15 @@ class CubeStore:
         n_genes, ny, nx = shape
         c = config.CHUNK_CELLS
         codec = ZstdCodec(level=3) if compressor == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        meta = {
+            **attrs.get(ATTR_KEY, {}),
+            "run_fingerprint": fingerprint,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        # The group's zarr.json, with our attributes, is the first thing written (one atomic write): if
+        # anything after it fails, the folder is still recognisably ours and a rerun replaces it.
+        full = {**attrs, ATTR_KEY: {**meta, "state": STATE_CREATING}}
+        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=full)
         group.create_array(
             "expression",
             shape=shape,
@@ -177,14 +216,18 @@ class CubeStore:
         group.create_array(
             "chunk_done", shape=(ncy, ncx), chunks=(1, 1), dtype="uint8", fill_value=0, dimension_names=["cy", "cx"]
         )
-        full = dict(attrs)
-        full[ATTR_KEY] = {
-            **attrs.get(ATTR_KEY, {}),
-            "run_fingerprint": fingerprint,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        group.attrs.update(full)
+        group.attrs.update({ATTR_KEY: meta})  # replaces the whole entry: the "creating" state is gone
         return cls(path, group)
+
+    def _unmark_missing_chunks(self) -> None:
+        """Chunks marked done whose data is gone (deleted, lost) become work again; the marker goes first."""
+        cube = read_cube(self.path)
+        if not cube.missing:
+            return
+        if "completed" in self.group.attrs:
+            del self.group.attrs["completed"]
+        for cy, cx in cube.missing:
+            self.done[cy, cx] = 0
 
     # -- chunks -------------------------------------------------------------------------------
     def chunk_grid(self) -> tuple[int, int]:
@@ -212,6 +255,7 @@ class CubeStore:
         )
 
 
+# -- reading -------------------------------------------------------------------------------------
 #: Codecs a cube may declare. Anything else (a pickle or object codec above all) is refused before any
 #: chunk is read: decoding a chunk must never run code from the file.
 SAFE_CODECS = {
@@ -230,84 +274,442 @@ SAFE_CODECS = {
     "numcodecs.crc32",
 }
 
+#: Zarr v3 data types a cube may declare (plain numbers only).
+NUMERIC_DTYPES = {
+    "bool",
+    *(f"{k}{b}" for k in ("int", "uint") for b in (8, 16, 32, 64)),
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+}
+
+#: Largest zarr.json we parse (bytes): ours are a few kB; anything huge is not a cube of this tool.
+MAX_METADATA_BYTES = 16 * 2**20
+
+_DAMAGED = "the cube's metadata is damaged; rerun `wsi-histosge infer` with --overwrite"
+
+
+def _read_json(fs: Any, path: str) -> Any:
+    """Parse one metadata document; DataFormatError naming it when it is unreadable."""
+    try:
+        if fs.size(path) > MAX_METADATA_BYTES:
+            raise DataFormatError(
+                f"{path}: metadata larger than {MAX_METADATA_BYTES >> 20} MiB; not a cube of this tool"
+            )
+        return json.loads(fs.cat_file(path))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DataFormatError(f"{path}: not valid JSON ({type(exc).__name__}: {exc}); {_DAMAGED}") from exc
+
+
+def _codec_names(codecs: Any, where: str, depth: int = 0) -> list[str]:
+    """Names of ``codecs`` and of every codec nested in them (a shard's inner and index codecs)."""
+    if codecs is None:
+        return []
+    if not isinstance(codecs, list) or depth > 4:
+        raise DataFormatError(f"{where}: malformed codec list; {_DAMAGED}")
+    names: list[str] = []
+    for c in codecs:
+        if isinstance(c, str):
+            names.append(c)
+            continue
+        if not isinstance(c, dict):
+            names.append(repr(c))
+            continue
+        name = c.get("name")
+        names.append(name if isinstance(name, str) else repr(name))
+        conf = c.get("configuration")
+        if name == "sharding_indexed":
+            if not isinstance(conf, dict):
+                raise DataFormatError(f"{where}: sharding_indexed codec without a configuration; {_DAMAGED}")
+            for key in ("codecs", "index_codecs"):
+                names += _codec_names(conf.get(key), where, depth + 1)
+    return names
+
+
+def _node_problems(doc: Any, where: str) -> list[str]:
+    """Codecs and data types of one node's metadata (v3 zarr.json or v2 .zarray) outside the allow-lists."""
+    if not isinstance(doc, dict):
+        raise DataFormatError(f"{where}: metadata is not a JSON object; {_DAMAGED}")
+    names = _codec_names(doc.get("codecs"), where)
+    for key in ("compressor", "filters"):  # Zarr v2 metadata
+        val = doc.get(key)
+        for c in val if isinstance(val, list) else [val] if val else []:
+            names.append(str(c.get("id", "")) if isinstance(c, dict) else str(c))
+    bad = [n for n in names if n not in SAFE_CODECS]
+    if doc.get("node_type") == "array" and doc.get("data_type") not in NUMERIC_DTYPES:
+        bad.append(f"data type {doc.get('data_type')!r}")
+    dtype = doc.get("dtype")
+    if dtype is not None and (not isinstance(dtype, str) or dtype.lstrip("<>|=")[:1] not in ("b", "i", "u", "f", "c")):
+        bad.append(f"dtype {dtype!r}")
+    consolidated = doc.get("consolidated_metadata")
+    if isinstance(consolidated, dict) and isinstance(consolidated.get("metadata"), dict):
+        for child, child_doc in consolidated["metadata"].items():
+            bad += _node_problems(child_doc, f"{where} (consolidated entry {child!r})")
+    return bad
+
 
 def check_codecs(path: str | Path) -> None:
-    """Refuse a Zarr group whose arrays declare codecs outside :data:`SAFE_CODECS` (e.g. pickle)."""
+    """Refuse a Zarr group whose nodes declare codecs (also inside a shard) or data types outside the
+    numeric allow-lists (e.g. pickle, object): DataFormatError before any chunk is decoded.
+
+    Walks the metadata of every group and array (never lists chunks)."""
     fs, root = filesystem(path)
-    metas = sorted(p for p in fs.find(root) if p.endswith(("/zarr.json", "/.zarray")))
-    for meta in metas:
-        try:
-            doc = json.loads(fs.cat_file(meta))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise DataFormatError(f"{meta}: unreadable Zarr metadata ({exc})") from exc
-        names = [c.get("name", "") if isinstance(c, dict) else str(c) for c in doc.get("codecs", []) or []]
-        for key in ("compressor", "filters"):  # Zarr v2 metadata
-            val = doc.get(key)
-            for c in val if isinstance(val, list) else [val] if val else []:
-                names.append(str(c.get("id", "")) if isinstance(c, dict) else str(c))
-        if doc.get("dtype") in ("object", "|O", "O"):
-            names.append("object dtype")
-        bad = [n for n in names if n not in SAFE_CODECS]
-        if bad:
-            raise DataFormatError(
-                f"{meta}: declares codec(s) {bad} that this tool does not decode (pickle/object codecs could run "
-                "code); only plain numeric Zarr arrays are read"
+    todo = [(root, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        for name in ("zarr.json", ".zarray", ".zgroup", ".zattrs"):
+            meta = f"{folder}/{name}"
+            if not fs.isfile(meta):
+                continue
+            doc = _read_json(fs, meta)
+            bad = _node_problems(doc, meta)
+            if bad:
+                raise DataFormatError(
+                    f"{meta}: declares codec(s) {bad} that this tool does not decode (pickle/object codecs could "
+                    "run code); only plain numeric Zarr arrays are read"
+                )
+            is_group = name == ".zgroup" or (
+                name == "zarr.json" and isinstance(doc, dict) and doc.get("node_type") == "group"
             )
+            if is_group and depth < 8:  # ours are one level deep; the bound also stops symlink loops
+                todo += [
+                    (str(e["name"]).rstrip("/"), depth + 1)
+                    for e in fs.ls(folder, detail=True)
+                    if e.get("type") == "directory" and str(e["name"]).rstrip("/") != folder
+                ]
+
+
+def _attr_problem(attrs: dict[str, Any]) -> str | None:
+    """What is wrong with a cube's attributes (the ones readers use), or None."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    meta = attrs.get(ATTR_KEY)
+    genes = attrs.get("genes")
+    affine = attrs.get("affine_level0")
+    checks: list[tuple[str, bool, str]] = [
+        (
+            "genes",
+            isinstance(genes, list) and bool(genes) and all(isinstance(g, str) for g in genes),
+            "must be a non-empty list of gene names",
+        ),
+        ("units", isinstance(attrs.get("units"), str), "must be a string"),
+        *(
+            (k, number(attrs.get(k)) and attrs[k] > 0, "must be a positive number")
+            for k in ("stride_um", "spot_um", "context_um")
+        ),
+        (
+            "origin_um",
+            isinstance(attrs.get("origin_um"), list)
+            and len(attrs["origin_um"]) == 2
+            and all(number(v) for v in attrs["origin_um"]),
+            "must be [x, y] in µm",
+        ),
+        (
+            "affine_level0",
+            isinstance(affine, list)
+            and len(affine) == 3
+            and all(isinstance(r, list) and len(r) == 3 and all(number(v) for v in r) for r in affine),
+            "must be a 3x3 matrix",
+        ),
+    ]
+    for key, ok, what in checks:
+        if not ok:
+            return f"attribute {key!r} {what}"
+    assert isinstance(meta, dict)
+    mpp, slide = meta.get("mpp"), meta.get("slide")
+    if not (isinstance(mpp, dict) and number(mpp.get("x")) and mpp["x"] > 0):
+        return f"attribute '{ATTR_KEY}.mpp.x' must be a positive number"
+    dims = slide.get("dimensions") if isinstance(slide, dict) else None
+    if not (
+        isinstance(slide, dict)
+        and isinstance(slide.get("path"), str)
+        and isinstance(dims, list)
+        and len(dims) == 2
+        and all(isinstance(v, int) and v > 0 for v in dims)
+    ):
+        return f"attribute '{ATTR_KEY}.slide' must hold the slide's path and [width, height]"
+    completed = attrs.get("completed")
+    if completed is not None and not isinstance(completed, dict):
+        return "attribute 'completed' must be an object"
+    return None
+
+
+def cube_attrs(path: str | Path) -> dict[str, Any]:
+    """The attributes of the cube at ``path``, checked: InputNotFoundError when there is nothing there,
+    DataFormatError when it is not a cube of this tool or its attributes are malformed."""
+    fs, root = filesystem(path)
+    if not fs.exists(root):
+        raise InputNotFoundError(
+            f"{path}: no such cube; give the OUT.zarr folder (or URL) written by `wsi-histosge infer`"
+        )
+    meta = f"{root}/zarr.json"
+    if not fs.isfile(meta):
+        raise DataFormatError(
+            f"{path}: not a wsi-histosge cube (no zarr.json); give the OUT.zarr folder written by `wsi-histosge infer`"
+        )
+    doc = _read_json(fs, meta)
+    attrs = doc.get("attributes") if isinstance(doc, dict) else None
+    if not isinstance(attrs, dict) or not isinstance(attrs.get(ATTR_KEY), dict) or doc.get("node_type") != "group":
+        raise DataFormatError(
+            f"{meta}: not a cube written by wsi-histosge (no '{ATTR_KEY}' attributes on a Zarr group); "
+            "give the OUT.zarr folder written by `wsi-histosge infer`"
+        )
+    problem = _attr_problem(attrs)
+    if problem:
+        raise DataFormatError(f"{meta}: {problem}; {_DAMAGED}")
+    return dict(attrs)
+
+
+def _array_meta(fs: Any, root: str, name: str, ndim: int, dtypes: set[str]) -> dict[str, Any]:
+    """One array's metadata, checked for what readers rely on: shape, data type, regular chunk grid."""
+    meta = f"{root}/{name}/zarr.json"
+    if not fs.isfile(meta):
+        raise DataFormatError(f"{meta}: missing (the cube has no {name!r} array); {_DAMAGED}")
+    doc = _read_json(fs, meta)
+    shape = doc.get("shape") if isinstance(doc, dict) else None
+    grid = doc.get("chunk_grid") if isinstance(doc, dict) else None
+    chunks = (grid.get("configuration") or {}).get("chunk_shape") if isinstance(grid, dict) else None
+
+    def dims(v: Any, low: int) -> bool:
+        return isinstance(v, list) and len(v) == ndim and all(isinstance(n, int) and n >= low for n in v)
+
+    if not (isinstance(doc, dict) and doc.get("node_type") == "array" and doc.get("zarr_format") == 3):
+        raise DataFormatError(f"{meta}: not Zarr v3 array metadata; {_DAMAGED}")
+    if not dims(shape, 0) or not isinstance(grid, dict) or grid.get("name") != "regular" or not dims(chunks, 1):
+        raise DataFormatError(f"{meta}: 'shape'/'chunk_grid' missing or not {ndim}-d; {_DAMAGED}")
+    if doc.get("data_type") not in dtypes:
+        raise DataFormatError(
+            f"{meta}: data type {doc.get('data_type')!r}, expected one of {sorted(dtypes)}; {_DAMAGED}"
+        )
+    enc = doc.get("chunk_key_encoding", {"name": "default"})
+    sep = (enc.get("configuration") or {}).get("separator") if isinstance(enc, dict) else None
+    if not isinstance(enc, dict) or enc.get("name") not in ("default", "v2") or sep not in (None, "/", "."):
+        raise DataFormatError(f"{meta}: unsupported chunk_key_encoding {enc!r}; {_DAMAGED}")
+    return dict(doc)
+
+
+def _chunk_key(doc: dict[str, Any], idx: tuple[int, ...]) -> str:
+    enc = doc.get("chunk_key_encoding", {"name": "default"})
+    sep = (enc.get("configuration") or {}).get("separator")
+    if enc.get("name") == "v2":
+        return (sep or ".").join(map(str, idx))
+    sep = sep or "/"
+    return "c" + sep + sep.join(map(str, idx))
+
+
+@dataclass
+class Cube:
+    """A cube opened for reading: checked metadata, its arrays, and which chunks hold what they should.
+
+    ``missing``: chunks marked done that should hold expression (tissue) but are absent from the store;
+    ``unwritten``: chunks without a done mark (a run that stopped early). Cells of either never read as
+    data: :meth:`read_expression` leaves them NaN.
+    """
+
+    path: str
+    attrs: dict[str, Any]
+    group: Any
+    tissue: np.ndarray
+    marks: np.ndarray
+    chunk_cells: tuple[int, int]
+    missing: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def completed(self) -> bool:
+        return "completed" in self.attrs
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.attrs["genes"])
+
+    @property
+    def unwritten(self) -> list[tuple[int, int]]:
+        return [(int(cy), int(cx)) for cy, cx in np.argwhere(~self.marks)]
+
+    def usable_chunks(self) -> np.ndarray:
+        """(cy, cx) True where the chunk's data can be read: marked done and not missing."""
+        usable = self.marks.copy()
+        for cy, cx in self.missing:
+            usable[cy, cx] = False
+        return usable
+
+    def usable_cells(self) -> np.ndarray:
+        """(y, x) True for predicted cells whose chunk can be read."""
+        ch, cw = self.chunk_cells
+        ny, nx = self.tissue.shape
+        usable = np.repeat(np.repeat(self.usable_chunks(), ch, axis=0), cw, axis=1)[:ny, :nx]
+        return self.tissue & usable
+
+    def lacking(self) -> list[tuple[int, int]]:
+        """Chunks whose expression cannot be read although tissue says there should be some."""
+        ch, cw = self.chunk_cells
+        out = list(self.missing)
+        for cy, cx in self.unwritten:
+            if self.tissue[cy * ch : (cy + 1) * ch, cx * cw : (cx + 1) * cw].any():
+                out.append((cy, cx))
+        return sorted(out)
+
+    def require_complete(self) -> None:
+        """CubeIncompleteError naming the cube, what is missing and the fix, unless every chunk is there."""
+        fix = (
+            "rerun `wsi-histosge infer` with the same options to finish it, or pass --allow-incomplete to use "
+            "what is there"
+        )
+        n = len(self.lacking())
+        if not self.completed:
+            raise CubeIncompleteError(
+                f"{self.path}: the cube is incomplete (no completion marker; {n} of {self.marks.size} expression "
+                f"chunks not written): {fix}"
+            )
+        if self.missing:
+            raise CubeIncompleteError(
+                f"{self.path}: {len(self.missing)} of {self.marks.size} expression chunks are missing on disk "
+                f"(e.g. {list(self.missing[0])}): {fix.replace('finish it', 'recompute them')}"
+            )
+
+    def read_expression(self, y0: int, y1: int, x0: int, x1: int, gene: int | None = None) -> np.ndarray:
+        """float32 (genes, y, x) or (y, x) for one gene; NaN off tissue and in unreadable chunks.
+
+        Chunks that are missing or not marked done are never decoded."""
+        ch, cw = self.chunk_cells
+        expr = self.group["expression"]
+        sel: Any = slice(None) if gene is None else gene
+        cy0, cy1, cx0, cx1 = y0 // ch, -(-y1 // ch), x0 // cw, -(-x1 // cw)
+        usable = self.usable_chunks()[cy0:cy1, cx0:cx1]
+        try:
+            if usable.all():
+                data = np.asarray(expr[sel, y0:y1, x0:x1], dtype=np.float32)
+            else:
+                lead = () if gene is not None else (expr.shape[0],)
+                data = np.full((*lead, y1 - y0, x1 - x0), np.nan, dtype=np.float32)
+                for iy, ix in np.argwhere(usable):
+                    ya, yb = max(y0, (cy0 + iy) * ch), min(y1, (cy0 + iy + 1) * ch)
+                    xa, xb = max(x0, (cx0 + ix) * cw), min(x1, (cx0 + ix + 1) * cw)
+                    data[..., ya - y0 : yb - y0, xa - x0 : xb - x0] = expr[sel, ya:yb, xa:xb]
+        except (ValueError, RuntimeError, TypeError) as exc:  # a chunk that does not decode
+            raise DataFormatError(
+                f"{self.path}/expression: cells y {y0}-{y1}, x {x0}-{x1} cannot be decoded ({type(exc).__name__}: "
+                f"{exc}); the cube is damaged, rerun `wsi-histosge infer` with --overwrite"
+            ) from exc
+        data[..., ~self.tissue[y0:y1, x0:x1]] = np.nan
+        return data
+
+
+def read_cube(path: str | Path) -> Cube:
+    """Open a cube for reading, whatever its state; see :class:`Cube`.
+
+    Raises InputNotFoundError (nothing at ``path``), DataFormatError (not a cube of this tool, malformed
+    metadata, unsafe codecs) and CubeIncompleteError (creation was interrupted: there are no arrays yet).
+    Reads metadata, the small tissue and done-mark arrays and a listing of the expression chunks."""
+    attrs = cube_attrs(path)
+    if attrs[ATTR_KEY].get("state") == STATE_CREATING:
+        raise CubeIncompleteError(
+            f"{path}: the cube's creation was interrupted (no arrays yet); rerun `wsi-histosge infer` with the "
+            "same options to create it"
+        )
+    check_codecs(path)
+    fs, root = filesystem(path)
+    n_genes = len(attrs["genes"])
+    ints = {"bool", *(f"{k}{b}" for k in ("int", "uint") for b in (8, 16, 32, 64))}
+    expr = _array_meta(fs, root, "expression", 3, {"float16", "float32", "float64"})
+    tissue_meta = _array_meta(fs, root, "tissue", 2, ints)
+    done_meta = _array_meta(fs, root, "chunk_done", 2, ints)
+    g_n, ny, nx = expr["shape"]
+    outer = expr["chunk_grid"]["configuration"]["chunk_shape"]
+    inner = outer
+    codecs = expr.get("codecs") or []
+    if codecs and isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed":
+        inner = (codecs[0].get("configuration") or {}).get("chunk_shape")
+        if not (isinstance(inner, list) and len(inner) == 3 and all(isinstance(v, int) and v > 0 for v in inner)):
+            raise DataFormatError(f"{root}/expression/zarr.json: malformed sharding chunk_shape; {_DAMAGED}")
+    ch, cw = int(inner[1]), int(inner[2])
+    grid = (-(-ny // ch), -(-nx // cw))
+    if g_n != n_genes or tissue_meta["shape"] != [ny, nx] or tuple(done_meta["shape"]) != grid:
+        raise DataFormatError(
+            f"{root}: array shapes disagree (expression {expr['shape']}, {n_genes} genes, tissue "
+            f"{tissue_meta['shape']}, chunk_done {done_meta['shape']}); {_DAMAGED}"
+        )
+    if ny * nx > config.MAX_LATTICE_CELLS:
+        raise DataFormatError(f"{root}: a lattice of {ny} x {nx} cells is beyond any slide; not a cube of this tool")
+    try:
+        group: Any = zarr.open_group(str(path), mode="r", use_consolidated=False)
+        tissue = np.asarray(group["tissue"][:]).astype(bool)
+        marks = np.asarray(group["chunk_done"][:]).astype(bool)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise DataFormatError(f"{path}: zarr cannot read the cube ({type(exc).__name__}: {exc}); {_DAMAGED}") from exc
+
+    present = {p[len(root) + len("/expression/") :] for p in fs.find(f"{root}/expression")}
+    n_gene_chunks = -(-n_genes // int(outer[0]))
+    missing = []
+    for cy, cx in np.argwhere(marks):
+        if not tissue[cy * ch : (cy + 1) * ch, cx * cw : (cx + 1) * cw].any():
+            continue
+        oy, ox = cy * ch // outer[1], cx * cw // outer[2]
+        if any(_chunk_key(expr, (g, oy, ox)) not in present for g in range(n_gene_chunks)):
+            missing.append((int(cy), int(cx)))
+    return Cube(str(path), attrs, group, tissue, marks, (ch, cw), missing)
 
 
 def verify_cube(path: str | Path) -> dict[str, Any]:
     """Check a cube: completion marker, done marks, and that every chunk that should hold expression exists.
 
     Returns a report with ``ok`` and the problems found; reads metadata and directory listings only.
-    """
-    attrs = CubeStore.inspect(path)
-    if attrs is None:
-        raise FileNotFoundError(f"{path}: no such cube")
-    check_codecs(path)
-    group: Any = zarr.open_group(str(path), mode="r")
-    fs, root = filesystem(path)
-    present = {p[len(root) :] for p in fs.find(f"{root}/expression/c")}
+    Raises InputNotFoundError when nothing is at ``path`` and DataFormatError when it is not a cube of
+    this tool (or its metadata is malformed)."""
+    if cube_attrs(path)[ATTR_KEY].get("state") == STATE_CREATING:
+        return {
+            "path": str(path),
+            "ok": False,
+            "problems": [
+                "creation was interrupted (no arrays yet); rerun `wsi-histosge infer` with the same options to "
+                "create it"
+            ],
+            "chunks": 0,
+            "chunks_done": 0,
+            "missing_chunks": [],
+        }
+    cube = read_cube(path)
     problems: list[str] = []
-    if "completed" not in attrs:
-        problems.append("no completion marker: the run stopped early (rerun `infer` with the same options)")
-    marks = np.asarray(group["chunk_done"][:], dtype=bool)
-    tissue = np.asarray(group["tissue"][:], dtype=bool)
-    c = config.CHUNK_CELLS
-    missing, unmarked = [], []
-    for cy in range(marks.shape[0]):
-        for cx in range(marks.shape[1]):
-            has_tissue = bool(tissue[cy * c : (cy + 1) * c, cx * c : (cx + 1) * c].any())
-            if not marks[cy, cx]:
-                unmarked.append((cy, cx))
-            elif has_tissue and f"/expression/c/0/{cy}/{cx}" not in present:
-                missing.append((cy, cx))
+    unwritten = cube.unwritten
+    if not cube.completed:
+        problems.append(
+            f"no completion marker: the run stopped early ({len(unwritten)} of {cube.marks.size} chunks not "
+            "written); rerun `wsi-histosge infer` with the same options to resume"
+        )
+    missing = cube.missing
     if missing:
         problems.append(
             f"{len(missing)} expression chunk(s) marked done but missing on disk: "
-            f"{missing[:10]}{' ...' if len(missing) > 10 else ''} (they read as NaN); rerun `infer` "
-            "with --overwrite to recompute"
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''} (they read as NaN); rerun `wsi-histosge infer` "
+            "with the same options to recompute them"
         )
-    if unmarked and "completed" in attrs:
-        problems.append(f"{len(unmarked)} chunk(s) without a done mark in a cube marked complete")
+    if unwritten and cube.completed:
+        problems.append(f"{len(unwritten)} chunk(s) without a done mark in a cube marked complete")
     return {
         "path": str(path),
         "ok": not problems,
         "problems": problems,
-        "chunks": int(marks.size),
-        "chunks_done": int(marks.sum()),
+        "chunks": int(cube.marks.size),
+        "chunks_done": int(cube.marks.sum()),
         "missing_chunks": missing,
     }
 
 
 def open_cube(path: str | Path) -> Any:
-    """Open a finished cube read-only; refuses incomplete ones and unsafe codecs."""
-    attrs = CubeStore.inspect(path)
-    if attrs is None:
-        raise FileNotFoundError(f"{path}: no such cube")
-    check_codecs(path)
-    if "completed" not in attrs:
+    """Open a finished cube read-only (the zarr group); refuses incomplete ones, missing chunks and unsafe
+    codecs.
+
+    An unfinished run raises OutputExistsError (kept for callers of this older entry point); missing chunks
+    in a finished cube raise CubeIncompleteError. New readers use :func:`read_cube`."""
+    cube = read_cube(path)
+    if not cube.completed:
         raise OutputExistsError(
             f"{path}: the cube is incomplete (a run stopped early); rerun `wsi-histosge infer` "
             "with the same options to finish it"
         )
-    return zarr.open_group(str(path), mode="r")
+    cube.require_complete()
+    return cube.group
