@@ -21,16 +21,38 @@ import base64
 import html
 import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import DataFormatError
 from .metrics import pearson_per_gene, rasterise, score
 from .model import HeadConfig, Model
 from .stdata import STSection
-from .train import FitConfig, Groups, TrainSet, choose_epochs, feature_scale, fit_head, make_sets, predict_set
+from .train import (
+    MIN_GENE_VARIANCE,
+    FitConfig,
+    Groups,
+    TrainSet,
+    choose_epochs,
+    feature_scale,
+    fit_head,
+    make_sets,
+    measured_genes,
+    predict_set,
+)
+
+#: A section is scored against a model only when it measures at least this fraction of the model's genes...
+MIN_OVERLAP_FRACTION = 0.5
+#: ... and at least this many of them (all of them for a model of fewer genes).
+MIN_OVERLAP_GENES = 10
+OVERLAP_RULE = (
+    f"a section must measure at least {MIN_OVERLAP_FRACTION:.0%} of the model's genes and at least "
+    f"{MIN_OVERLAP_GENES} of them (all, for a model of fewer genes); only genes measured in every section are scored"
+)
 
 
 def _z(train_x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -57,7 +79,26 @@ def mean_baseline(train: Sequence[TrainSet], test: TrainSet) -> np.ndarray:
 
 
 def top_variable(train: Sequence[TrainSet], n: int = 50) -> np.ndarray:
-    return np.argsort(-np.concatenate([t.targets for t in train]).var(0), kind="stable")[:n]
+    """Indices of the ``n`` most variable genes of the training targets, among those that vary at all."""
+    var = np.concatenate([t.targets for t in train]).var(0)
+    order = np.argsort(-var, kind="stable")[:n]
+    return order[var[order] > MIN_GENE_VARIANCE]
+
+
+def required_overlap(n_model_genes: int) -> int:
+    """How many of a model's genes a section must measure to be scored (see ``OVERLAP_RULE``)."""
+    return min(n_model_genes, max(MIN_OVERLAP_GENES, math.ceil(MIN_OVERLAP_FRACTION * n_model_genes)))
+
+
+def _require_scorable(sections: Sequence[STSection], genes: list[str]) -> None:
+    """Each section must vary in at least one scored gene: a constant truth has no Pearson r (NaN means)."""
+    for sec in sections:
+        sec.require_variation()
+        if not (sec.log_cp10k(genes).var(0) > MIN_GENE_VARIANCE).any():
+            raise DataFormatError(
+                f"section {sec.name}: none of the {len(genes)} scored genes varies across its "
+                f"{len(sec.counts)} spots; there is nothing to score"
+            )
 
 
 def _scores(preds: dict[str, np.ndarray], test: TrainSet, array_xy: np.ndarray, top: np.ndarray) -> dict[str, Any]:
@@ -98,6 +139,8 @@ def loso(
 ) -> dict[str, Any]:
     """Leave-one-section-out: head vs ridge vs training mean, per section and pooled."""
     fit = fit or FitConfig()
+    genes = measured_genes(sections, genes, log=log)
+    _require_scorable(sections, genes)
     sets = make_sets(sections, genes, encoder, log=log)
     head_cfg = head_cfg or HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
     folds: list[dict[str, Any]] = []
@@ -154,6 +197,8 @@ def recovery(
 ) -> dict[str, Any]:
     """Train on a random half of one section's spots, predict the other half."""
     fit = fit or FitConfig()
+    genes = measured_genes([section], genes, log=log)
+    _require_scorable([section], genes)
     full = make_sets([section], genes, encoder, log=log)[0]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(full.features))
@@ -207,17 +252,45 @@ def evaluate_model(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """A trained model on held-out sections, next to the training mean (from the checkpoint) and, when
-    training sections are given, a ridge regression trained on them."""
-    genes = list(model.meta.genes)
+    training sections are given, a ridge regression trained on them.
+
+    Only the model's genes that every section measures are scored, and a section that measures too few of
+    them is refused (``OVERLAP_RULE``); the overlap is logged and reported under ``gene_overlap``.
+    """
+    model_genes = list(model.meta.genes)
+    need = required_overlap(len(model_genes))
+    overlap: dict[str, int] = {}
+    for sec in (*sections, *train_sections):
+        found = len(model_genes) - len(sec.missing(model_genes))
+        overlap[sec.name] = found
+        log(f"section {sec.name}: measures {found} of the model's {len(model_genes)} genes")
+        if found < need:
+            raise DataFormatError(
+                f"section {sec.name}: measures only {found} of the {len(model_genes)} genes of model "
+                f"{model.meta.name} (at least {need} needed: half of them and at least {MIN_OVERLAP_GENES}); check "
+                "that its gene names match the model's (species, symbols vs Ensembl ids)"
+            )
+    genes = measured_genes([*sections, *train_sections], model_genes, log=log)
+    if len(genes) < need:
+        raise DataFormatError(
+            f"sections {', '.join(s.name for s in (*sections, *train_sections))}: only {len(genes)} of the "
+            f"{len(model_genes)} genes of model {model.meta.name} are measured in all of them (at least {need} "
+            "needed); evaluate the sections separately"
+        )
+    log(f"scoring {len(genes)} of the model's {len(model_genes)} genes (measured in every section)")
+    _require_scorable(sections, genes)
+    position = {g: i for i, g in enumerate(model_genes)}
+    cols = np.array([position[g] for g in genes], dtype=np.int64)
     sets = make_sets(sections, genes, encoder, log=log)
     train_sets = make_sets(train_sections, genes, encoder, log=log) if train_sections else []
     gene_means = model.meta.training.get("gene_means")
     folds, truth = [], []
     preds: dict[str, list[np.ndarray]] = {"model": []}
     for sec, ts in zip(sections, sets, strict=True):
-        p = {"model": predict_set(model.head, ts)}
+        p = {"model": predict_set(model.head, ts)[:, cols]}
         if gene_means is not None:
-            p["training_mean"] = np.repeat(np.asarray(gene_means, dtype=np.float32)[None], len(ts.features), axis=0)
+            means = np.asarray(gene_means, dtype=np.float32)[cols]
+            p["training_mean"] = np.repeat(means[None], len(ts.features), axis=0)
         if train_sets:
             p["ridge"] = ridge_baseline(train_sets, ts)
         top = top_variable(train_sets or [ts])
@@ -228,6 +301,14 @@ def evaluate_model(
     return {
         "protocol": f"model {model.meta.name} on held-out sections",
         "genes": genes,
+        "model_genes": len(model_genes),
+        "gene_overlap": {
+            "scored": len(genes),
+            "model_genes": len(model_genes),
+            "per_section": overlap,
+            "required": need,
+            "rule": OVERLAP_RULE,
+        },
         "folds": folds,
         "pooled": _pooled(folds, preds, truth, top_variable(train_sets or sets)),
         "maps": _maps_payload(sections[-1], sets[-1], preds, genes),
@@ -291,15 +372,20 @@ def highres_consistency(
         vals = vals[:, np.isfinite(vals).all(0)]
         if vals.shape[1]:
             agg[i] = np.log1p(vals.mean(1))
+    genes = measured_genes([section], list(model.meta.genes), log=log)
+    position = {g: i for i, g in enumerate(model.meta.genes)}
+    cols = np.array([position[g] for g in genes], dtype=np.int64)
+    agg = agg[:, cols]
     ok = np.isfinite(agg).all(1)
     enc = create_encoder(model.meta.encoder)
-    spot = make_sets([section], model.meta.genes, enc, log=log)[0]
-    spot_pred = predict_set(model.head, spot)
+    spot = make_sets([section], genes, enc, log=log)[0]
+    spot_pred = predict_set(model.head, spot)[:, cols]
     r_vs_spot = pearson_per_gene(agg[ok], spot_pred[ok])
     r_vs_measured_agg = pearson_per_gene(agg[ok], spot.targets[ok])
     r_vs_measured_spot = pearson_per_gene(spot_pred[ok], spot.targets[ok])
     return {
         "section": section.name,
+        "genes_compared": len(genes),
         "density": density,
         "stride_um": float(stride),
         "spots_compared": int(ok.sum()),

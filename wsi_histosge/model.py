@@ -227,6 +227,8 @@ def _sha256(path: Path) -> str:
 #: Largest model.json we parse (bytes): gene lists and means of ~40k genes are a few MB.
 MAX_MODEL_JSON_BYTES = 64 * 2**20
 _HEAD_INTS = ("in_dim", "n_genes", "dim", "depth", "heads", "dim_head", "hidden", "n_frequencies")
+#: No head field is anywhere near this (the widest encoders are ~2k-d, gene panels ~40k).
+_MAX_HEAD_INT = 2**24
 
 
 def _is_number(value: Any) -> bool:
@@ -285,14 +287,15 @@ def _check_meta(raw: dict[str, Any], meta_path: Path) -> None:
     unknown = sorted(set(head) - set(HeadConfig.__dataclass_fields__))
     if unknown:
         raise bad("head", f"has unknown fields {unknown}")
-    for key in _HEAD_INTS:
-        if key in head and not (isinstance(head[key], int) and not isinstance(head[key], bool) and head[key] > 0):
-            raise bad(f"head.{key}", f"must be a positive integer, got {head[key]!r}")
+    for key in (*_HEAD_INTS, "mlp_dim"):
+        if key not in head or (key == "mlp_dim" and head[key] is None):  # mlp_dim null: the model width
+            continue
+        value = head[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_HEAD_INT):
+            raise bad(f"head.{key}", f"must be a positive integer up to {_MAX_HEAD_INT}, got {value!r}")
     for key in ("in_dim", "n_genes"):
         if key not in head:
             raise bad("head", f"lacks '{key}'")
-    if head.get("mlp_dim") is not None and not (isinstance(head["mlp_dim"], int) and head["mlp_dim"] > 0):
-        raise bad("head.mlp_dim", f"must be null or a positive integer, got {head['mlp_dim']!r}")
     if "dropout" in head and not (_is_number(head["dropout"]) and 0 <= head["dropout"] < 1):
         raise bad("head.dropout", f"must be a number in [0, 1), got {head['dropout']!r}")
     scale = head.get("position_scale_um", 1.0)
@@ -314,8 +317,11 @@ def _check_meta(raw: dict[str, Any], meta_path: Path) -> None:
 def _check_tensors(tensors: dict[str, torch.Tensor], cfg: HeadConfig, weights_path: Path, meta_path: Path) -> None:
     """Names and shapes against the head the JSON describes, built on the meta device (nothing allocated, so a
     JSON claiming a gigantic head cannot exhaust memory); values must be finite."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in HisToSGEHead(cfg).state_dict().items()}
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in HisToSGEHead(cfg).state_dict().items()}
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{meta_path}: the head it describes cannot be built ({' '.join(str(exc).split())})") from exc
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
     missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())

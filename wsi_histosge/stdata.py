@@ -18,13 +18,17 @@ Readers:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .errors import DataFormatError, SlideNotFoundError
+from . import config
+from .errors import DataFormatError, InputNotFoundError, UsageError
 
 LEGACY_ST_PITCH_UM = 200.0
 LEGACY_ST_SPOT_UM = 100.0
@@ -33,6 +37,9 @@ VISIUM_SPOT_UM = 55.0
 #: Space Ranger's ``spot_diameter_fullres`` spans a *theoretical 65 µm* spot, not the 55 µm capture area
 #: (10x documentation); the tiny Visium fixture confirms it: 89.4 px for a 138 px (100 µm) pitch.
 SPACERANGER_DIAMETER_UM = 65.0
+
+#: Largest spots x genes count matrix we hold dense (float32 values): 4 GiB.
+MAX_DENSE_COUNTS = 2**30
 
 #: Neighbour steps in array coordinates (dx, dy), the spot itself first.
 SQUARE_STEPS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (1, -1), (-1, 1), (1, 1)]
@@ -59,22 +66,126 @@ class STSection:
         return self.steps or SQUARE_STEPS
 
     def log_cp10k(self, genes: list[str]) -> np.ndarray:
-        """log1p(counts per 10k) of ``genes`` (library size over all genes of the section)."""
+        """log1p(counts per 10k) of ``genes`` (library size over all genes of the section).
+
+        A gene the section does not measure is an error, never a column of zeros: callers choose the genes
+        the section has (see :meth:`missing`).
+        """
         lib = self.counts.sum(axis=1, keepdims=True)
         lib[lib == 0] = 1.0
         index = {g: i for i, g in enumerate(self.genes)}
-        missing = [g for g in genes if g not in index]
-        cols = np.array([index.get(g, 0) for g in genes])
-        out = np.log1p(self.counts[:, cols] / lib * 1e4).astype(np.float32)
+        missing = self.missing(genes)
         if missing:
-            out[:, [genes.index(g) for g in missing]] = 0.0
-        return out
+            raise DataFormatError(
+                f"section {self.name}: {len(missing)} of {len(genes)} requested genes are not in its counts "
+                f"(e.g. {', '.join(missing[:3])}); use genes the section measures"
+            )
+        cols = np.array([index[g] for g in genes], dtype=np.int64)
+        return np.log1p(self.counts[:, cols] / lib * 1e4).astype(np.float32)
+
+    def missing(self, genes: list[str]) -> list[str]:
+        """The genes of ``genes`` this section does not measure."""
+        have = set(self.genes)
+        return [g for g in genes if g not in have]
+
+    def require_variation(self) -> None:
+        """Refuse a section whose counts carry no variation (all zero, or every gene's log1p(CP10k) the same at
+        every spot): nothing can be learned from it or scored on it, and its "most variable genes" would be
+        an arbitrary (alphabetical) pick."""
+        if not self.counts.any():
+            raise DataFormatError(
+                f"section {self.name}: the counts are all zero ({self.counts.shape[0]} spots x "
+                f"{self.counts.shape[1]} genes); check the counts file"
+            )
+        lib = self.counts.sum(axis=1, keepdims=True)
+        lib[lib == 0] = 1.0
+        lo = hi = None
+        for start in range(0, len(self.counts), 2048):  # chunks: the full log matrix can be large
+            block = np.log1p(self.counts[start : start + 2048] / lib[start : start + 2048] * 1e4)
+            lo = block.min(0) if lo is None else np.minimum(lo, block.min(0))
+            hi = block.max(0) if hi is None else np.maximum(hi, block.max(0))
+        if lo is None or hi is None or not (hi - lo > 1e-6).any():
+            raise DataFormatError(
+                f"section {self.name}: the counts carry no variation (every gene has the same log1p(CP10k) at "
+                f"every spot of {len(self.counts)}); check the counts file"
+            )
 
 
 def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: {what} not found; check the section spec")
     if not path.is_file():
-        raise SlideNotFoundError(f"{path}: {what} not found")
+        raise DataFormatError(f"{path}: is a folder, not the {what}; check the section spec")
     return path
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _check_dense(n_spots: int, n_genes: int, where: Path) -> None:
+    if n_spots * n_genes > MAX_DENSE_COUNTS:
+        raise DataFormatError(
+            f"{where}: {n_spots} spots x {n_genes} genes is beyond {MAX_DENSE_COUNTS} values held in memory; "
+            "subset the spots or genes (or bin Visium HD data) first"
+        )
+
+
+def check_counts(counts: np.ndarray, where: Path | str, spots: Any = None, genes: Any = None) -> np.ndarray:
+    """Raw counts must be finite, non-negative integers with at least one spot and one gene."""
+    if counts.ndim != 2 or counts.shape[0] == 0 or counts.shape[1] == 0:
+        raise DataFormatError(f"{where}: the count matrix is empty ({counts.shape}); give spots x genes raw counts")
+
+    def at(flat: int) -> str:
+        i, j = divmod(flat, counts.shape[1])
+        row = spots[i] if spots is not None else i
+        col = genes[j] if genes is not None else j
+        return f"spot {row}, gene {col}: {counts[i, j]!r}"
+
+    finite = np.isfinite(counts)
+    if not finite.all():
+        raise DataFormatError(f"{where}: missing or non-finite count at {at(int(np.argmin(finite)))}; fix the file")
+    negative = counts < 0
+    if negative.any():
+        raise DataFormatError(f"{where}: negative count at {at(int(np.argmax(negative)))}; give raw counts")
+    fractional = counts != np.round(counts)
+    if fractional.any():
+        raise DataFormatError(
+            f"{where}: non-integer count at {at(int(np.argmax(fractional)))}; this looks normalised, give raw counts"
+        )
+    return counts
+
+
+def _numeric_column(frame: pd.DataFrame, column: str, where: Path, *, integer: bool = False) -> np.ndarray:
+    """A column as float64, refusing text, empty cells, NaN/inf (and fractions when ``integer``)."""
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(values)
+    if integer:
+        bad |= values != np.round(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        label = frame.index[i]
+        row = f"data row {label + 1}" if isinstance(label, int | np.integer) else f"spot {label}"
+        kind = "an integer" if integer else "a finite number"
+        raise DataFormatError(
+            f"{where}: column {column!r} at {row} is {frame[column].iloc[i]!r}, not {kind}; fix the file"
+        )
+    return values
+
+
+def _read_table(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, **kwargs)
+    except Exception as exc:  # pandas raises a zoo of parser, codec and gzip errors
+        raise DataFormatError(f"{path}: cannot parse the {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
+    if table.empty:
+        raise DataFormatError(f"{path}: the {what} has no rows; check the file")
+    return table
+
+
+def _positive(value: float | None, name: str) -> None:
+    if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise UsageError(f"{name} must be a positive number, got {value!r}")
 
 
 def read_legacy_st(
@@ -89,35 +200,57 @@ def read_legacy_st(
 ) -> STSection:
     """Read one legacy-ST section (HER2ST layout)."""
     counts_tsv, spots_tsv, image = Path(counts_tsv), Path(spots_tsv), Path(image)
+    for value, label in ((mpp, "mpp"), (pitch_um, "pitch_um"), (spot_um, "spot_um")):
+        _positive(value, label)
     _need(counts_tsv, "counts table")
     _need(spots_tsv, "spot file")
     _need(image, "H&E image")
-    try:
-        counts = pd.read_csv(counts_tsv, sep="\t", index_col=0)
-        spots = pd.read_csv(spots_tsv, sep="\t")
-    except Exception as exc:
-        raise DataFormatError(f"{counts_tsv} / {spots_tsv}: cannot parse ({exc})") from exc
+    counts = _read_table(counts_tsv, "counts table", sep="\t", index_col=0)
+    spots = _read_table(spots_tsv, "spot file", sep="\t")
+    if counts.shape[1] == 0:
+        raise DataFormatError(f"{counts_tsv}: no gene columns; expected spots x genes with '<x>x<y>' row names")
+    object_columns = [c for c, dtype in counts.dtypes.items() if dtype.kind not in "iufb"]
+    if object_columns:  # text in a count column: name the first offending cell
+        for c in object_columns:
+            coerced = pd.to_numeric(counts[c], errors="coerce")
+            bad = coerced.isna() & counts[c].notna()
+            if bad.any():
+                row = bad.idxmax()
+                raise DataFormatError(
+                    f"{counts_tsv}: non-numeric count {counts.at[row, c]!r} at spot {row}, gene {c}; fix the file"
+                )
+            counts[c] = coerced
+    names = counts.index.astype(str)
+    if names.duplicated().any():
+        raise DataFormatError(f"{counts_tsv}: spot {names[names.duplicated()][0]!r} appears twice; fix the file")
     need = {"x", "y", "pixel_x", "pixel_y"}
     if not need.issubset(spots.columns):
-        raise DataFormatError(f"{spots_tsv}: needs columns {sorted(need)}, has {list(spots.columns)}")
+        raise DataFormatError(f"{spots_tsv}: needs columns {sorted(need)}, has {list(spots.columns)[:10]}")
     if "selected" in spots.columns:
-        spots = spots[spots["selected"] == 1]
-    spots = spots.assign(key=spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str))
+        spots = spots[pd.to_numeric(spots["selected"], errors="coerce") == 1]
+    for column in ("x", "y"):
+        spots[column] = _numeric_column(spots, column, spots_tsv, integer=True).astype(np.int64)
+    for column in ("pixel_x", "pixel_y", *(c for c in ("new_x", "new_y") if c in spots.columns)):
+        spots[column] = _numeric_column(spots, column, spots_tsv)
+    spots = spots.assign(key=spots["x"].astype(str) + "x" + spots["y"].astype(str))
     spots = spots.drop_duplicates("key").set_index("key")
-    shared = [k for k in counts.index.astype(str) if k in spots.index]
+    shared = [k for k in names if k in spots.index]
     if len(shared) < 3:
         raise DataFormatError(f"{counts_tsv}: fewer than 3 spots match {spots_tsv} (row names must be '<x>x<y>')")
+    counts.index = names
     counts = counts.loc[shared]
     spots = spots.loc[shared]
+    _check_dense(*counts.shape, counts_tsv)
+    values = check_counts(counts.to_numpy(np.float32), counts_tsv, shared, list(counts.columns))
     px = spots[["pixel_x", "pixel_y"]].to_numpy(np.float64)
     axy = spots[["x", "y"]].to_numpy(np.int64)
     source = "given"
     if mpp is None:
-        mpp = _mpp_from_lattice(px, spots, pitch_um)
+        mpp = _mpp_from_lattice(px, spots, pitch_um, spots_tsv)
         source = f"spot file: lattice pitch {pitch_um:g} µm"
     return STSection(
         name=name or counts_tsv.name.split(".")[0],
-        counts=counts.to_numpy(np.float32),
+        counts=values,
         genes=[str(g) for g in counts.columns],
         centres_level0=px,
         array_xy=axy,
@@ -129,24 +262,35 @@ def read_legacy_st(
     )
 
 
-def _mpp_from_lattice(px: np.ndarray, spots: pd.DataFrame, pitch_um: float) -> float:
+def _mpp_from_lattice(px: np.ndarray, spots: pd.DataFrame, pitch_um: float, where: Path) -> float:
     """µm/px from a least-squares fit of pixel position on (adjusted) array position."""
     ax = spots["new_x"].to_numpy(np.float64) if "new_x" in spots else spots["x"].to_numpy(np.float64)
     ay = spots["new_y"].to_numpy(np.float64) if "new_y" in spots else spots["y"].to_numpy(np.float64)
+    if np.ptp(ax) == 0 or np.ptp(ay) == 0:
+        raise DataFormatError(f"{where}: the spots span one array row or column; the pixel size cannot be derived")
     sx = np.polyfit(ax, px[:, 0], 1)[0]
     sy = np.polyfit(ay, px[:, 1], 1)[0]
     px_per_step = (abs(sx) + abs(sy)) / 2.0
-    if not np.isfinite(px_per_step) or px_per_step <= 0:
-        raise DataFormatError("cannot derive the pixel size from the spot file; pass mpp")
-    return pitch_um / px_per_step
+    mpp = pitch_um / px_per_step if np.isfinite(px_per_step) and px_per_step > 0 else float("nan")
+    lo, hi = config.MPP_PLAUSIBLE
+    if not lo <= mpp <= hi:
+        raise DataFormatError(
+            f"{where}: pixel_x/pixel_y give {px_per_step:.3g} px per {pitch_um:g} µm array step ({mpp:.3g} µm/px, "
+            f"outside {lo}-{hi}); the pixel coordinates do not follow the array coordinates"
+        )
+    return float(mpp)
 
 
 def her2st_section(root: str | Path, section: str) -> STSection:
     """A section of the HER2ST data folder (e.g. ``section="C2"``)."""
     root = Path(root)
+    if not section or "/" in section or section.startswith("."):
+        raise UsageError(f"her2st section {section!r}: give a section name such as C2")
+    if not root.is_dir():
+        raise InputNotFoundError(f"{root}: HER2ST data folder not found; check her2st:ROOT:SECTION")
     images = sorted((root / "ST-imgs" / section[0] / section).glob("*.jpg"))
     if not images:
-        raise SlideNotFoundError(f"{root}/ST-imgs/{section[0]}/{section}: no H&E JPEG found")
+        raise InputNotFoundError(f"{root}/ST-imgs/{section[0]}/{section}: no H&E JPEG found; check ROOT and SECTION")
     return read_legacy_st(
         root / "ST-cnts" / f"{section}.tsv.gz",
         root / "ST-spotfiles" / f"{section}_selection.tsv",
@@ -155,12 +299,34 @@ def her2st_section(root: str | Path, section: str) -> STSection:
     )
 
 
+def _scalefactors(raw: Any, where: Path, image_scale: str | float | None) -> dict[str, float]:
+    """Space Ranger / scanpy scale factors, checked: the spot diameter and the scale of the image used."""
+    if not isinstance(raw, dict):
+        raise DataFormatError(f"{where}: scale factors must be a JSON object, got {type(raw).__name__}")
+    keys = ["spot_diameter_fullres"]
+    if image_scale in ("hires", "lowres"):
+        keys.append(f"tissue_{image_scale}_scalef")
+    out: dict[str, float] = {}
+    for key in keys:
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise DataFormatError(f"{where}: scale factor {key!r} is {value!r}, not a positive number; fix the file")
+        out[key] = float(value)
+    return out
+
+
 def _scale_for(image_scale: str | float | None, scalefactors: dict[str, float]) -> float:
     if image_scale is None or image_scale == "fullres":
         return 1.0
     if image_scale in ("hires", "lowres"):
         return float(scalefactors[f"tissue_{image_scale}_scalef"])
-    return float(image_scale)
+    try:
+        scale = float(image_scale)
+    except ValueError:
+        scale = float("nan")
+    if not math.isfinite(scale) or scale <= 0:
+        raise UsageError(f"image scale must be hires, lowres, fullres or a positive number, got {image_scale!r}")
+    return scale
 
 
 def _from_positions(
@@ -196,6 +362,21 @@ def _from_positions(
     )
 
 
+_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+
+
+def _guarded(where: Path, what: str, read: Callable[[], Any]) -> Any:
+    """Run a reader; any failure but our own errors becomes a one-line DataFormatError naming the file."""
+    from .errors import HistoSGEError
+
+    try:
+        return read()
+    except HistoSGEError:
+        raise
+    except Exception as exc:  # h5py, json, anndata and numpy raise many types for a malformed file
+        raise DataFormatError(f"{where}: not a valid {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
 def read_spaceranger(
     outs: str | Path,
     image: str | Path,
@@ -205,10 +386,15 @@ def read_spaceranger(
     name: str | None = None,
 ) -> STSection:
     """A Space Ranger ``outs/`` folder and its H&E image (full resolution unless ``image_scale``)."""
+    import json
+
     import h5py
     from scipy import sparse
 
     outs, image = Path(outs), Path(image)
+    _positive(mpp, "mpp")
+    if not outs.is_dir():
+        raise InputNotFoundError(f"{outs}: Space Ranger outs/ folder not found; check the section spec")
     h5 = _need(outs / "filtered_feature_bc_matrix.h5", "Space Ranger matrix")
     _need(image, "H&E image")
     spatial = outs / "spatial"
@@ -216,23 +402,36 @@ def read_spaceranger(
         (p for p in (spatial / "tissue_positions.csv", spatial / "tissue_positions_list.csv") if p.is_file()), None
     )
     if positions is None:
-        raise SlideNotFoundError(f"{spatial}: no tissue_positions(_list).csv; is this a Space Ranger outs/ folder?")
+        raise InputNotFoundError(f"{spatial}: no tissue_positions(_list).csv; is this a Space Ranger outs/ folder?")
     sf_path = _need(spatial / "scalefactors_json.json", "scale factors")
-    import json
+    raw_sf = _guarded(sf_path, "scale factors JSON", lambda: json.loads(sf_path.read_bytes()))
+    scalefactors = _scalefactors(raw_sf, sf_path, image_scale)
 
-    try:
-        scalefactors = json.loads(sf_path.read_text())
+    def read_matrix() -> tuple[Any, list[str], list[str]]:
         with h5py.File(h5, "r") as f:
             m = f["matrix"]
             shape = tuple(int(v) for v in m["shape"][:])
-            mat = sparse.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=shape)
             barcodes = [b.decode() for b in m["barcodes"][:]]
             genes = [g.decode() for g in m["features"]["name"][:]]
-    except (OSError, KeyError, ValueError) as exc:
-        raise DataFormatError(f"{h5}: not a Space Ranger feature-barcode matrix ({exc})") from exc
+            if shape != (len(genes), len(barcodes)):
+                raise DataFormatError(
+                    f"{h5}: matrix shape {shape} does not match its {len(genes)} features x {len(barcodes)} barcodes"
+                )
+            _check_dense(len(barcodes), len(genes), h5)
+            mat = sparse.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=shape)
+        return mat, barcodes, genes
+
+    mat, barcodes, genes = _guarded(h5, "Space Ranger feature-barcode matrix", read_matrix)
     header = 0 if positions.name == "tissue_positions.csv" else None
-    pos = pd.read_csv(positions, header=header)
-    pos.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    pos = _read_table(positions, "spot positions", header=header)
+    if pos.shape[1] != len(_POSITION_COLUMNS):
+        raise DataFormatError(
+            f"{positions}: {pos.shape[1]} columns, expected {len(_POSITION_COLUMNS)}: {_POSITION_COLUMNS}"
+        )
+    pos.columns = _POSITION_COLUMNS
+    pos["barcode"] = pos["barcode"].astype(str)
+    if pos["barcode"].duplicated().any():
+        raise DataFormatError(f"{positions}: barcode {pos['barcode'][pos['barcode'].duplicated()].iloc[0]} repeats")
     pos = pos.set_index("barcode")
     missing = [b for b in barcodes if b not in pos.index]
     if missing:
@@ -240,9 +439,11 @@ def read_spaceranger(
             f"{positions}: {len(missing)} barcodes of the matrix have no position (e.g. {missing[0]})"
         )
     pos = pos.loc[barcodes]
-    counts = np.asarray(mat.T.todense(), dtype=np.float32)  # (spots, genes)
-    array_xy = pos[["array_col", "array_row"]].to_numpy(np.int64)
-    fullres_xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
+    counts = check_counts(np.asarray(mat.T.todense(), dtype=np.float32), h5, barcodes, genes)  # (spots, genes)
+    array_xy = np.stack(
+        [_numeric_column(pos, c, positions, integer=True) for c in ("array_col", "array_row")], axis=1
+    ).astype(np.int64)
+    fullres_xy = np.stack([_numeric_column(pos, c, positions) for c in ("pxl_col_in_fullres", "pxl_row_in_fullres")], 1)
     return _from_positions(
         name or outs.parent.name or outs.name,
         counts,
@@ -269,34 +470,47 @@ def read_h5ad_section(
     import anndata as ad
 
     path, image = Path(path), Path(image)
+    _positive(mpp, "mpp")
     _need(path, "AnnData file")
     _need(image, "H&E image")
     try:
         adata = ad.read_h5ad(path)
     except Exception as exc:
-        raise DataFormatError(f"{path}: cannot read as AnnData ({type(exc).__name__}: {exc})") from exc
-    if "spatial" not in adata.obsm or "spatial" not in adata.uns:
+        raise DataFormatError(f"{path}: cannot read as AnnData ({type(exc).__name__}: {_one_line(exc)})") from exc
+    if "spatial" not in adata.obsm or "spatial" not in adata.uns or not hasattr(adata.uns["spatial"], "keys"):
         raise DataFormatError(f"{path}: needs obsm['spatial'] and uns['spatial'] (scanpy's Visium convention)")
     libs = list(adata.uns["spatial"])
     lib = library_id or (libs[0] if len(libs) == 1 else None)
     if lib is None or lib not in adata.uns["spatial"]:
         raise DataFormatError(f"{path}: choose a library_id among {libs}")
-    scalefactors = dict(adata.uns["spatial"][lib]["scalefactors"])
+    entry = adata.uns["spatial"][lib]
+    if not hasattr(entry, "get") or not hasattr(entry.get("scalefactors"), "keys"):
+        raise DataFormatError(f"{path}: uns['spatial'][{lib!r}] lacks 'scalefactors' (scanpy's Visium convention)")
+    scalefactors = _scalefactors(dict(entry["scalefactors"]), path, image_scale)
     x = adata.layers.get("counts", adata.X)
-    x = np.asarray(x.todense() if hasattr(x, "todense") else x, dtype=np.float32)
-    if (x < 0).any() or not np.allclose(x, np.round(x)):
+    if x is None:
+        raise DataFormatError(f"{path}: no count matrix in X or layers['counts']")
+    _check_dense(adata.n_obs, adata.n_vars, path)
+    x = _guarded(path, "count matrix", lambda: np.asarray(x.todense() if hasattr(x, "todense") else x, np.float32))
+    if np.isfinite(x).all() and ((x < 0).any() or not np.allclose(x, np.round(x))):
         raise DataFormatError(f"{path}: X holds normalised values; put raw counts in X or layers['counts']")
-    cols = [c for c in ("array_col", "array_row") if c in adata.obs]
-    if len(cols) == 2:
-        array_xy = adata.obs[["array_col", "array_row"]].to_numpy(np.int64)
+    x = check_counts(x, path, list(adata.obs_names), list(adata.var_names))
+    xy = _guarded(path, "obsm['spatial']", lambda: np.asarray(adata.obsm["spatial"], dtype=np.float64))
+    if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2]).all():
+        raise DataFormatError(f"{path}: obsm['spatial'] must hold finite (x, y) pixel positions, shape {xy.shape}")
+    xy = xy[:, :2]
+    if all(c in adata.obs for c in ("array_col", "array_row")):
+        array_xy = np.stack(
+            [_numeric_column(adata.obs, c, path, integer=True) for c in ("array_col", "array_row")], axis=1
+        ).astype(np.int64)
     else:
-        array_xy = _lattice_from_positions(np.asarray(adata.obsm["spatial"], dtype=np.float64), scalefactors)
+        array_xy = _lattice_from_positions(xy, scalefactors)
     return _from_positions(
         name or path.stem,
         x,
         _unique([str(g) for g in adata.var_names]),
         array_xy,
-        np.asarray(adata.obsm["spatial"], dtype=np.float64),
+        xy,
         image,
         scalefactors,
         image_scale,
@@ -334,12 +548,12 @@ def read_section(spec: str) -> STSection:
     * ``FILE.h5ad:IMAGE[:hires|lowres]`` AnnData with raw counts and uns['spatial']
     * ``her2st:ROOT:SECTION`` a section of the HER2ST data folder (e.g. her2st:../shared/data/her2st:C2)
     """
-    from .errors import UsageError
-
     parts = spec.split(":")
     if parts[0] == "her2st" and len(parts) == 3:
         return her2st_section(parts[1], parts[2])
     first = Path(parts[0])
+    if len(parts) == 2 and not first.exists():
+        raise InputNotFoundError(f"{first}: not found (section {spec!r}); give OUTS_DIR:IMAGE or FILE.h5ad:IMAGE")
     scale = parts[2] if len(parts) == 3 and parts[2] in ("hires", "lowres") else None
     if first.is_dir() and len(parts) in (2, 3):
         outs = first / "outs" if (first / "outs").is_dir() else first

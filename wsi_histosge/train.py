@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .encoders import Encoder
+from .errors import DataFormatError, InputNotFoundError, UsageError
 from .loader import encode_points
 from .metrics import pearson_per_gene
 from .model import HeadConfig, HisToSGEHead, Model, ModelMeta
@@ -42,6 +43,7 @@ def section_features(
 ) -> np.ndarray:
     """Encoder features (n_spots, dim) of a section's spots, cached by image + encoder + geometry."""
     slide = open_slide(section.image, mpp=section.mpp)
+    require_spots_on_image(section, slide.dimensions)
     key = hashlib.sha256(
         f"{slide.fingerprint}|{encoder.cfg.name}|{encoder.weights_hash}|{context_um}|{section.mpp:.6f}|"
         f"{np.ascontiguousarray(section.centres_level0).tobytes().hex()}".encode()
@@ -72,6 +74,23 @@ def section_features(
         }
     )
     return feats
+
+
+def require_spots_on_image(section: STSection, dimensions: tuple[int, int]) -> None:
+    """Spot centres must lie on the image (within a spot radius of its edge): centres beyond it mean the
+    coordinates belong to another image (the hires PNG vs the full-resolution H&E, another scan), and their
+    "features" would be white padding."""
+    width, height = dimensions
+    margin = section.spot_um / 2 / section.mpp
+    xy = section.centres_level0
+    off = (xy[:, 0] < -margin) | (xy[:, 0] > width + margin) | (xy[:, 1] < -margin) | (xy[:, 1] > height + margin)
+    if off.any():
+        x, y = xy[int(np.argmax(off))]
+        raise DataFormatError(
+            f"section {section.name}: {int(off.sum())} of {len(xy)} spot centres lie outside {section.image.name} "
+            f"({width}x{height} px), e.g. at ({x:.0f}, {y:.0f}); the spot coordinates belong to another image or "
+            "scale (Space Ranger: add :hires or :lowres when giving that PNG)"
+        )
 
 
 @dataclass
@@ -259,30 +278,106 @@ def build_model(
     return Model(meta, head)
 
 
-def select_genes(sections: Sequence[STSection], n_genes: int) -> list[str]:
-    """Top-``n_genes`` by variance of log1p(CP10k) over the pooled training spots (genes in every section)."""
+#: A gene "varies" when the variance of its log1p(CP10k) over the pooled training spots exceeds this
+#: (float32 rounding leaves ~1e-14 on constant columns).
+MIN_GENE_VARIANCE = 1e-10
+
+
+def _quiet(_message: str) -> None:
+    return None
+
+
+def select_genes(sections: Sequence[STSection], n_genes: int, *, log: Callable[[str], None] | None = None) -> list[str]:
+    """Top-``n_genes`` by variance of log1p(CP10k) over the pooled training spots (genes in every section).
+
+    Only genes that vary are ever picked: a section without variation is refused, and when fewer than
+    ``n_genes`` genes vary, those that do are taken (and ``log`` says so).
+    """
+    say = log or _quiet
+    if n_genes < 1:
+        raise UsageError(f"--n-genes must be at least 1, got {n_genes}")
+    for section in sections:
+        section.require_variation()
+    names = ", ".join(s.name for s in sections)
     common = set(sections[0].genes)
     for s in sections[1:]:
         common &= set(s.genes)
     genes = sorted(common)
+    if not genes:
+        raise DataFormatError(f"sections {names} share no gene names; check that they measure the same genes")
     pooled = np.concatenate([s.log_cp10k(genes) for s in sections])
-    order = np.argsort(-pooled.var(0), kind="stable")[:n_genes]
+    var = pooled.var(0)
+    varying = int((var > MIN_GENE_VARIANCE).sum())
+    if varying == 0:
+        raise DataFormatError(
+            f"sections {names}: the counts carry no variation in the {len(genes)} genes they share; check the counts"
+        )
+    order = np.argsort(-var, kind="stable")[: min(n_genes, varying)]
+    if varying < n_genes:
+        say(
+            f"only {varying} of the {len(genes)} genes shared by {names} vary across the training spots: "
+            f"using those {varying} instead of the top {n_genes}"
+        )
     return [genes[i] for i in order]
 
 
 def read_gene_list(path: Path) -> list[str]:
-    if path.suffix == ".npy":
-        return [str(g) for g in np.load(path, allow_pickle=False)]
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    """Gene names from a .txt (one per line) or a .npy of strings; duplicates dropped, order kept."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"{path}: gene list not found; check --genes")
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+            if arr.ndim != 1:
+                raise ValueError(f"a {arr.ndim}-d array, expected a 1-d array of names")
+            names = [str(g).strip() for g in arr]
+        else:
+            names = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, ValueError, EOFError) as exc:  # a pickled/object .npy is a ValueError: never unpickled
+        detail = " ".join(str(exc).split())[:200]
+        raise DataFormatError(
+            f"{path}: not a gene list ({detail}); give one name per line (.txt) or a .npy of strings"
+        ) from exc
+    genes = list(dict.fromkeys(g for g in names if g))
+    if not genes:
+        raise DataFormatError(f"{path}: the gene list is empty; give one name per line (.txt) or a .npy of strings")
+    return genes
+
+
+def measured_genes(
+    sections: Sequence[STSection],
+    genes: list[str],
+    *,
+    log: Callable[[str], None] | None = None,
+    where: str = "",
+) -> list[str]:
+    """The genes of ``genes`` that every section measures (in the given order); the others are dropped, and
+    ``log`` names them. A gene missing from a section is never treated as zero expression. ``where`` prefixes
+    the error (e.g. the gene list's path)."""
+    say = log or _quiet
+    keep = list(genes)
+    for section in sections:
+        missing = set(section.missing(keep))
+        if missing:
+            example = ", ".join(g for g in keep if g in missing)[:120]
+            say(f"section {section.name} lacks {len(missing)} of the {len(keep)} genes (e.g. {example}): dropped")
+            keep = [g for g in keep if g not in missing]
+    if not keep:
+        raise DataFormatError(
+            f"{where}none of the {len(genes)} listed genes is measured in every section "
+            f"({', '.join(s.name for s in sections)}); check the gene list against the counts"
+        )
+    return keep
 
 
 def pooled_offsets_um(sections: Sequence[STSection]) -> np.ndarray:
     """Neighbour offsets of the model: medians over the training sections (they share one lattice)."""
     steps = sections[0].neighbour_steps
     if any(s.neighbour_steps != steps for s in sections):
-        from .errors import DataFormatError
-
-        raise DataFormatError("training sections mix lattices (legacy ST and Visium); train them separately")
+        raise DataFormatError(
+            f"sections {', '.join(s.name for s in sections)} mix lattices (legacy ST and Visium); train them separately"
+        )
     return np.median(np.stack([measured_offsets_um(s, steps) for s in sections]), axis=0)
 
 
@@ -339,11 +434,29 @@ def train_sections(
     from .stdata import read_section
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
+    if n_genes < 1 or epochs < 1:
+        raise UsageError(f"--n-genes and --epochs must be at least 1, got {n_genes} and {epochs}")
+    if not sections:
+        raise UsageError("give at least one training section")
     train_secs = [s if isinstance(s, STSection) else read_section(s) for s in sections]
     val_secs = [s if isinstance(s, STSection) else read_section(s) for s in val]
-    gene_list = read_gene_list(genes) if genes else select_genes(train_secs, n_genes)
+    for sec in (*train_secs, *val_secs):
+        sec.require_variation()
+    pooled_offsets_um([*train_secs, *val_secs])  # refuse mixed lattices before any feature is computed
+    if genes:
+        gene_list = measured_genes([*train_secs, *val_secs], read_gene_list(genes), log=log, where=f"{genes}: ")
+        pooled = np.concatenate([s.log_cp10k(gene_list) for s in train_secs])
+        if not (pooled.var(0) > MIN_GENE_VARIANCE).any():
+            raise DataFormatError(
+                f"{genes}: none of the {len(gene_list)} listed genes varies across the training spots of "
+                f"{', '.join(s.name for s in train_secs)}; nothing to learn"
+            )
+    else:
+        gene_list = select_genes(train_secs, n_genes, log=log)
     enc = create_encoder(encoder, weights=encoder_weights)
     train_sets = make_sets(train_secs, gene_list, enc, device=device, log=log)
     val_sets = make_sets(val_secs, gene_list, enc, device=device, log=log)
@@ -381,7 +494,7 @@ def train_sections(
             "sections": [s.name for s in train_secs],
             "spots": int(sum(len(t.features) for t in train_sets)),
             "targets": "log1p(CP10k), library size over all genes of the section",
-            "gene_selection": f"list {genes}" if genes else f"top {n_genes} by variance of pooled log1p(CP10k)",
+            "gene_selection": f"list {genes}" if genes else f"top {len(gene_list)} by variance of pooled log1p(CP10k)",
             "gene_means": [round(float(v), 5) for v in gene_means],
         },
         metrics=metrics,
