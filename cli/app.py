@@ -166,6 +166,8 @@ def infer(
     ):
         value = report[key]
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    for level, why in report.get("skipped_levels", {}).items():
+        table.add_row(f"level {level} not used", why)
     for key, value in report["timings_s"].items():
         table.add_row(f"time {key} (s)", f"{value:.2f}")
     console.print(table)
@@ -193,9 +195,15 @@ def info(
     table.add_row("dimensions (level 0)", f"{data['dimensions'][0]} x {data['dimensions'][1]} px")
     m = data["mpp"]
     table.add_row("MPP", f"{m['x']:.4f} x {m['y']:.4f} µm/px ({m['source']})" if m["x"] else f"[red]{m['error']}")
+    checks = {c["level"]: c for c in data.get("level_check", [])}
     for lv in data["levels"]:
+        check = checks.get(lv["level"])
+        verdict = ""
+        if check is not None and lv["level"] > 0:
+            verdict = "  [green]checked ok[/green]" if check["ok"] else f"  [red]NOT USED: {check['reason']}[/red]"
         table.add_row(
-            f"level {lv['level']}", f"{lv['dimensions'][0]} x {lv['dimensions'][1]} (x{lv['downsample']:.2f})"
+            f"level {lv['level']}",
+            f"{lv['dimensions'][0]} x {lv['dimensions'][1]} (x{lv['downsample']:.2f}){verdict}",
         )
     table.add_row("associated images", ", ".join(data["associated_images"]) or "-")
     table.add_row("fingerprint", data["fingerprint"])

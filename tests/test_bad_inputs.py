@@ -690,3 +690,38 @@ def test_24_readme_failure_table_is_the_code_table() -> None:
         assert getattr(cohort, name) in EXIT_CODES
     code, text = _main(["exit-codes"])
     assert code == 0 and all(meaning in " ".join(text.split()) for meaning in EXIT_CODES.values())
+
+
+# A broken pyramid level is never used unchecked --------------------------------------------------------
+def test_25_a_level_with_wrong_colours_is_skipped_and_said_so(tmp_path: Path, tiny_model: Path) -> None:
+    img = synthetic_tissue(2400, 3200, seed=7)
+    good = write_pyramid(tmp_path / "good.tif", img, levels=3)
+    bad = tmp_path / "bad.tif"
+    with tifffile.TiffWriter(bad) as tw:  # levels 1-2 decoded with the wrong colours (channels reversed)
+        for i in range(3):
+            level = img[:: 2**i, :: 2**i]
+            level = level if i == 0 else np.ascontiguousarray(255 - level[..., ::-1])
+            res = 1e4 / (0.5 * 2**i)
+            tw.write(
+                level,
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                subfiletype=int(i > 0),
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
+    reports = {}
+    for name, slide in (("good", good), ("bad", bad)):
+        res = _cli(["infer", str(slide), "--out", str(tmp_path / f"{name}.zarr"), "--model", str(tiny_model), "--json"])
+        assert res.returncode == 0, res.stderr
+        reports[name] = json.loads(res.stdout)
+    assert reports["good"]["skipped_levels"] == {}
+    assert set(reports["bad"]["skipped_levels"]) == {"1", "2"}, reports["bad"]["skipped_levels"]
+    # tissue came from level 0, not from the wrong colours: the spots of the good file (whose thumbnail
+    # comes from level 2, so resampling may move a border spot or two)
+    assert abs(reports["bad"]["spots"] - reports["good"]["spots"]) <= 0.01 * reports["good"]["spots"]
+    info = _cli(["info", str(bad), "--json"])
+    checks = {c["level"]: c["ok"] for c in json.loads(info.stdout)["level_check"]}
+    assert checks == {0: True, 1: False, 2: False}
+    assert "NOT USED" in _cli(["info", str(bad)]).stdout

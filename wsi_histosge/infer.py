@@ -73,6 +73,7 @@ class InferResult:
     bad_tiles: int = 0
     spots_skipped_bad_tiles: int = 0
     patches_encoded: int = 0  # spots plus halo neighbours encoded again at block edges
+    skipped_levels: dict[int, str] = field(default_factory=dict)  # pyramid levels not used, and why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -492,7 +493,10 @@ def _run(
         encoder=model.meta.encoder,
         device=str(device),
         precision=precision,
+        skipped_levels=dict(slide.skipped_levels),
     )
+    for level, why in base["skipped_levels"].items():
+        say(f"{slide.path}: pyramid level {level} not used ({why}); finer levels are read instead")
     if state.status == "complete":
         say(f"{out}: already complete for this slide, model and parameters; nothing to do")
         return InferResult(status="already-complete", tiles=0, chunks_written=0, **base)
@@ -636,6 +640,7 @@ def _cube_attributes(
                 "dimensions": list(slide.dimensions),
                 "backend": slide.backend.name,
                 "vendor": slide.vendor,
+                "skipped_levels": {str(k): v for k, v in slide.skipped_levels.items()},
             },
             "mpp": {"x": slide.mpp.x, "y": slide.mpp.y, "source": slide.mpp.source},
             "model": {
