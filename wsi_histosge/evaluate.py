@@ -96,7 +96,7 @@ def _require_scorable(sections: Sequence[STSection], genes: list[str]) -> None:
         sec.require_variation()
         if not (sec.log_cp10k(genes).var(0) > MIN_GENE_VARIANCE).any():
             raise DataFormatError(
-                f"section {sec.name}: none of the {len(genes)} scored genes varies across its "
+                f"{sec.label}: none of the {len(genes)} scored genes varies across its "
                 f"{len(sec.counts)} spots; there is nothing to score"
             )
 
@@ -266,7 +266,7 @@ def evaluate_model(
         log(f"section {sec.name}: measures {found} of the model's {len(model_genes)} genes")
         if found < need:
             raise DataFormatError(
-                f"section {sec.name}: measures only {found} of the {len(model_genes)} genes of model "
+                f"{sec.label}: measures only {found} of the {len(model_genes)} genes of model "
                 f"{model.meta.name} (at least {need} needed: half of them and at least {MIN_OVERLAP_GENES}); check "
                 "that its gene names match the model's (species, symbols vs Ensembl ids)"
             )

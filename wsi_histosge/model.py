@@ -278,7 +278,7 @@ def _check_meta(raw: dict[str, Any], meta_path: Path) -> None:
         or not all(isinstance(o, list) and len(o) == 2 and all(_is_number(v) for v in o) for o in offsets)
         or not all(math.isfinite(v) for o in offsets for v in o)
     ):
-        raise bad("neighbour_offsets_um", "must be a non-empty list of finite [x, y] offsets in µm")
+        raise bad("neighbour_offsets_um", "must be a non-empty list of finite (x, y) offset pairs in µm")
     if offsets[0] != [0, 0]:
         raise bad("neighbour_offsets_um", f"must start with [0, 0] (the spot itself), starts with {offsets[0]}")
     head = raw["head"]

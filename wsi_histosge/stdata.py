@@ -60,6 +60,12 @@ class STSection:
     pitch_um: float
     mpp_source: str
     steps: list[tuple[int, int]] | None = None  # neighbour steps in array coordinates
+    source: str = ""  # the counts file it was read from, for messages
+
+    @property
+    def label(self) -> str:
+        """How messages name the section: its name and, when known, its counts file."""
+        return f"section {self.name}" + (f" ({self.source})" if self.source else "")
 
     @property
     def neighbour_steps(self) -> list[tuple[int, int]]:
@@ -77,7 +83,7 @@ class STSection:
         missing = self.missing(genes)
         if missing:
             raise DataFormatError(
-                f"section {self.name}: {len(missing)} of {len(genes)} requested genes are not in its counts "
+                f"{self.label}: {len(missing)} of {len(genes)} requested genes are not in its counts "
                 f"(e.g. {', '.join(missing[:3])}); use genes the section measures"
             )
         cols = np.array([index[g] for g in genes], dtype=np.int64)
@@ -94,7 +100,7 @@ class STSection:
         an arbitrary (alphabetical) pick."""
         if not self.counts.any():
             raise DataFormatError(
-                f"section {self.name}: the counts are all zero ({self.counts.shape[0]} spots x "
+                f"{self.label}: the counts are all zero ({self.counts.shape[0]} spots x "
                 f"{self.counts.shape[1]} genes); check the counts file"
             )
         lib = self.counts.sum(axis=1, keepdims=True)
@@ -106,8 +112,8 @@ class STSection:
             hi = block.max(0) if hi is None else np.maximum(hi, block.max(0))
         if lo is None or hi is None or not (hi - lo > 1e-6).any():
             raise DataFormatError(
-                f"section {self.name}: the counts carry no variation (every gene has the same log1p(CP10k) at "
-                f"every spot of {len(self.counts)}); check the counts file"
+                f"{self.label}: the counts carry no variation (every gene has the same log1p(CP10k) at all "
+                f"{len(self.counts)} spots); check the counts file"
             )
 
 
@@ -140,7 +146,7 @@ def check_counts(counts: np.ndarray, where: Path | str, spots: Any = None, genes
         i, j = divmod(flat, counts.shape[1])
         row = spots[i] if spots is not None else i
         col = genes[j] if genes is not None else j
-        return f"spot {row}, gene {col}: {counts[i, j]!r}"
+        return f"spot {row}, gene {col}: {float(counts[i, j]):g}"
 
     finite = np.isfinite(counts)
     if not finite.all():
@@ -167,9 +173,9 @@ def _numeric_column(frame: pd.DataFrame, column: str, where: Path, *, integer: b
         label = frame.index[i]
         row = f"data row {label + 1}" if isinstance(label, int | np.integer) else f"spot {label}"
         kind = "an integer" if integer else "a finite number"
-        raise DataFormatError(
-            f"{where}: column {column!r} at {row} is {frame[column].iloc[i]!r}, not {kind}; fix the file"
-        )
+        value = frame[column].iloc[i]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise DataFormatError(f"{where}: column {column!r} at {row} is {value!r}, not {kind}; fix the file")
     return values
 
 
@@ -178,8 +184,8 @@ def _read_table(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
         table = pd.read_csv(path, **kwargs)
     except Exception as exc:  # pandas raises a zoo of parser, codec and gzip errors
         raise DataFormatError(f"{path}: cannot parse the {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
-    if table.empty:
-        raise DataFormatError(f"{path}: the {what} has no rows; check the file")
+    if len(table) == 0:
+        raise DataFormatError(f"{path}: the {what} has no data rows; check the file")
     return table
 
 
@@ -259,6 +265,7 @@ def read_legacy_st(
         spot_um=spot_um,
         pitch_um=pitch_um,
         mpp_source=source,
+        source=str(counts_tsv),
     )
 
 
@@ -339,6 +346,7 @@ def _from_positions(
     scalefactors: dict[str, float],
     image_scale: str | float | None,
     mpp: float | None,
+    counts_file: Path,
 ) -> STSection:
     scale = _scale_for(image_scale, scalefactors)
     spot_px_full = float(scalefactors["spot_diameter_fullres"])
@@ -359,6 +367,7 @@ def _from_positions(
         pitch_um=VISIUM_PITCH_UM,
         mpp_source=source + (f", image scale {scale:g}" if scale != 1.0 else ""),
         steps=HEX_STEPS,
+        source=str(counts_file),
     )
 
 
@@ -454,6 +463,7 @@ def read_spaceranger(
         scalefactors,
         image_scale,
         mpp,
+        h5,
     )
 
 
@@ -515,6 +525,7 @@ def read_h5ad_section(
         scalefactors,
         image_scale,
         mpp,
+        path,
     )
 
 

@@ -169,15 +169,15 @@ def _is_number(value: Any) -> bool:
 def _rings(coords: Any, path: Path, where: str) -> list[np.ndarray]:
     """A Polygon's rings as (n, 2) float arrays of level-0 px, validated."""
     if not isinstance(coords, list) or not coords:
-        raise DataFormatError(f"{path}: {where}: Polygon coordinates must be a non-empty list of rings of [x, y]")
+        raise DataFormatError(f"{path}: {where}: Polygon coordinates must be a non-empty list of rings of (x, y) pairs")
     rings = []
     for k, ring in enumerate(coords):
         if not isinstance(ring, list) or len(ring) < 3:
-            raise DataFormatError(f"{path}: {where} ring {k}: a ring needs at least 3 [x, y] positions")
+            raise DataFormatError(f"{path}: {where} ring {k}: a ring needs at least 3 (x, y) positions")
         for j, pos in enumerate(ring):
             if not (isinstance(pos, list) and len(pos) >= 2 and _is_number(pos[0]) and _is_number(pos[1])):
                 raise DataFormatError(
-                    f"{path}: {where} ring {k} position {j} is {json.dumps(pos)[:60]}, not [x, y] numbers; "
+                    f"{path}: {where} ring {k} position {j} is {json.dumps(pos)[:60]}, not an (x, y) pair of numbers; "
                     "export the polygons as GeoJSON in level-0 px"
                 )
         arr = np.array([pos[:2] for pos in ring], dtype=np.float64)
@@ -196,13 +196,16 @@ def _collect(obj: Any, path: Path, where: str, polys: list[list[np.ndarray]], ot
     """Append every Polygon (list of rings) in a GeoJSON object to ``polys``; other geometry types to ``other``."""
     here = where or "the top level"
     if depth > _MAX_NESTING:
-        raise DataFormatError(f"{path}: GeoJSON nested deeper than {_MAX_NESTING} levels at {here}")
+        raise DataFormatError(f"{path}: GeoJSON nested deeper than {_MAX_NESTING} levels; export flat polygons")
     if isinstance(obj, list):  # QuPath writes a bare list of Features
         for i, item in enumerate(obj):
             _collect(item, path, f"{where}[{i}]", polys, other, depth + 1)
         return
     if not isinstance(obj, dict):
-        raise DataFormatError(f"{path}: {here} is a {type(obj).__name__}, not a GeoJSON object")
+        json_type = {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(obj), "null")
+        raise DataFormatError(
+            f"{path}: {here} is a JSON {json_type}, not a GeoJSON object; export the annotation as GeoJSON"
+        )
     kind = obj.get("type")
     members = {"FeatureCollection": "features", "GeometryCollection": "geometries"}
     if kind in members:
@@ -310,10 +313,12 @@ def _read_mask_image(path: Path) -> np.ndarray:
     """Decode a PNG/JPEG/TIFF mask after checking its size from the header (never allocate a claimed size)."""
 
     def check_size(w: int, h: int) -> None:
-        if w <= 0 or h <= 0 or w * h > MAX_MASK_IMAGE_PIXELS:
+        if w <= 0 or h <= 0:
+            raise DataFormatError(f"{path}: the mask image header says {w}x{h} px; the file is corrupt")
+        if w * h > MAX_MASK_IMAGE_PIXELS:
             raise DataFormatError(
-                f"{path}: the mask image header says {w}x{h} px (limit {MAX_MASK_IMAGE_PIXELS} px); give a smaller "
-                "mask image at the slide's aspect ratio, or GeoJSON polygons in level-0 px"
+                f"{path}: the mask image header says {w}x{h} px, beyond the {MAX_MASK_IMAGE_PIXELS} px limit for a "
+                "mask; give a smaller mask image at the slide's aspect ratio, or GeoJSON polygons in level-0 px"
             )
 
     try:
@@ -334,11 +339,13 @@ def _read_mask_image(path: Path) -> np.ndarray:
                 w, h = _image_size(path)
             except SlideFormatError as exc:
                 raise DataFormatError(
-                    f"{path}: not a PNG, JPEG or TIFF mask image ({_one_line(exc).removeprefix(f'{path}: ')}); "
-                    "give a mask image or GeoJSON polygons in level-0 px"
+                    f"{path}: not a PNG, JPEG or TIFF image (unrecognised or truncated header); give a mask image "
+                    "or GeoJSON polygons in level-0 px"
                 ) from exc
             check_size(w, h)
-            img = np.asarray(imagecodecs.imread(str(path)))
+            with open(path, "rb") as fh:  # the header said which codec; decode with that one only
+                png = fh.read(4) == b"\x89PNG"
+            img = np.asarray(imagecodecs.imread(str(path), codec="png" if png else "jpeg8"))
     except DataFormatError:
         raise
     except Exception as exc:

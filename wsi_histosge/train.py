@@ -87,7 +87,7 @@ def require_spots_on_image(section: STSection, dimensions: tuple[int, int]) -> N
     if off.any():
         x, y = xy[int(np.argmax(off))]
         raise DataFormatError(
-            f"section {section.name}: {int(off.sum())} of {len(xy)} spot centres lie outside {section.image.name} "
+            f"{section.label}: {int(off.sum())} of {len(xy)} spot centres lie outside {section.image.name} "
             f"({width}x{height} px), e.g. at ({x:.0f}, {y:.0f}); the spot coordinates belong to another image or "
             "scale (Space Ranger: add :hires or :lowres when giving that PNG)"
         )
@@ -438,8 +438,10 @@ def train_sections(
         raise OutputExistsError(f"{out}: exists and is not a folder; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"{out}: exists and is not empty; pass --overwrite or choose another --out")
-    if n_genes < 1 or epochs < 1:
-        raise UsageError(f"--n-genes and --epochs must be at least 1, got {n_genes} and {epochs}")
+    if n_genes < 1:
+        raise UsageError(f"--n-genes must be at least 1, got {n_genes}")
+    if epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
     if not sections:
         raise UsageError("give at least one training section")
     train_secs = [s if isinstance(s, STSection) else read_section(s) for s in sections]
@@ -457,6 +459,8 @@ def train_sections(
             )
     else:
         gene_list = select_genes(train_secs, n_genes, log=log)
+        if val_secs:  # a gene the validation sections do not measure cannot be validated: never scored as zero
+            gene_list = measured_genes(val_secs, gene_list, log=log)
     enc = create_encoder(encoder, weights=encoder_weights)
     train_sets = make_sets(train_secs, gene_list, enc, device=device, log=log)
     val_sets = make_sets(val_secs, gene_list, enc, device=device, log=log)
