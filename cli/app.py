@@ -419,6 +419,9 @@ def plot(
     qc: Annotated[bool, typer.Option(help="Also draw the tissue/QC overview.")] = True,
     slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
     max_px: Annotated[int, typer.Option(help="Long side of the thumbnail in px.")] = 1600,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Draw what an incomplete cube holds (marked partial) instead of refusing.")
+    ] = False,
 ) -> None:
     """Gene maps over the slide (colour bar, units, scale bar) and a QC overview, as PNG."""
     from wsi_histosge.plot import plot_genes, plot_qc
@@ -427,9 +430,9 @@ def plot(
         written = []
         if genes:
             names = [g.strip() for g in genes.split(",") if g.strip()]
-            written += plot_genes(cube, names, out, slide=slide, max_px=max_px)
+            written += plot_genes(cube, names, out, slide=slide, max_px=max_px, allow_incomplete=allow_incomplete)
         if qc:
-            written.append(plot_qc(cube, out / "qc.png", slide=slide, max_px=max_px))
+            written.append(plot_qc(cube, out / "qc.png", slide=slide, max_px=max_px, allow_incomplete=allow_incomplete))
     except BaseException as exc:
         _fail(exc)
         return

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from tests.conftest import write_pyramid
-from wsi_histosge.errors import NoTissueError, OutputExistsError
+from wsi_histosge.errors import CubeIncompleteError, NoTissueError, OutputExistsError
 from wsi_histosge.grid import block_cells_for
 from wsi_histosge.infer import InferOptions, infer_slide
 from wsi_histosge.store import open_cube
@@ -150,7 +150,7 @@ def test_kill_then_resume_gives_the_identical_cube(tiny_model: Path, tmp_path: P
     marks = np.asarray(zarr.open_group(str(out), mode="r")["chunk_done"][:])
     assert 0 < marks.sum() < marks.size, "the kill should land mid-slide"
     assert "completed" not in json.loads((out / "zarr.json").read_text())["attributes"]
-    with pytest.raises(OutputExistsError, match="incomplete"):
+    with pytest.raises(CubeIncompleteError, match="incomplete"):
         open_cube(out)
     p = _run_cli([*args, "--out", str(out), "--json"])
     stdout, stderr = p.communicate(timeout=300)

@@ -303,7 +303,7 @@ def to_anndata(
             )
         raise UsageError(f"{cube}: no predicted cells in the cube")
     slide_path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
-    if not slide_path.is_file():
+    if not slide_path.exists():  # a file, or a DICOM series folder
         raise SlideNotFoundError(f"{slide_path}: the cube's slide is not there (moved?); pass --slide PATH")
     images, scales = _slide_images(slide_path, float(meta["mpp"]["x"]), tuple(meta["slide"]["dimensions"]))
 

@@ -34,6 +34,8 @@ class _Canvas:
     """Thumbnail of the slide and the mapping from lattice cells to thumbnail pixels."""
 
     def __init__(self, cube: str | Path, slide: str | Path | None, max_px: int, allow_incomplete: bool) -> None:
+        if isinstance(max_px, bool) or not isinstance(max_px, int) or not 64 <= max_px <= 16384:
+            raise UsageError(f"--max-px must be an integer between 64 and 16384, got {max_px!r}")
         self.cube = read_cube(cube)
         if not allow_incomplete:
             self.cube.require_complete()
@@ -41,7 +43,7 @@ class _Canvas:
         self.attrs: dict[str, Any] = self.cube.attrs
         meta: dict[str, Any] = self.attrs[ATTR_KEY]
         path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
-        if not path.is_file():
+        if not path.exists():  # a file, or a DICOM series folder
             raise SlideNotFoundError(f"{path}: the cube's slide is not there (moved?); pass --slide PATH")
         self.slide: Slide = open_slide(path, mpp=float(meta["mpp"]["x"]))
         w0, h0 = self.slide.dimensions

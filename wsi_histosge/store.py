@@ -703,11 +703,11 @@ def open_cube(path: str | Path) -> Any:
     """Open a finished cube read-only (the zarr group); refuses incomplete ones, missing chunks and unsafe
     codecs.
 
-    An unfinished run raises OutputExistsError (kept for callers of this older entry point); missing chunks
-    in a finished cube raise CubeIncompleteError. New readers use :func:`read_cube`."""
+    An unfinished run or missing chunks raise CubeIncompleteError (exit 13). New readers use
+    :func:`read_cube`."""
     cube = read_cube(path)
     if not cube.completed:
-        raise OutputExistsError(
+        raise CubeIncompleteError(
             f"{path}: the cube is incomplete (a run stopped early); rerun `wsi-histosge infer` "
             "with the same options to finish it"
         )
