@@ -725,3 +725,37 @@ def test_25_a_level_with_wrong_colours_is_skipped_and_said_so(tmp_path: Path, ti
     checks = {c["level"]: c["ok"] for c in json.loads(info.stdout)["level_check"]}
     assert checks == {0: True, 1: False, 2: False}
     assert "NOT USED" in _cli(["info", str(bad)]).stdout
+
+
+# A DICOM slide given as its folder is one slide, everywhere ------------------------------------------
+@pytest.mark.realdata
+def test_26_dicom_series_folder_through_info_infer_to_anndata_and_batch(tmp_path: Path, tiny_model: Path) -> None:
+    folder = tmp_path / "cohort" / "case-7"
+    folder.mkdir(parents=True)
+    shutil.copy(need_shared("wsi-samples", "pathml_small_dicom.dcm"), folder / "1.2.3.dcm")
+    res = _cli(["info", str(folder), "--json"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["dimensions"] == [3236, 2638]
+    out = tmp_path / "case-7.zarr"
+    args = ["infer", str(folder), "--out", str(out), "--model", str(tiny_model), "--mpp", "0.5", "--json"]
+    res = _cli(args)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["spots"] > 50
+    res = _cli(["to-anndata", str(out), "--out", str(tmp_path / "case-7.h5ad")])
+    assert res.returncode == 0, res.stderr
+    res = _cli(
+        [
+            "batch",
+            str(tmp_path / "cohort"),
+            "--out",
+            str(tmp_path / "runs"),
+            "--model",
+            str(tiny_model),
+            "--mpp",
+            "0.5",
+            "--json",
+        ]
+    )
+    summary = json.loads(res.stdout)
+    assert res.returncode == 0, summary
+    assert [(r["id"], r["status"]) for r in summary["slides"]] == [("case-7", "done")]
