@@ -196,6 +196,49 @@ def test_mask_image_cases(wide_slide: Path, tiny_model: Path, tmp_path: Path) ->
     assert not out.exists()
 
 
+def test_mask_image_formats_and_colours(wide_slide: Path, tmp_path: Path) -> None:
+    """PNG (grey or colour: any non-zero colour channel is tissue), JPEG and TIFF masks read the same."""
+    import imagecodecs
+    import tifffile
+
+    from wsi_histosge.slide import open_slide
+    from wsi_histosge.tissue import load_tissue_mask
+
+    slide = open_slide(wide_slide)
+    grey = np.zeros((120, 180), np.uint8)
+    grey[20:100, 40:140] = 255
+    green = np.zeros((120, 180, 3), np.uint8)
+    green[..., 1] = grey  # a mask painted in pure green: red channel all zero
+    paths = [_png(tmp_path / "grey.png", grey), _png(tmp_path / "green.png", green)]
+    paths.append(tmp_path / "grey.jpg")
+    paths[-1].write_bytes(imagecodecs.jpeg8_encode(grey, level=95))
+    paths.append(tmp_path / "grey.tif")
+    tifffile.imwrite(paths[-1], grey, compression="zlib")
+    masks = [load_tissue_mask(p, slide).mask for p in paths]
+    h, w = masks[0].shape
+    assert masks[0][h // 2, w // 2] and not masks[0][2, 2]
+    for other in masks[1:]:
+        assert (other == masks[0]).mean() > 0.98
+
+
+def test_tiff_mask_claiming_a_huge_size_is_refused_before_decoding(wide_slide: Path, tmp_path: Path) -> None:
+    import tifffile
+
+    path = tmp_path / "huge.tif"
+    tifffile.imwrite(path, np.zeros((60, 90), np.uint8))
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tf:
+        for tag in ("ImageWidth", "ImageLength"):
+            t = tf.pages.first.tags[tag]
+            fmt = "<H" if int(t.dtype) == 3 else "<I"
+            data[t.valueoffset : t.valueoffset + struct.calcsize(fmt)] = struct.pack(fmt, 65535)
+    path.write_bytes(bytes(data))
+    out = tmp_path / "out.zarr"
+    code, output = _run("infer", str(wide_slide), "--tissue-mask", str(path), "--out", str(out), "--workers", "0")
+    _refused(code, output, 9, "huge.tif", "65535x65535")
+    assert not out.exists()
+
+
 def test_many_vertex_outline_rasterises_quickly(pyramid_slide: Path) -> None:
     """A 20k-vertex QuPath-style outline on a 1000 x 750 px mask: point-in-polygon per pixel took minutes,
     scanline filling takes milliseconds."""

@@ -12,7 +12,11 @@ Baselines, always computed in the same run on the same features: ridge regressio
 features clipped at |z| <= 5, PCA to 256 dims, alpha by cross-validation, HEST-Benchmark style) and the
 training mean. Scores: per-gene Pearson r (mean, median, count > 0.3), MSE, MAE, SSIM of gene maps on
 the assay lattice, and ARI of k-means clusterings of predicted vs measured expression, per section and
-pooled over sections; on all genes and on the 50 most variable training genes.
+pooled over sections; on all genes and on the 50 most variable training genes (among genes that vary).
+
+Only genes a section measures are scored, never a missing gene as zeros: a model is evaluated on the genes
+every given section measures, and a section measuring fewer than half of the model's genes (or fewer than
+10; all of them for a smaller model) is refused (``OVERLAP_RULE``); the overlap is logged and returned.
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 Detection: Otsu threshold on HSV saturation (H&E stains are saturated, glass and pen-free
 background are not), excluding near-black scanner borders, then closing, hole filling and removal of
 specks smaller than a minimum area. The mask lives at thumbnail resolution with its own µm/px.
+
+User masks: GeoJSON polygons in level-0 px (QuPath export; holes honoured, partly outside the slide is
+clipped, entirely outside is a usage error that gives the polygons' bounding box), or a mask image covering
+the whole slide at its aspect ratio (within 2%). Malformed files are :class:`DataFormatError` (exit 9), and
+sizes are bounded before anything is allocated (image size from the header, GeoJSON bytes, coordinates).
 """
 
 from __future__ import annotations
