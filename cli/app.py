@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -28,13 +29,13 @@ def _fail(exc: BaseException) -> None:
     if _DEBUG["on"]:
         raise exc
     if isinstance(exc, HistoSGEError):
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     if isinstance(exc, KeyboardInterrupt):
         console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")
         raise typer.Exit(130)
     console.print(
-        f"[red]internal error:[/red] {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} (rerun with --debug for the traceback)",
         highlight=False,
         soft_wrap=True,
     )
@@ -134,9 +135,7 @@ def infer(
 
     _terminate_as_interrupt()
     try:
-        result = infer_slide(
-            slide, out, opts, progress=on_progress, log=lambda m: console.print(m, highlight=False, soft_wrap=True)
-        )
+        result = infer_slide(slide, out, opts, progress=on_progress, log=_log)
     except BaseException as exc:
         if task:
             progress.stop()
@@ -327,7 +326,7 @@ def evaluate(
             if protocol not in ("loso", "recovery"):
                 raise UsageError(f"--protocol must be loso or recovery, got {protocol!r}")
             enc = create_encoder(encoder)
-            gene_list = read_gene_list(genes) if genes else select_genes(secs, n_genes)
+            gene_list = read_gene_list(genes) if genes else select_genes(secs, n_genes, log=_log)
             if protocol == "loso":
                 if len(secs) < 3:
                     raise UsageError("leave-one-section-out needs at least 3 sections")
@@ -367,11 +366,13 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
         }
     if "highres" in result:
         out["highres"] = result["highres"]
+    if "gene_overlap" in result:
+        out["gene_overlap"] = {k: v for k, v in result["gene_overlap"].items() if k != "rule"}
     return out
 
 
 def _log(message: str) -> None:
-    console.print(message, highlight=False, soft_wrap=True)
+    console.print(escape(message), highlight=False, soft_wrap=True)
 
 
 @app.command("to-anndata")
@@ -408,7 +409,7 @@ def to_anndata_cmd(
     except BaseException as exc:
         _fail(exc)
         return
-    console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -437,7 +438,7 @@ def plot(
         _fail(exc)
         return
     for path in written:
-        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -526,15 +527,17 @@ def batch(
         )
     else:
         console.print(
-            f"{summary.counts} in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}",
+            escape(f"{summary.counts} in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}"),
             highlight=False,
             soft_wrap=True,
         )
         locked = [r for r in summary.rows if r.get("status") == "locked"]
         if locked:
             console.print(
-                f"{len(locked)} slide(s) are being processed by another run ({locked[0].get('error', '')}); "
-                "they were left alone: rerun when that run has finished",
+                escape(
+                    f"{len(locked)} slide(s) are being processed by another run ({locked[0].get('error', '')}); "
+                    "they were left alone: rerun when that run has finished"
+                ),
                 highlight=False,
                 soft_wrap=True,
             )
@@ -586,10 +589,10 @@ def verify(
     if as_json:
         out_console.print_json(json.dumps(report))
     elif report["ok"]:
-        console.print(f"{cube}: ok ({report['chunks_done']}/{report['chunks']} chunks)", highlight=False)
+        console.print(f"{escape(cube)}: ok ({report['chunks_done']}/{report['chunks']} chunks)", highlight=False)
     else:
         for problem in report["problems"]:
-            console.print(f"[red]{cube}:[/red] {problem}", highlight=False, soft_wrap=True)
+            console.print(f"[red]{escape(cube)}:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
     raise typer.Exit(0 if report["ok"] else 13)
 
 
@@ -669,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     except click_exc.UsageError as exc:
         where = f"wsi-histosge {exc.ctx.info_name} --help" if exc.ctx and exc.ctx.parent else "wsi-histosge --help"
         message = " ".join(exc.format_message().split())
-        console.print(f"[red]error:[/red] {message} (see `{where}`)", highlight=False, soft_wrap=True, markup=True)
+        console.print(f"[red]error:[/red] {escape(message)} (see `{where}`)", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except typer.Abort:
         console.print("[yellow]interrupted[/yellow]: rerun the same command to resume")

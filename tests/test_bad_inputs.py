@@ -759,3 +759,9 @@ def test_26_dicom_series_folder_through_info_infer_to_anndata_and_batch(tmp_path
     summary = json.loads(res.stdout)
     assert res.returncode == 0, summary
     assert [(r["id"], r["status"]) for r in summary["slides"]] == [("case-7", "done")]
+
+
+def test_27_messages_keep_brackets_in_paths(tmp_path: Path) -> None:
+    slide = tmp_path / "scan [a]" / "case [1].svs"
+    code, text = _main(["infer", str(slide), "--out", str(tmp_path / "x.zarr")])
+    assert code == 3 and _one_line_error(text) and str(slide) in text, text
