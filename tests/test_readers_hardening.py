@@ -389,3 +389,33 @@ def test_huge_jpeg_and_interlaced_png_are_refused_from_the_header(tmp_path: Path
     )
     with pytest.raises(SlideFormatError, match="interlaced"):
         open_slide(png, mpp=0.5)
+
+
+def _read_in_child(slide: slide_mod.Slide, ys: list[int], queue: object) -> None:
+    inherited = slide._backend
+    regions = {y: slide.read_region((0, y), 0, (300, 40)).tobytes() for y in ys}
+    queue.put((inherited is not None and slide._backend is not inherited, regions))  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_forked_workers_open_their_own_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataLoader workers forked from a process that has read the slide must not share its open files."""
+    import multiprocessing
+
+    monkeypatch.setattr(slide_mod, "PNG_STRIPS_ABOVE_PIXELS", 0)
+    rng = np.random.default_rng(3)
+    path = tmp_path / "fork.png"
+    Image.fromarray(rng.integers(0, 255, (800, 300, 3), dtype=np.uint8)).save(path)
+    s = open_slide(path, mpp=1.0)
+    ys = list(range(0, 800, 40))
+    want = {y: s.read_region((0, y), 0, (300, 40)).tobytes() for y in ys}
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_read_in_child, args=(s, order, queue)) for order in (ys, ys[::-1])]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    assert all(reopened for reopened, _ in results)
+    assert all(regions == want for _, regions in results)

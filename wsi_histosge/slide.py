@@ -509,7 +509,7 @@ class _PngStrips:
         self.block = max(1, self.STRIP_BYTES // self.stride)
         most = max(1, self.CHECKPOINT_BYTES // (self.stride + (48 << 10)))
         self.interval = self.block * max(1, -(-height // (self.block * most)))
-        self._fh = open(path, "rb")  # noqa: SIM115 (closed in close())
+        self._fd = os.open(path, os.O_RDONLY)  # positional reads: no shared file offset to race on
         self._lock = threading.Lock()
         zero = bytes(self.stride - 1)
         # state: [row, inflater, IDAT chunk index, offset in chunk, inflated bytes not used yet, row above]
@@ -557,8 +557,7 @@ class _PngStrips:
                     state[2] += 1  # empty IDAT chunks are legal
                 offset, length = self.idat[state[2]] if state[2] < len(self.idat) else (0, 0)
                 if length:
-                    self._fh.seek(offset + state[3])
-                    data = self._fh.read(min(1 << 20, length - state[3]))
+                    data = os.pread(self._fd, min(1 << 20, length - state[3]), offset + state[3])
                 if not data:
                     raise CorruptTileError(
                         f"{self.path}: PNG data ends before row {state[0]} of level 0 (of {self.height} rows); "
@@ -646,7 +645,9 @@ class _PngStrips:
         return out
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class PlainImageBackend:
@@ -1097,6 +1098,7 @@ class Slide:
     mpp_override: float | None = None
     skip_bad_tiles: bool = False  # the `--on-bad-tile skip` policy for reads that do not collect bad tiles
     _backend: Backend | None = field(default=None, init=False, repr=False, compare=False)
+    _backend_pid: int = field(default=0, init=False, repr=False, compare=False)
     #: level -> (ok, reason, difference) of the checks made so far (see :meth:`level_check`)
     _level_verdicts: dict[int, tuple[bool, str, float | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -1135,11 +1137,15 @@ class Slide:
         self.skip_bad_tiles = state.get("skip_bad_tiles", False)
         self._level_verdicts = dict(state.get("level_verdicts", {}))
         self._backend = None
+        self._backend_pid = 0
 
     @property
     def backend(self) -> Backend:
-        if self._backend is None:
+        if self._backend is None or self._backend_pid != os.getpid():
+            # A forked DataLoader worker inherits the parent's open files, whose offsets it would share with
+            # the parent and its sibling workers (seek + read would interleave): each process opens its own.
             self._backend = _open_backend(self.path)
+            self._backend_pid = os.getpid()
         return self._backend
 
     # -- metadata ---------------------------------------------------------------------------
