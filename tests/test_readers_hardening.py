@@ -253,6 +253,20 @@ def test_openslide_read_error_names_file_and_level_and_the_handle_recovers(tmp_p
     assert backend.read_region((0, 0), 0, (64, 64)).shape == (64, 64, 3)  # not stuck in OpenSlide's error state
 
 
+def test_low_level_read_errors_get_file_and_level(tmp_path: Path) -> None:
+    path = tmp_path / "float.tif"
+    pixels = np.random.default_rng(0).random((512, 512, 3)).astype(np.float32)
+    tifffile.imwrite(
+        path, pixels, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4), resolutionunit="CENTIMETER"
+    )
+    s = open_slide(path)
+    for read in (lambda: s.read_region((0, 0), 0, (10, 10)), lambda: s.thumbnail(4.0)):
+        with pytest.raises(SlideFormatError) as err:
+            read()
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: ") and "level 0" in msg and "8-bit RGB" in msg and "\n" not in msg
+
+
 # -- large plain images ---------------------------------------------------------------------------
 def write_white_png(path: Path, width: int, height: int, colour: tuple[int, int, int] = (200, 120, 180)) -> Path:
     """A white RGB PNG with a coloured band across its middle fifth, written without holding the image:

@@ -2,9 +2,11 @@
 
 ``Slide`` opens a file with the first backend that can read it: tiffslide (SVS, pyramidal and
 OME-TIFF, generic tiled TIFF), OpenSlide (DICOM, MRXS, NDPI, ... via openslide-bin), or a plain RGB
-image (JPEG, PNG, untiled TIFF: e.g. the full-resolution H&E of a Visium or legacy ST run). All
-coordinates are level-0 pixels. A ``Slide`` is picklable: it keeps the path and reopens its backend
-lazily in each DataLoader worker.
+image (JPEG, PNG, untiled TIFF: e.g. the full-resolution H&E of a Visium or legacy ST run; large PNGs
+are read in row strips). A folder holding the .dcm files of one DICOM WSI series is one slide
+(:func:`dicom_series_folder`). All coordinates are level-0 pixels. A lower pyramid level is compared
+with level 0 before it is used, and skipped when its pixels are wrong (:meth:`Slide.level_check`).
+A ``Slide`` is picklable: it keeps the path and reopens its backend lazily in each DataLoader worker.
 """
 
 from __future__ import annotations
@@ -1326,8 +1328,13 @@ class Slide:
             bad = []  # corrupt tiles come back white (glass): never counted as tissue
         try:
             return self.backend.read_region(location, level, size, bad)
-        except (CorruptTileError, SlideFormatError):
-            raise
+        except SlideFormatError as exc:
+            msg = str(exc)
+            if str(self.path) in msg and f"level {level}" in msg:
+                raise
+            # every read error names the file and the level (a few low-level messages know neither)
+            named = msg if str(self.path) in msg else f"{self.path}: {msg}"
+            raise type(exc)(f"{named} (reading level {level})") from exc
         except Exception as exc:
             raise CorruptTileError(
                 f"{self.path}: failed to decode the region at level-0 {location}, level {level}, size {size} "
@@ -1342,15 +1349,16 @@ class Slide:
     def thumbnail(self, mpp: float) -> tuple[np.ndarray, float]:
         """An RGB thumbnail at about ``mpp`` µm/px; returns (array, its actual µm/px along x).
 
-        Read in horizontal strips from the coarsest adequate level, so memory stays bounded on
-        single-level gigapixel files.
+        Read in horizontal strips from the coarsest adequate level that matches level 0 (a level that
+        fails its check, or fails to read here, is recorded in :attr:`skipped_levels` and a finer one is
+        used), so memory stays bounded on single-level gigapixel files.
         """
         w0, _h0 = self.dimensions
         level = self.best_level_for_mpp(mpp)
         while True:
             try:
                 return self._thumbnail_from(level, mpp), self.mpp.x * w0 / self.thumbnail_shape(mpp)[1]
-            except CorruptTileError as exc:
+            except SlideFormatError as exc:  # CorruptTileError included
                 if level == 0:
                     raise
                 # a level that passed the probes but fails elsewhere (e.g. an edge frame): use a finer one
