@@ -59,7 +59,12 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks."
 
 @app.command()
 def infer(
-    slide: Annotated[Path, typer.Argument(help="Slide file (SVS, TIFF, NDPI, MRXS, DICOM, JPEG/PNG with --mpp).")],
+    slide: Annotated[
+        Path,
+        typer.Argument(
+            help="Slide file (SVS, TIFF, NDPI, MRXS, DICOM, JPEG/PNG with --mpp) or a folder holding one DICOM series."
+        ),
+    ],
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Output Zarr folder (default: <slide>.zarr).")
     ] = None,
@@ -174,7 +179,7 @@ def infer(
 
 @app.command()
 def info(
-    slide: Annotated[Path, typer.Argument(help="Slide file.")],
+    slide: Annotated[Path, typer.Argument(help="Slide file, or a folder holding one DICOM WSI series.")],
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px override.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
