@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -646,6 +647,14 @@ def test_h5ad_on_a_full_disk_fails_cleanly_then_succeeds(tiny_disk: Path, cube: 
     res = runner.invoke(app, ["to-anndata", str(cube), "--out", str(out)])
     assert res.exit_code == 14, res.output
     _one_line(res.output, str(out), "free space")
+    # the real process, to its end: the exit code is 14, not a crash of HDF5 at exit
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsi_histosge.cli.app", "to-anndata", str(cube), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 14, (proc.returncode, proc.stderr)
     assert not out.exists() and not list(tiny_disk.glob("*.partial"))
     ballast.unlink()
     res = runner.invoke(app, ["to-anndata", str(cube), "--out", str(out)])

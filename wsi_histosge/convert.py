@@ -226,6 +226,21 @@ def _h5_handle_errors() -> Iterator[list[OSError]]:
                 sys.stderr.write(part if i == 0 else marker + part)
 
 
+def _require_space(out: Path, nbytes: int) -> None:
+    """OutputWriteError before HDF5 is involved when the disk cannot hold the file uncompressed (plus a
+    margin): a full disk met inside HDF5 can leave the library in a state that crashes the process at
+    exit, after the error was reported."""
+    import shutil
+
+    need = int(nbytes * 1.05) + (1 << 20)
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise OutputWriteError(
+            f"{out}: writing failed (No space left on device: {free / 2**20:.0f} MiB free in {out.parent}, "
+            f"up to {need / 2**20:.0f} MiB needed); free space, then rerun the command (nothing was written)"
+        )
+
+
 def _abandon(h5: Any, tmp: Path) -> None:
     """Close a half-written HDF5 file that is about to be deleted. Closing flushes; on a full disk that
     fails, and would fail again (printed as an ignored exception) when the handle is collected: emptying
@@ -308,6 +323,7 @@ def to_anndata(
     images, scales = _slide_images(slide_path, float(meta["mpp"]["x"]), tuple(meta["slide"]["dimensions"]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _require_space(out, len(by) * len(c.genes) * 4 + sum(int(im.nbytes) for im in images.values()))
     tmp = out.with_name(out.name + ".partial")
     try:
         with _h5_handle_errors() as late_errors:
