@@ -264,9 +264,11 @@ def train(
     val: Annotated[Optional[list[str]], typer.Option(help="Validation section(s) for early stopping.")] = None,
     genes: Annotated[Optional[Path], typer.Option(help="Gene list (.txt one per line, or .npy of strings).")] = None,
     n_genes: Annotated[int, typer.Option(help="Top-N most variable genes when no --genes list.")] = 1000,
-    encoder: Annotated[str, typer.Option(help="Encoder name (see `encoders`).")] = "efficientnet-lite0",
+    encoder: Annotated[
+        Optional[str], typer.Option(help="Encoder name (see `encoders`; default efficientnet-lite0, offline).")
+    ] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights file.")] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 400,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (default 400).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model folder.")] = False,
 ) -> None:
     """Train a model on spatial-transcriptomics sections.
@@ -276,18 +278,18 @@ def train(
     """
     from wsi_histosge.train import train_sections
 
+    defaults: dict[str, Any] = {k: v for k, v in {"encoder": encoder, "epochs": epochs}.items() if v is not None}
     try:
         summary = train_sections(
             sections,
             out,
             genes=genes,
             val=val or [],
-            encoder=encoder,
             encoder_weights=encoder_weights,
             n_genes=n_genes,
-            epochs=epochs,
             overwrite=overwrite,
             log=_log,
+            **defaults,
         )
     except BaseException as exc:
         _fail(exc)
@@ -309,7 +311,9 @@ def evaluate(
     ] = None,
     n_genes: Annotated[int, typer.Option(help="Top-N variable genes for a protocol run.")] = 1000,
     genes: Annotated[Optional[Path], typer.Option(help="Gene list for a protocol run.")] = None,
-    encoder: Annotated[str, typer.Option(help="Encoder for a protocol run.")] = "efficientnet-lite0",
+    encoder: Annotated[
+        Optional[str], typer.Option(help="Encoder for a protocol run (default efficientnet-lite0).")
+    ] = None,
     highres: Annotated[bool, typer.Option(help="Also check 4x-density predictions against spot level.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="HTML report to write.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="JSON of all numbers to write.")] = None,
@@ -330,7 +334,9 @@ def evaluate(
         if protocol is not None:
             if protocol not in ("loso", "recovery"):
                 raise UsageError(f"--protocol must be loso or recovery, got {protocol!r}")
-            enc = create_encoder(encoder)
+            from wsi_histosge.config import DEFAULT_ENCODER
+
+            enc = create_encoder(encoder or DEFAULT_ENCODER)
             gene_list = read_gene_list(genes) if genes else select_genes(secs, n_genes, log=_log)
             if protocol == "loso":
                 if len(secs) < 3:

@@ -24,7 +24,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -625,7 +625,6 @@ __all__ = [
     "BatchSummary",
     "RunConfig",
     "SlideJob",
-    "asdict",
     "collect_jobs",
     "read_manifest",
     "read_states",

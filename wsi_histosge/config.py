@@ -25,9 +25,12 @@ TISSUE_MPP = 8.0
 #: Longest side of the tissue-detection thumbnail (px); huge slides get a coarser mask, not a bigger one.
 MAX_TISSUE_PX = 4096
 
-#: Encoder sub-batch size on CPU and on GPU (patches per forward pass).
+#: Encoder sub-batch size on CPU (patches per forward pass); on a GPU it follows free memory
+#: (``infer.auto_batch_size``).
 CPU_BATCH = 64
-GPU_BATCH = 256
+
+#: Most training epochs (early stopping on validation mean Pearson r usually ends sooner).
+MAX_EPOCHS = 400
 
 #: Pixel size plausibility window (µm/px): outside it a stated MPP is treated as absent
 #: (72-dpi defaults in TIFF tags become 352.8 µm/px, which is not a microscope scan).

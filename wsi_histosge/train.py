@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import config
 from .encoders import Encoder
 from .errors import DataFormatError, InputNotFoundError, UsageError
 from .loader import encode_points
@@ -173,7 +174,7 @@ def feature_scale(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class FitConfig:
-    epochs: int = 400
+    epochs: int = config.MAX_EPOCHS
     lr: float = 3e-4
     weight_decay: float = 1e-3
     patience: int = 40
@@ -411,10 +412,10 @@ def train_sections(
     *,
     genes: Path | None = None,
     val: Sequence[str | STSection] = (),
-    encoder: str = "efficientnet-lite0",
+    encoder: str = config.DEFAULT_ENCODER,
     encoder_weights: Path | None = None,
     n_genes: int = 1000,
-    epochs: int = 400,
+    epochs: int = config.MAX_EPOCHS,
     overwrite: bool = False,
     name: str | None = None,
     device: torch.device | None = None,
