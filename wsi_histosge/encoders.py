@@ -4,6 +4,9 @@ Each entry is an :class:`EncoderCfg` carrying the weight source and the input co
 input px, mean/std); transforms are derived from it, never hard-coded elsewhere. Gated weights
 (UNI, Virchow2, ...) load from a local file or from the Hugging Face cache with ``HF_TOKEN`` taken
 from the environment; nothing is downloaded unless the caller allows it.
+
+Adding an encoder is one ``register_encoder(EncoderCfg(...))``; a new way of loading weights is one
+builder function decorated with ``@register_loader(kind)``, which ``create_encoder`` finds by ``cfg.loader``.
 """
 
 from __future__ import annotations
