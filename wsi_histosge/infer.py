@@ -449,6 +449,19 @@ class _Plan:
     precision: str
 
 
+@dataclass
+class _Counts:
+    """What the block loop did, for the report and the completion marker."""
+
+    spots_done: int = 0
+    patches: int = 0
+    bad_tiles: int = 0
+    skipped_spots: int = 0
+    t_wait: float = 0.0
+    t_enc: float = 0.0
+    t_head: float = 0.0
+
+
 def _run(
     plan: _Plan,
     out: str | Path,
@@ -459,42 +472,18 @@ def _run(
     timings: dict[str, float],
     t_start: float,
 ) -> InferResult:
-    """Open (or resume) the cube under the output lock, run every block, finish."""
-    slide, model, encoder, grid, tissue, offsets = (
-        plan.slide,
-        plan.model,
-        plan.encoder,
-        plan.grid,
-        plan.tissue,
-        plan.offsets,
-    )
-    fingerprint, attrs, device, dtype, precision = plan.fingerprint, plan.attrs, plan.device, plan.dtype, plan.precision
-    mpp = slide.mpp
-    stride = grid.stride_um
+    """Open (or resume) the cube under the output lock, run every block not done yet, finish."""
+    slide, grid = plan.slide, plan.grid
     store, state = CubeStore.open_for_run(
         out,
-        fingerprint=fingerprint,
-        shape=(model.n_genes, *grid.shape),
-        attrs=attrs,
+        fingerprint=plan.fingerprint,
+        shape=(plan.model.n_genes, *grid.shape),
+        attrs=plan.attrs,
         tissue=grid.keep,
         tissue_fraction=grid.tissue_fraction,
         overwrite=options.overwrite,
     )
-    base: dict[str, Any] = dict(
-        out=str(out),
-        slide=str(slide.path),
-        spots=grid.n_spots,
-        grid_shape=grid.shape,
-        stride_um=stride,
-        tissue_area_mm2=tissue.area_um2 / 1e6,
-        mpp=mpp.mean,
-        mpp_source=mpp.source,
-        model=model.meta.name,
-        encoder=model.meta.encoder,
-        device=str(device),
-        precision=precision,
-        skipped_levels=dict(slide.skipped_levels),
-    )
+    base = _report_base(plan, out)
     for level, why in base["skipped_levels"].items():
         say(f"{slide.path}: pyramid level {level} not used ({why}); finer levels are read instead")
     if state.status == "complete":
@@ -503,7 +492,7 @@ def _run(
     if state.status == "resume":
         say(f"{out}: resuming ({state.chunks_done} chunks already written)")
     if options.write_geojson:
-        write_text_atomic(sidecar(out, ".tissue.geojson"), json.dumps(mask_to_geojson(tissue)))
+        write_text_atomic(sidecar(out, ".tissue.geojson"), json.dumps(mask_to_geojson(plan.tissue)))
 
     done = store.done_marks()
     all_blocks = list(grid.blocks())
@@ -512,38 +501,91 @@ def _run(
         for key in b.chunk_keys:
             blocks_per_chunk[key] = blocks_per_chunk.get(key, 0) + 1
     todo = [b for b in all_blocks if not all(done[key] for key in b.chunk_keys)]
-    for cy in range(done.shape[0]):  # chunks without tissue: nothing to compute, mark them
-        for cx in range(done.shape[1]):
-            if not done[cy, cx] and (cy, cx) not in blocks_per_chunk:
-                store.write_chunk(cy, cx, None)
+    for cy, cx in zip(*np.nonzero(~done), strict=True):  # chunks without tissue: nothing to compute, mark them
+        if (int(cy), int(cx)) not in blocks_per_chunk:
+            store.write_chunk(int(cy), int(cx), None)
+    writer = _ChunkWriter(
+        store, plan.model.n_genes, grid.shape, {k: v for k, v in blocks_per_chunk.items() if not done[k]}
+    )
+    counts = _run_blocks(plan, todo, writer, options, progress)
+    timings.update(
+        {"loader_wait": counts.t_wait, "encoder": counts.t_enc, "head": counts.t_head, "write": writer.write_s}
+    )
+    elapsed = time.perf_counter() - t_start
+    timings["total"] = elapsed
+    result = InferResult(
+        status="resumed" if state.status == "resume" else "complete",
+        tiles=len(todo),
+        chunks_written=writer.chunks_written,
+        timings_s=timings,
+        spots_per_s=counts.spots_done / max(elapsed, 1e-9),
+        bad_tiles=counts.bad_tiles,
+        spots_skipped_bad_tiles=counts.skipped_spots,
+        patches_encoded=counts.patches,
+        **base,
+    )
+    store.mark_complete(
+        plan.fingerprint,
+        {
+            "spots": grid.n_spots - counts.skipped_spots,
+            "tiles": len(all_blocks),
+            "bad_tiles": counts.bad_tiles,
+            "spots_skipped_bad_tiles": counts.skipped_spots,
+        },
+    )
+    write_report(result, out)
+    return result
+
+
+def _report_base(plan: _Plan, out: str | Path) -> dict[str, Any]:
+    """The run report's fields known before any block runs."""
+    mpp, grid = plan.slide.mpp, plan.grid
+    return dict(
+        out=str(out),
+        slide=str(plan.slide.path),
+        spots=grid.n_spots,
+        grid_shape=grid.shape,
+        stride_um=grid.stride_um,
+        tissue_area_mm2=plan.tissue.area_um2 / 1e6,
+        mpp=mpp.mean,
+        mpp_source=mpp.source,
+        model=plan.model.meta.name,
+        encoder=plan.model.meta.encoder,
+        device=str(plan.device),
+        precision=plan.precision,
+        skipped_levels=dict(plan.slide.skipped_levels),
+    )
+
+
+def _run_blocks(
+    plan: _Plan, todo: list[Block], writer: _ChunkWriter, options: InferOptions, progress: ProgressFn | None
+) -> _Counts:
+    """Encode every block's super-tile, run the head, hand the predictions to the writer thread."""
+    slide, model, grid, device = plan.slide, plan.model, plan.grid, plan.device
     todo_spots = sum(int(grid.keep[b.y0 : b.y1, b.x0 : b.x1].sum()) for b in todo)
     if progress:
         progress("start", 0, todo_spots)
-
-    level = slide.best_level_for_mpp(encoder.cfg.mpp)
-    encoder = encoder.to(device)
+    level = slide.best_level_for_mpp(plan.encoder.cfg.mpp)
+    encoder = plan.encoder.to(device)
     model.head.to(device)
     enc_module: Any = torch.compile(encoder) if options.compile else encoder
     batch = options.batch_size if options.batch_size is not None else auto_batch_size(encoder, device)
-    writer = _ChunkWriter(store, model.n_genes, grid.shape, {k: v for k, v in blocks_per_chunk.items() if not done[k]})
-    writer.start()
     dataset = BlockDataset(slide, grid, todo, level, skip_bad_tiles=options.on_bad_tile == "skip")
-    bad_tiles = skipped_spots = patches = 0
-    t_wait = t_enc = t_head = 0.0
-    spots_done = 0
+    counts = _Counts()
+    writer.start()
     try:
         t_last = time.perf_counter()
         for item in block_loader(dataset, num_workers=options.num_workers, pin_memory=device.type == "cuda"):
-            t_wait += time.perf_counter() - t_last
+            counts.t_wait += time.perf_counter() - t_last
             block = todo[item.index]
             iy, ix, centres = item.iy, item.ix, item.centres_level0
             if item.bad:
                 clear = cells_clear_of(item, centres, grid.mpp, grid.context_um)
                 core = (iy >= block.y0) & (iy < block.y1) & (ix >= block.x0) & (ix < block.x1)
-                bad_tiles += len(item.bad)
-                skipped_spots += int((~clear & core).sum())
+                counts.bad_tiles += len(item.bad)
+                counts.skipped_spots += int((~clear & core).sum())
                 iy, ix, centres = iy[clear], ix[clear], centres[clear]
-            patches += len(centres)
+            counts.patches += len(centres)
             t1 = time.perf_counter()
             feats = encode_tile(
                 enc_module,
@@ -554,18 +596,17 @@ def _run(
                 grid.context_um,
                 batch=batch,
                 device=device,
-                dtype=dtype,
+                dtype=plan.dtype,
             )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
-            core_y, core_x, preds = predict_block(model, grid, feats, iy, ix, block, offsets, device)
+            core_y, core_x, preds = predict_block(model, grid, feats, iy, ix, block, plan.offsets, device)
             preds_np = preds.float().cpu().numpy()
-            t3 = time.perf_counter()
-            t_enc += t2 - t1
-            t_head += t3 - t2
+            counts.t_enc += t2 - t1
+            counts.t_head += time.perf_counter() - t2
             writer.put((block.chunk_keys, core_y, core_x, preds_np))
-            spots_done += len(core_y)
+            counts.spots_done += len(core_y)
             if progress:
                 progress("advance", len(core_y), todo_spots)
             t_last = time.perf_counter()
@@ -573,31 +614,7 @@ def _run(
     except BaseException:
         writer.q.put(None)
         raise
-    timings.update({"loader_wait": t_wait, "encoder": t_enc, "head": t_head, "write": writer.write_s})
-    elapsed = time.perf_counter() - t_start
-    timings["total"] = elapsed
-    result = InferResult(
-        status="resumed" if state.status == "resume" else "complete",
-        tiles=len(todo),
-        chunks_written=writer.chunks_written,
-        timings_s=timings,
-        spots_per_s=spots_done / max(elapsed, 1e-9),
-        bad_tiles=bad_tiles,
-        spots_skipped_bad_tiles=skipped_spots,
-        patches_encoded=patches,
-        **base,
-    )
-    store.mark_complete(
-        fingerprint,
-        {
-            "spots": grid.n_spots - skipped_spots,
-            "tiles": len(all_blocks),
-            "bad_tiles": bad_tiles,
-            "spots_skipped_bad_tiles": skipped_spots,
-        },
-    )
-    write_report(result, out)
-    return result
+    return counts
 
 
 def report_path(out: str | Path) -> str:
