@@ -52,9 +52,22 @@ def _terminate_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
+def _one_line_warnings() -> None:
+    """Warnings the tool gives (an --mpp that overrides the file's, ...) as one `warning:` line each, without
+    the Python source line."""
+    import warnings
+
+    def show(message: Warning | str, category: type[Warning], *_args: object, **_kwargs: object) -> None:
+        console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show  # type: ignore[assignment]
+
+
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
     _DEBUG["on"] = debug
+    if not debug:
+        _one_line_warnings()
 
 
 @app.command()
@@ -152,7 +165,7 @@ def infer(
     if as_json:
         out_console.print_json(json.dumps(report))
         return
-    table = Table(title=f"{slide.name} -> {out}", show_header=False)
+    table = Table(title=escape(f"{slide.name} -> {out}"), show_header=False)
     for key in (
         "status",
         "spots",
@@ -169,9 +182,9 @@ def infer(
         "spots_per_s",
     ):
         value = report[key]
-        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else escape(str(value)))
     for level, why in report.get("skipped_levels", {}).items():
-        table.add_row(f"level {level} not used", why)
+        table.add_row(f"level {level} not used", escape(why))
     for key, value in report["timings_s"].items():
         table.add_row(f"time {key} (s)", f"{value:.2f}")
     console.print(table)
@@ -194,17 +207,21 @@ def info(
     if as_json:
         out_console.print_json(json.dumps(data))
         return
-    table = Table(title=str(slide), show_header=False)
+    table = Table(title=escape(str(slide)), show_header=False)
     table.add_row("backend / vendor", f"{data['backend']} / {data['vendor']}")
     table.add_row("dimensions (level 0)", f"{data['dimensions'][0]} x {data['dimensions'][1]} px")
     m = data["mpp"]
-    table.add_row("MPP", f"{m['x']:.4f} x {m['y']:.4f} µm/px ({m['source']})" if m["x"] else f"[red]{m['error']}")
+    table.add_row(
+        "MPP", f"{m['x']:.4f} x {m['y']:.4f} µm/px ({m['source']})" if m["x"] else f"[red]{escape(m['error'])}"
+    )
     checks = {c["level"]: c for c in data.get("level_check", [])}
     for lv in data["levels"]:
         check = checks.get(lv["level"])
         verdict = ""
         if check is not None and lv["level"] > 0:
-            verdict = "  [green]checked ok[/green]" if check["ok"] else f"  [red]NOT USED: {check['reason']}[/red]"
+            verdict = (
+                "  [green]checked ok[/green]" if check["ok"] else f"  [red]NOT USED: {escape(check['reason'])}[/red]"
+            )
         table.add_row(
             f"level {lv['level']}",
             f"{lv['dimensions'][0]} x {lv['dimensions'][1]} (x{lv['downsample']:.2f}){verdict}",
@@ -500,24 +517,34 @@ def batch(
         return
     _terminate_as_interrupt()
     done: dict[str, int] = {}
-    table = Table(title=f"{len(jobs)} slides -> {out}")
+    n = len(jobs)
+    table = Table(title=escape(f"{n} slide{'s' if n != 1 else ''} -> {out}"))
     for col in ("id", "status", "spots", "seconds", "error"):
         table.add_column(col, overflow="fold")
+    # shown from the first finished slide on, so an error before any slide ran is one line
+    live = Live(table, console=console, refresh_per_second=2, transient=as_json)
 
     def update(state: dict[str, Any]) -> None:
+        if not live.is_started:
+            live.start()
         done[state.get("status", "?")] = done.get(state.get("status", "?"), 0) + 1
         table.add_row(
-            str(state.get("id")),
+            escape(str(state.get("id"))),
             str(state.get("status")),
             str(state.get("spots", "")),
             f"{state.get('seconds', 0):.1f}",
-            str(state.get("error", ""))[:200],
+            escape(str(state.get("error", ""))[:200]),
         )
-        table.caption = ", ".join(f"{k}: {v}" for k, v in done.items()) + f" of {len(jobs)}"
+        table.caption = ", ".join(f"{k}: {v}" for k, v in done.items()) + f" of {n}"
 
     try:
-        with Live(table, console=console, refresh_per_second=2, transient=as_json):
+        try:
             summary = run_batch(jobs, cfg, workers=workers, scheduler=scheduler, retries=retries, on_update=update)
+        finally:
+            if live.is_started:
+                live.stop()
+                if not as_json and not console.is_terminal:
+                    console.line()  # the last frame ends without a newline when stderr is not a terminal
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: state is saved; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -538,7 +565,10 @@ def batch(
         )
     else:
         console.print(
-            escape(f"{summary.counts} in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}"),
+            escape(
+                ", ".join(f"{k}: {v}" for k, v in summary.counts.items())
+                + f" in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}"
+            ),
             highlight=False,
             soft_wrap=True,
         )
@@ -572,11 +602,16 @@ def status(
     if as_json:
         out_console.print_json(json.dumps(states, default=str))
         return
-    table = Table(title=str(out))
+    table = Table(title=escape(str(out)))
     for col in ("id", "status", "spots", "error"):
         table.add_column(col, overflow="fold")
     for s in states:
-        table.add_row(str(s.get("id")), str(s.get("status")), str(s.get("spots", "")), str(s.get("error", ""))[:200])
+        table.add_row(
+            escape(str(s.get("id"))),
+            str(s.get("status")),
+            str(s.get("spots", "")),
+            escape(str(s.get("error", ""))[:200]),
+        )
     counts: dict[str, int] = {}
     for s in states:
         counts[str(s.get("status"))] = counts.get(str(s.get("status")), 0) + 1
@@ -654,7 +689,7 @@ def doctor(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         for col in ("check", "ok", "detail"):
             table.add_column(col, overflow="fold")
         for name, ok, detail in checks:
-            table.add_row(name, "[green]ok[/green]" if ok else "[red]FAIL[/red]", detail)
+            table.add_row(name, "[green]ok[/green]" if ok else "[red]FAIL[/red]", escape(detail))
         out_console.print(table)
     raise typer.Exit(0 if all(ok for _, ok, _ in checks) else 1)
 

@@ -765,3 +765,76 @@ def test_27_messages_keep_brackets_in_paths(tmp_path: Path) -> None:
     slide = tmp_path / "scan [a]" / "case [1].svs"
     code, text = _main(["infer", str(slide), "--out", str(tmp_path / "x.zarr")])
     assert code == 3 and _one_line_error(text) and str(slide) in text, text
+
+
+# What a first-time user ran into (fresh-clone trial) ---------------------------------------------------
+def test_28_batch_with_no_slides_says_why_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code, text = _main(["batch", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert code == 12 and _one_line_error(text) and "holds no slides" in text, text
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide,id\n")
+    code, text = _main(["batch", str(manifest), "--out", str(tmp_path / "out")])
+    assert code == 12 and _one_line_error(text) and "lists no slides" in text, text
+    assert not (tmp_path / "out").exists()
+
+
+def test_29_outputs_that_are_files_and_missing_models_are_refused_up_front(small_cube: Path, tmp_path: Path) -> None:
+    afile = tmp_path / "afile.txt"
+    afile.write_text("mine")
+    code, text = _main(["batch", str(SAMPLE), "--out", str(afile)])
+    assert code == 2 and _one_line_error(text) and "is a file" in text, text
+    code, text = _main(["plot", str(small_cube), "--out", str(afile)])
+    assert code == 2 and _one_line_error(text) and "is a file" in text, text
+    assert afile.read_text() == "mine"
+    code, text = _main(["batch", str(SAMPLE), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nope")])
+    assert code == 3 and _one_line_error(text) and "nope" in text, text
+    assert not (tmp_path / "o").exists()
+
+
+def test_30_a_corrected_option_runs_a_slide_that_failed_under_the_old_one(tmp_path: Path, tiny_model: Path) -> None:
+    from PIL import Image
+
+    png = tmp_path / "he.png"  # plain images carry no pixel size: the first run fails for want of --mpp
+    Image.fromarray(synthetic_tissue(800, 1000, seed=8)).save(png)
+    out = tmp_path / "out"
+    code, text = _main(["batch", str(png), "--out", str(out), "--model", str(tiny_model)])
+    assert code == 11, text
+    code, text = _main(["batch", str(png), "--out", str(out), "--model", str(tiny_model), "--json"])
+    row = json.loads(text)["slides"][0]
+    assert code == 11 and "--retry-failed" in row["error"], row  # the same command does not repeat the failure
+    code, text = _main(["batch", str(png), "--out", str(out), "--model", str(tiny_model), "--mpp", "0.5"])
+    assert code == 0, text
+
+
+def test_31_info_mpp_is_checked_like_infer_and_warnings_are_one_line(tmp_path: Path) -> None:
+    for value in ("inf", "nan", "0", "1e9"):
+        code, text = _main(["info", str(SAMPLE), "--mpp", value])
+        assert code == 2 and _one_line_error(text) and "--mpp" in text, (value, text)
+    res = _cli(["info", str(SAMPLE), "--mpp", "0.25"])
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("warning:") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_32_an_unreachable_scheduler_is_a_usage_error_and_leaves_nothing(tmp_path: Path) -> None:
+    import dask
+
+    out = tmp_path / "out"
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        code, text = _main(["batch", str(SAMPLE), "--out", str(out), "--scheduler", "tcp://127.0.0.1:9"])
+    assert code == 2 and _one_line_error(text) and "--scheduler" in text, text
+    assert not out.exists()
+
+
+@pytest.mark.realdata
+def test_33_a_sub_folder_mixing_two_dicom_slides_is_reported_not_dropped(tmp_path: Path, tiny_model: Path) -> None:
+    mixed = tmp_path / "cohort" / "mixed"
+    mixed.mkdir(parents=True)
+    shutil.copy(need_shared("wsi-samples", "openslide-synthetic", "boxes_0.dcm"), mixed)
+    shutil.copy(need_shared("wsi-samples", "pathml_small_dicom.dcm"), mixed)
+    shutil.copy(SAMPLE, tmp_path / "cohort" / "sample.tif")
+    res = _cli(["batch", str(tmp_path / "cohort"), "--out", str(tmp_path / "o"), "--model", str(tiny_model), "--json"])
+    rows = {r["id"]: r for r in json.loads(res.stdout)["slides"]}
+    assert res.returncode == 10, rows
+    assert rows["sample"]["status"] == "done"
+    assert rows["mixed"]["status"] == "failed" and "2 DICOM WSI series" in rows["mixed"]["error"]

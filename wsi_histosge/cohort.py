@@ -155,6 +155,8 @@ def read_manifest(path: str | Path, *, slides_under: Iterable[str | Path] = ()) 
     problems += _duplicates(jobs)
     if problems:
         raise UsageError(f"{path}: {len(problems)} bad row(s), nothing was run: " + "; ".join(problems))
+    if not jobs:
+        raise NoSlidesError(f"{path}: the manifest lists no slides (a header and no rows); add one row per slide")
     return jobs
 
 
@@ -186,10 +188,17 @@ def _folder_slides(folder: Path) -> list[SlideJob]:
     jobs = []
     for f in sorted(folder.iterdir()):
         if f.is_dir():
-            if dicom_series_folder(f):
+            # a sub-folder of DICOM files is a slide; one that mixes series fails with its reason, never
+            # silently disappears from the cohort
+            if dicom_series_folder(f) or any(p.suffix.lower() == ".dcm" for p in f.iterdir()):
                 jobs.append(SlideJob(str(f), f.name))
         elif f.suffix.lower() in SLIDE_SUFFIXES:
             jobs.append(SlideJob(str(f), f.stem))
+    if not jobs:
+        raise NoSlidesError(
+            f"{folder}: holds no slides (files ending in {', '.join(sorted(SLIDE_SUFFIXES))}, or DICOM series "
+            "folders); check the folder"
+        )
     return jobs
 
 
@@ -223,6 +232,10 @@ def collect_jobs(inputs: list[str], *, slides_under: Iterable[str | Path] = ()) 
     problems += _duplicates(jobs)
     if problems:
         raise UsageError("bad inputs, nothing was run: " + "; ".join(problems))
+    if not jobs:
+        raise NoSlidesError(
+            f"no slides in {' '.join(inputs) or 'the inputs'}; give slide files, folders, or a manifest"
+        )
     return jobs
 
 
@@ -306,7 +319,13 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     run = cfg.run_dir()
     spath = state_path(run, job.id)
     spath.parent.mkdir(parents=True, exist_ok=True)
-    base = {"id": job.id, "slide": job.slide, "output": job.out_path(out), **job.extra}
+    base = {
+        "id": job.id,
+        "slide": job.slide,
+        "output": job.out_path(out),
+        **job.extra,
+        "options_key": _options_key(job, cfg),
+    }
     skipped = _skip(job, cfg)
     if skipped is not None:
         return skipped
@@ -359,12 +378,27 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     return state
 
 
+def _options_key(job: SlideJob, cfg: RunConfig) -> str:
+    """What a slide's result depends on besides the slide: a failure under other options is not repeated."""
+    import hashlib
+
+    blob = json.dumps([cfg.options, job.slide, job.mpp, job.tissue_mask], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _skip(job: SlideJob, cfg: RunConfig) -> dict[str, Any] | None:
-    """The previous state, marked skipped, when the slide failed before and retries were not asked for."""
+    """The previous state, marked skipped, when the slide failed before with the same options and retries
+    were not asked for (a corrected option or manifest row runs it again)."""
     previous = read_state(state_path(cfg.run_dir(), job.id))
-    if previous.get("status") == "failed" and not cfg.retry_failed:
-        return {**previous, "skipped": "failed before; pass --retry-failed to try again"}
-    return None
+    if previous.get("status") != "failed" or cfg.retry_failed:
+        return None
+    if previous.get("options_key") not in (None, _options_key(job, cfg)):
+        return None
+    return {
+        **previous,
+        "error": f"{previous.get('error', '')} (from an earlier run; pass --retry-failed to try again)",
+        "skipped": "failed before; pass --retry-failed to try again",
+    }
 
 
 def _child_main(job: SlideJob, cfg: RunConfig, conn: Any) -> None:
@@ -461,7 +495,29 @@ def run_batch(
     Options are checked (UsageError) before anything is created."""
     validate_run(cfg, workers=workers, retries=retries)
     out = cfg.run_dir()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_all(
+            jobs, cfg, out, workers=workers, scheduler=scheduler, retries=retries, isolate=isolate, on_update=on_update
+        )
+    except HistoSGEError:
+        if created and not any(out.iterdir()):  # e.g. the scheduler is unreachable: leave no empty folder
+            out.rmdir()
+        raise
+
+
+def _run_all(
+    jobs: list[SlideJob],
+    cfg: RunConfig,
+    out: Path,
+    *,
+    workers: int | None,
+    scheduler: str | None,
+    retries: int,
+    isolate: bool,
+    on_update: Callable[[dict[str, Any]], None] | None,
+) -> BatchSummary:
     t0 = time.time()
     rows: list[dict[str, Any]] = []
     if not jobs:
@@ -500,6 +556,12 @@ def validate_run(cfg: RunConfig, *, workers: int | None = None, retries: int = 2
         validate_options(InferOptions(**cfg.options), flags={"num_workers": "--slide-workers"})
     except TypeError as exc:
         raise UsageError(f"unknown run option ({exc})") from None
+    model = cfg.options.get("model")
+    if model is not None and "://" not in str(model) and not Path(model).exists():
+        raise InputNotFoundError(f"{model}: model not found; pass a folder written by `wsi-histosge train`")
+    for name, value in (("--out", cfg.out), ("--state-dir", cfg.state_dir)):
+        if value is not None and "://" not in str(value) and Path(value).exists() and not Path(value).is_dir():
+            raise UsageError(f"{name} {value}: is a file; give a folder for the outputs")
 
 
 def batch_exit_code(rows: list[dict[str, Any]]) -> int:
@@ -529,7 +591,13 @@ def _run_dask(
 
     cluster = None
     if scheduler:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler)  # connect timeout: dask config distributed.comm.timeouts.connect
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise UsageError(
+                f"--scheduler {scheduler}: cannot connect ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                "check the address and that `dask scheduler` runs there"
+            ) from None
     else:
         import torch
 
@@ -606,7 +674,9 @@ SUMMARY_FIELDS = [
 def _finish(out: Path, rows: list[dict[str, Any]], t0: float, code: int) -> BatchSummary:
     summary = BatchSummary(rows, time.time() - t0, code)
     extra = sorted(
-        {k for r in rows for k in r} - set(SUMMARY_FIELDS) - {"pid", "host", "started", "exit_code", "skipped"}
+        {k for r in rows for k in r}
+        - set(SUMMARY_FIELDS)
+        - {"pid", "host", "started", "exit_code", "skipped", "options_key"}
     )
     tmp = out / ".summary.csv.tmp"
     with open(tmp, "w", newline="") as fh:

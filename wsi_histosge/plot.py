@@ -154,6 +154,8 @@ def plot_genes(
     for gene in genes:
         canvas.check_gene(gene)  # all names before drawing anything
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{out_dir}: is a file; --out takes a folder for the PNGs")
     out_dir.mkdir(parents=True, exist_ok=True)
     units = canvas.attrs["units"]
     written = []
@@ -236,6 +238,8 @@ def plot_qc(
     ax.set_title(Path(meta["slide"]["path"]).name + canvas.partial_note, fontsize=10)
     fig.text(0.01, 0.01, facts, fontsize=7, va="bottom")
     out = Path(out)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise UsageError(f"{out.parent}: is a file; --out takes a folder for the PNGs")
     out.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, out)
     plt.close(fig)
