@@ -838,3 +838,13 @@ def test_33_a_sub_folder_mixing_two_dicom_slides_is_reported_not_dropped(tmp_pat
     assert res.returncode == 10, rows
     assert rows["sample"]["status"] == "done"
     assert rows["mixed"]["status"] == "failed" and "2 DICOM WSI series" in rows["mixed"]["error"]
+
+
+def test_34_slides_under_holds_for_every_input_and_resolves_links(tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "link.tif").symlink_to(SAMPLE)  # points outside the allowed folder
+    for inputs in ([str(allowed)], [str(allowed / "link.tif")], [str(allowed / "*.tif")]):
+        code, text = _main(["batch", *inputs, "--out", str(tmp_path / "o"), "--slides-under", str(allowed)])
+        assert code == 2 and _one_line_error(text) and "outside --slides-under" in text, (inputs, text)
+    assert not (tmp_path / "o").exists()

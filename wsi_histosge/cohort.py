@@ -230,6 +230,13 @@ def collect_jobs(inputs: list[str], *, slides_under: Iterable[str | Path] = ()) 
             jobs.append(SlideJob(item, p.stem if p.suffix else p.name))
     problems = [f"id {j.id!r} ({j.slide}) is {why}" for j in jobs if (why := _check_id(j.id))]
     problems += _duplicates(jobs)
+    roots = [Path(r).resolve() for r in slides_under]
+    if roots:  # every local slide, however it was named (path, glob, folder, manifest), symlinks resolved
+        problems += [
+            f"{j.slide} is outside --slides-under"
+            for j in jobs
+            if "://" not in j.slide and not _within(Path(j.slide), roots)
+        ]
     if problems:
         raise UsageError("bad inputs, nothing was run: " + "; ".join(problems))
     if not jobs:
