@@ -63,8 +63,21 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show  # type: ignore[assignment]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from wsi_histosge import __version__
+
+        out_console.print(f"wsi-histosge {__version__}", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True)
+    ] = False,
+) -> None:
     _DEBUG["on"] = debug
     if not debug:
         _one_line_warnings()

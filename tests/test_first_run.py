@@ -45,3 +45,10 @@ def test_first_command_runs_with_its_own_flags(tmp_path: Path, monkeypatch) -> N
     g = zarr.open_group(out, mode="r")
     assert g.attrs["wsi_histosge"]["mpp"]["source"] == "TIFF resolution tags"
     assert int(g["tissue"][:].sum()) > 100  # real tissue, predicted
+
+
+def test_version() -> None:
+    from wsi_histosge import __version__
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"wsi-histosge {__version__}"
