@@ -818,6 +818,7 @@ def test_31_info_mpp_is_checked_like_infer_and_warnings_are_one_line(tmp_path: P
 
 def test_32_an_unreachable_scheduler_is_a_usage_error_and_leaves_nothing(tmp_path: Path) -> None:
     import dask
+    import distributed  # noqa: F401  (its config defaults must be loaded before one of them is overridden)
 
     out = tmp_path / "out"
     with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
