@@ -21,6 +21,7 @@ def cmu_h5ad(cmu_cube: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return to_anndata(cmu_cube, tmp_path_factory.mktemp("h5ad") / "cmu.h5ad")
 
 
+@pytest.mark.realdata
 def test_anndata_layout(cmu_h5ad: Path, cmu_cube: Path) -> None:
     import anndata as ad
 
@@ -41,6 +42,7 @@ def test_anndata_layout(cmu_h5ad: Path, cmu_cube: Path) -> None:
     assert "provenance_json" in a.uns["wsi_histosge"]
 
 
+@pytest.mark.realdata
 def test_binning_averages_in_linear_space(cmu_cube: Path, tmp_path: Path) -> None:
     import anndata as ad
 
@@ -60,6 +62,7 @@ def test_binning_averages_in_linear_space(cmu_cube: Path, tmp_path: Path) -> Non
         to_anndata(cmu_cube, tmp_path / "c.h5ad", resolution=75.0)
 
 
+@pytest.mark.realdata
 def test_spatial_coordinates_land_on_the_right_hires_pixels(cmu_h5ad: Path) -> None:
     """obsm['spatial'] x tissue_hires_scalef indexes the hires image where the slide shows the same pixels."""
     import anndata as ad
@@ -111,6 +114,7 @@ def test_scanpy_and_squidpy_work(cmu_h5ad: Path, tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
 
 
+@pytest.mark.realdata
 def test_xarray_and_ome_zarr_read_the_cube(cmu_cube: Path) -> None:
     import xarray as xr
     from ome_zarr.io import parse_url
@@ -127,6 +131,7 @@ def test_xarray_and_ome_zarr_read_the_cube(cmu_cube: Path) -> None:
     assert nodes[0].data[0].shape == ds["expression"].shape
 
 
+@pytest.mark.realdata
 def test_plots_and_cli(cmu_cube: Path, tmp_path: Path) -> None:
     from PIL import Image
     from typer.testing import CliRunner
@@ -146,6 +151,7 @@ def test_plots_and_cli(cmu_cube: Path, tmp_path: Path) -> None:
     assert res.exit_code == 7  # never silently replaced
 
 
+@pytest.mark.realdata
 def test_run_report_json(cmu_cube: Path) -> None:
     report = json.loads(Path(str(cmu_cube) + ".report.json").read_text())
     assert report["status"] == "complete" and report["spots"] > 100

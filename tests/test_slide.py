@@ -54,6 +54,7 @@ def test_directory_and_missing(tmp_path: Path) -> None:
         open_slide(tmp_path / "nope.svs")
 
 
+@pytest.mark.realdata
 def test_truncated_real_svs(tmp_path: Path) -> None:
     src = need_shared("wsi-samples", "CMU-1-Small-Region.svs")
     data = src.read_bytes()
