@@ -205,7 +205,6 @@ def test_batch_on_an_external_scheduler_with_default_slide_workers(tiny_model: P
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
-    dask = [sys.executable, "-m", "distributed.cli"]
     procs = [
         subprocess.Popen(
             [
@@ -222,7 +221,6 @@ def test_batch_on_an_external_scheduler_with_default_slide_workers(tiny_model: P
             stderr=subprocess.DEVNULL,
         )
     ]
-    del dask
     try:
         procs.append(
             subprocess.Popen(

@@ -29,7 +29,7 @@ from glob import glob
 from pathlib import Path
 from typing import Any
 
-from .errors import HistoSGEError, InputNotFoundError, NoSlidesError, OutputLockedError, UsageError
+from .errors import HistoSGEError, InputNotFoundError, NoSlidesError, OutputLockedError, UsageError, check_range
 from .lock import OutputLock
 
 #: Exit codes of `batch` (their meanings are in errors.EXIT_CODES, the one table).
@@ -555,10 +555,9 @@ def validate_run(cfg: RunConfig, *, workers: int | None = None, retries: int = 2
     """UsageError naming the option unless every run option is valid; nothing is created."""
     from .infer import InferOptions, validate_options
 
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 1024):
-        raise UsageError(f"--workers must be an integer between 1 and 1024, got {workers!r}")
-    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 100:
-        raise UsageError(f"--retries must be an integer between 0 and 100, got {retries!r}")
+    if workers is not None:
+        check_range("--workers", workers, 1, 1024, integer=True)
+    check_range("--retries", retries, 0, 100, integer=True)
     try:
         validate_options(InferOptions(**cfg.options), flags={"num_workers": "--slide-workers"})
     except TypeError as exc:

@@ -102,6 +102,18 @@ class OutputLockedError(HistoSGEError, BlockingIOError):
     exit_code = 15
 
 
+def check_range(flag: str, value: object, lo: float, hi: float, *, integer: bool = False) -> None:
+    """UsageError naming ``flag`` unless ``value`` is a finite number (an int when ``integer``) in [lo, hi]."""
+    import math
+
+    kind = "an integer" if integer else "a number"
+    number = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    # huge ints compare fine but do not convert to float: only floats are checked for finiteness
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not number or not finite or not lo <= value <= hi:  # type: ignore[operator]
+        raise UsageError(f"{flag} must be {kind} between {lo:g} and {hi:g}, got {value!r}")
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success (or nothing to do: output already complete)",
     1: "unexpected internal error (rerun with --debug and report it)",

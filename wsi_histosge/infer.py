@@ -17,7 +17,7 @@ import torch
 
 from . import __version__, config
 from .encoders import Encoder, create_encoder
-from .errors import HistoSGEError, ModelError, NoTissueError, OutputWriteError, UsageError
+from .errors import HistoSGEError, ModelError, NoTissueError, OutputWriteError, UsageError, check_range
 from .grid import Block, Grid, block_cells_for, make_grid
 from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
 from .lock import OutputLock
@@ -125,15 +125,8 @@ def _flag(name: str) -> str:
 
 def check_number(name: str, value: Any, *, integer: bool = False, flag: str | None = None) -> None:
     """Raise UsageError unless ``value`` is a finite number (an int when ``integer``) in OPTION_RANGES."""
-    import math
-
-    flag = flag or _flag(name)
     lo, hi = OPTION_RANGES[name]
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float) if not integer else int):
-        raise UsageError(f"{flag} must be {kind} between {lo:g} and {hi:g}, got {value!r}")
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise UsageError(f"{flag} must be {kind} between {lo:g} and {hi:g}, got {value!r}")
+    check_range(flag or _flag(name), value, lo, hi, integer=integer)
 
 
 def validate_options(options: InferOptions, *, flags: dict[str, str] | None = None) -> None:

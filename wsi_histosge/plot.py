@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SlideNotFoundError, UsageError
+from .errors import SlideNotFoundError, UsageError, check_range
 from .slide import Slide, open_slide
 from .store import ATTR_KEY, read_cube
 
@@ -34,8 +34,7 @@ class _Canvas:
     """Thumbnail of the slide and the mapping from lattice cells to thumbnail pixels."""
 
     def __init__(self, cube: str | Path, slide: str | Path | None, max_px: int, allow_incomplete: bool) -> None:
-        if isinstance(max_px, bool) or not isinstance(max_px, int) or not 64 <= max_px <= 16384:
-            raise UsageError(f"--max-px must be an integer between 64 and 16384, got {max_px!r}")
+        check_range("--max-px", max_px, 64, 16384, integer=True)
         self.cube = read_cube(cube)
         if not allow_incomplete:
             self.cube.require_complete()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import config
-from .errors import CorruptTileError, MPPMissingError, SlideFormatError, SlideNotFoundError, UsageError
+from .errors import CorruptTileError, MPPMissingError, SlideFormatError, SlideNotFoundError, check_range
 from .readers import (
     Backend,
     DicomBackend,
@@ -125,14 +125,7 @@ class Slide:
         elif self.path.stat().st_size == 0:
             raise SlideFormatError(f"{self.path}: file is empty (0 bytes); re-copy the slide")
         if self.mpp_override is not None:
-            import math
-
-            lo, hi = config.MPP_PLAUSIBLE
-            mpp = self.mpp_override
-            if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp):
-                raise UsageError(f"--mpp must be a number between {lo:g} and {hi:g}, got {mpp!r}")
-            if not lo <= mpp <= hi:
-                raise UsageError(f"--mpp must be a number between {lo:g} and {hi:g}, got {mpp!r}")
+            check_range("--mpp", self.mpp_override, *config.MPP_PLAUSIBLE)
         w, h = self.backend.level_dimensions[0]  # open now so format errors surface at construction
         if w <= 0 or h <= 0 or max(w, h) > config.MAX_SLIDE_SIDE_PX:
             self.close()
