@@ -85,25 +85,39 @@ def _within(path: Path, roots: list[Path]) -> bool:
     return any(rp == r or r in rp.parents for r in roots)
 
 
-def read_manifest(path: str | Path, *, slides_under: Iterable[str | Path] = ()) -> list[SlideJob]:
-    """A CSV with a ``slide`` column (absolute path, path relative to the manifest's folder, or URL) and
-    optional ``id``, ``mpp``, ``tissue_mask``; other columns are carried into the summary. Every problem is
-    reported at once, before any slide is touched.
+class _BadRow(Exception):
+    """One manifest row's problem; rows are checked on, so that every bad row is reported at once."""
 
-    ``slides_under``: when given (service deployments), every local slide and mask must lie under one of
-    these folders."""
-    import math
 
-    from .infer import OPTION_RANGES
+@dataclass(frozen=True)
+class _ManifestPaths:
+    """How a manifest's local paths resolve: relative to its folder, and (when given) under ``roots``."""
 
-    path = Path(path)
+    base: Path
+    roots: list[Path]
+
+    def place(self, value: str, n: int, what: str) -> str:
+        """A URL as given; a local path resolved, and refused outside ``roots``."""
+        if "://" in value:
+            return value
+        p = Path(value)
+        p = p if p.is_absolute() else self.base / p
+        if self.roots and not _within(p, self.roots):
+            raise _BadRow(f"row {n}: {what} {value} is outside --slides-under ({', '.join(map(str, self.roots))})")
+        return str(p)
+
+
+def _manifest_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise InputNotFoundError(f"{path}: manifest not found; check the path")
     raw = path.read_bytes()
     if b"\x00" in raw:
         raise UsageError(f"{path}: the manifest contains NUL bytes; it is not a text CSV")
-    base = path.resolve().parent
-    roots = [Path(r).resolve() for r in slides_under]
+    return raw
+
+
+def _manifest_rows(path: Path, raw: bytes) -> csv.DictReader[str]:
+    """The manifest's rows, once its text and its header are checked."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -111,47 +125,68 @@ def read_manifest(path: str | Path, *, slides_under: Iterable[str | Path] = ()) 
     reader = csv.DictReader(text.splitlines())
     if reader.fieldnames is None or "slide" not in reader.fieldnames:
         raise UsageError(f"{path}: needs a 'slide' column (columns: {reader.fieldnames})")
+    return reader
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    return (row.get(column) or "").strip()
+
+
+def _manifest_mpp(row: dict[str, Any], n: int) -> float | None:
+    import math
+
+    from .infer import OPTION_RANGES
+
+    if not _cell(row, "mpp"):
+        return None
+    lo, hi = OPTION_RANGES["mpp"]
+    try:
+        mpp = float(row["mpp"])
+    except ValueError:
+        mpp = math.nan
+    if not (math.isfinite(mpp) and lo <= mpp <= hi):
+        raise _BadRow(f"row {n}: mpp {row['mpp']!r} is not a pixel size between {lo:g} and {hi:g} µm/px")
+    return mpp
+
+
+#: Manifest columns read into a SlideJob's fields; any other column is carried into the summary.
+_MANIFEST_FIELDS = ("slide", "id", "mpp", "tissue_mask")
+
+
+def _manifest_job(row: dict[str, Any], n: int, paths: _ManifestPaths) -> SlideJob:
+    """Row ``n`` of a manifest as a job; _BadRow names its first problem."""
+    slide = _cell(row, "slide")
+    if not slide:
+        raise _BadRow(f"row {n}: empty slide")
+    slide = paths.place(slide, n, "slide")
+    job_id = _cell(row, "id") or Path(slide.rstrip("/")).stem
+    why = _check_id(job_id)
+    if why:
+        raise _BadRow(f"row {n}: id {job_id!r} is {why}")
+    mpp = _manifest_mpp(row, n)
+    mask = _cell(row, "tissue_mask") or None
+    if mask:
+        mask = paths.place(mask, n, "tissue_mask")
+    extra = {k: v for k, v in row.items() if k not in _MANIFEST_FIELDS and k is not None}
+    return SlideJob(slide, job_id, mpp, mask, extra)
+
+
+def read_manifest(path: str | Path, *, slides_under: Iterable[str | Path] = ()) -> list[SlideJob]:
+    """A CSV with a ``slide`` column (absolute path, path relative to the manifest's folder, or URL) and
+    optional ``id``, ``mpp``, ``tissue_mask``; other columns are carried into the summary. Every problem is
+    reported at once, before any slide is touched.
+
+    ``slides_under``: when given (service deployments), every local slide and mask must lie under one of
+    these folders."""
+    path = Path(path)
+    raw = _manifest_bytes(path)
+    paths = _ManifestPaths(path.resolve().parent, [Path(r).resolve() for r in slides_under])
     jobs, problems = [], []
-
-    def local(value: str, n: int, what: str) -> str | None:
-        p = Path(value)
-        p = p if p.is_absolute() else base / p
-        if roots and not _within(p, roots):
-            problems.append(f"row {n}: {what} {value} is outside --slides-under ({', '.join(map(str, roots))})")
-            return None
-        return str(p)
-
-    for n, row in enumerate(reader, start=2):
-        slide: str | None = (row.get("slide") or "").strip()
-        if not slide:
-            problems.append(f"row {n}: empty slide")
-            continue
-        if "://" not in slide:
-            slide = local(slide, n, "slide")
-            if slide is None:
-                continue
-        job_id = (row.get("id") or "").strip() or Path(slide.rstrip("/")).stem
-        why = _check_id(job_id)
-        if why:
-            problems.append(f"row {n}: id {job_id!r} is {why}")
-            continue
-        mpp = None
-        if (row.get("mpp") or "").strip():
-            lo, hi = OPTION_RANGES["mpp"]
-            try:
-                mpp = float(row["mpp"])
-            except ValueError:
-                mpp = math.nan
-            if not (math.isfinite(mpp) and lo <= mpp <= hi):
-                problems.append(f"row {n}: mpp {row['mpp']!r} is not a pixel size between {lo:g} and {hi:g} µm/px")
-                continue
-        mask = (row.get("tissue_mask") or "").strip() or None
-        if mask and "://" not in mask:
-            mask = local(mask, n, "tissue_mask")
-            if mask is None:
-                continue
-        extra = {k: v for k, v in row.items() if k not in ("slide", "id", "mpp", "tissue_mask") and k is not None}
-        jobs.append(SlideJob(slide, job_id, mpp, mask, extra))
+    for n, row in enumerate(_manifest_rows(path, raw), start=2):
+        try:
+            jobs.append(_manifest_job(row, n, paths))
+        except _BadRow as exc:
+            problems.append(str(exc))
     problems += _duplicates(jobs)
     if problems:
         raise UsageError(f"{path}: {len(problems)} bad row(s), nothing was run: " + "; ".join(problems))
@@ -202,32 +237,35 @@ def _folder_slides(folder: Path) -> list[SlideJob]:
     return jobs
 
 
-def collect_jobs(inputs: list[str], *, slides_under: Iterable[str | Path] = ()) -> list[SlideJob]:
-    """Slides from paths, globs, folders (their slide files and DICOM series folders) and CSV manifests.
-
-    A glob that matches nothing raises NoSlidesError (exit 12) naming it: a typo must not pass for an
-    empty cohort."""
+def _glob_jobs(item: str, slides_under: Iterable[str | Path]) -> list[SlideJob]:
+    matches = sorted(glob(item))
+    if not matches:
+        raise NoSlidesError(f"{item!r} matched no file; check the pattern (quote it so the shell keeps it)")
     jobs: list[SlideJob] = []
-    for item in inputs:
-        p = Path(item)
-        if p.suffix.lower() == ".csv" and not _has_glob(item):
-            jobs += read_manifest(p, slides_under=slides_under)
-        elif p.is_dir() and p.suffix.lower() != ".svs":
-            jobs += _folder_slides(p)
-        elif _has_glob(item) and not p.exists():
-            matches = sorted(glob(item))
-            if not matches:
-                raise NoSlidesError(f"{item!r} matched no file; check the pattern (quote it so the shell keeps it)")
-            for m in matches:
-                mp = Path(m)
-                if mp.suffix.lower() == ".csv":
-                    jobs += read_manifest(mp, slides_under=slides_under)
-                elif mp.is_dir():
-                    jobs += _folder_slides(mp)
-                else:
-                    jobs.append(SlideJob(m, mp.stem))
+    for m in matches:
+        mp = Path(m)
+        if mp.suffix.lower() == ".csv":
+            jobs += read_manifest(mp, slides_under=slides_under)
+        elif mp.is_dir():
+            jobs += _folder_slides(mp)
         else:
-            jobs.append(SlideJob(item, p.stem if p.suffix else p.name))
+            jobs.append(SlideJob(m, mp.stem))
+    return jobs
+
+
+def _input_jobs(item: str, slides_under: Iterable[str | Path]) -> list[SlideJob]:
+    """The slides one input names: a manifest, a folder, a glob, or a slide."""
+    p = Path(item)
+    if p.suffix.lower() == ".csv" and not _has_glob(item):
+        return read_manifest(p, slides_under=slides_under)
+    if p.is_dir() and p.suffix.lower() != ".svs":
+        return _folder_slides(p)
+    if _has_glob(item) and not p.exists():
+        return _glob_jobs(item, slides_under)
+    return [SlideJob(item, p.stem if p.suffix else p.name)]
+
+
+def _input_problems(jobs: list[SlideJob], slides_under: Iterable[str | Path]) -> list[str]:
     problems = [f"id {j.id!r} ({j.slide}) is {why}" for j in jobs if (why := _check_id(j.id))]
     problems += _duplicates(jobs)
     roots = [Path(r).resolve() for r in slides_under]
@@ -237,6 +275,18 @@ def collect_jobs(inputs: list[str], *, slides_under: Iterable[str | Path] = ()) 
             for j in jobs
             if "://" not in j.slide and not _within(Path(j.slide), roots)
         ]
+    return problems
+
+
+def collect_jobs(inputs: list[str], *, slides_under: Iterable[str | Path] = ()) -> list[SlideJob]:
+    """Slides from paths, globs, folders (their slide files and DICOM series folders) and CSV manifests.
+
+    A glob that matches nothing raises NoSlidesError (exit 12) naming it: a typo must not pass for an
+    empty cohort."""
+    jobs: list[SlideJob] = []
+    for item in inputs:
+        jobs += _input_jobs(item, slides_under)
+    problems = _input_problems(jobs, slides_under)
     if problems:
         raise UsageError("bad inputs, nothing was run: " + "; ".join(problems))
     if not jobs:
@@ -530,11 +580,7 @@ def _run_all(
     if not jobs:
         return _finish(out, rows, t0, EXIT_NO_SLIDES)
     if workers is None and scheduler is None:
-        for job in jobs:
-            state = _run_slide_in_child(job, cfg) if isolate else run_slide(job, cfg)
-            rows.append(state)
-            if on_update:
-                on_update(state)
+        rows = _run_in_process(jobs, cfg, isolate, on_update)
     else:
         if workers and not scheduler and cfg.torch_threads is None:
             from dataclasses import replace
@@ -544,11 +590,27 @@ def _run_all(
     code = batch_exit_code(rows)
     summary = _finish(out, rows, t0, code)
     if "://" in cfg.out:  # keep a copy of the summaries with the outputs in the object store
-        from .store import write_text_atomic
-
-        for name in ("summary.json", "summary.csv"):
-            write_text_atomic(f"{cfg.out.rstrip('/')}/{name}", (out / name).read_text())
+        _copy_summaries(out, cfg.out)
     return summary
+
+
+def _run_in_process(
+    jobs: list[SlideJob], cfg: RunConfig, isolate: bool, on_update: Callable[[dict[str, Any]], None] | None
+) -> list[dict[str, Any]]:
+    rows = []
+    for job in jobs:
+        state = _run_slide_in_child(job, cfg) if isolate else run_slide(job, cfg)
+        rows.append(state)
+        if on_update:
+            on_update(state)
+    return rows
+
+
+def _copy_summaries(run_dir: Path, out_url: str) -> None:
+    from .store import write_text_atomic
+
+    for name in ("summary.json", "summary.csv"):
+        write_text_atomic(f"{out_url.rstrip('/')}/{name}", (run_dir / name).read_text())
 
 
 def validate_run(cfg: RunConfig, *, workers: int | None = None, retries: int = 2) -> None:
@@ -585,6 +647,69 @@ def _dask_task(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     return run_slide(job, cfg)
 
 
+def _dask_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
+    """A client of the given scheduler, or of a new LocalCluster of ``workers`` processes (and that cluster)."""
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            return Client(scheduler), None  # connect timeout: dask config distributed.comm.timeouts.connect
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise UsageError(
+                f"--scheduler {scheduler}: cannot connect ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                "check the address and that `dask scheduler` runs there"
+            ) from None
+    import torch
+
+    resources = {"GPU": 1} if torch.cuda.is_available() else None
+    cluster = LocalCluster(
+        n_workers=workers or 1,
+        threads_per_worker=1,
+        processes=True,
+        resources=resources,
+        dashboard_address=None,
+        silence_logs=40,
+    )
+    return Client(cluster), cluster
+
+
+def _lost_worker_state(job: SlideJob, cfg: RunConfig, exc: Exception) -> dict[str, Any]:
+    """A slide whose every try lost its worker: recorded failed, its lock released."""
+    state = {
+        "id": job.id,
+        "slide": job.slide,
+        "output": job.out_path(cfg.out),
+        **job.extra,
+        "status": "failed",
+        "error": f"worker lost ({type(exc).__name__}): the slide crashed or killed its worker on every try",
+    }
+    SlideLock(cfg.run_dir(), job.id).release(force=True)
+    _atomic_json(state_path(cfg.run_dir(), job.id), state)
+    return state
+
+
+def _submit_all(client: Any, jobs: list[SlideJob], cfg: RunConfig, retries: int) -> dict[Any, SlideJob]:
+    """One task per slide, asking for a GPU when the cluster's workers declare GPUs."""
+    gpu = bool(
+        client.run_on_scheduler(
+            lambda dask_scheduler: any("GPU" in (ws.resources or {}) for ws in dask_scheduler.workers.values())
+        )
+    )
+    futures = {}
+    for job in jobs:
+        fut = client.submit(
+            _dask_task,
+            job,
+            cfg,
+            key=f"wsi-histosge-slide-{job.id}",
+            pure=False,
+            retries=retries,
+            resources={"GPU": 1} if gpu else None,
+        )
+        futures[fut] = job
+    return futures
+
+
 def _run_dask(
     jobs: list[SlideJob],
     cfg: RunConfig,
@@ -593,64 +718,18 @@ def _run_dask(
     retries: int,
     on_update: Callable[[dict[str, Any]], None] | None,
 ) -> list[dict[str, Any]]:
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
 
-    cluster = None
-    if scheduler:
-        try:
-            client = Client(scheduler)  # connect timeout: dask config distributed.comm.timeouts.connect
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise UsageError(
-                f"--scheduler {scheduler}: cannot connect ({type(exc).__name__}: {' '.join(str(exc).split())}); "
-                "check the address and that `dask scheduler` runs there"
-            ) from None
-    else:
-        import torch
-
-        resources = {"GPU": 1} if torch.cuda.is_available() else None
-        cluster = LocalCluster(
-            n_workers=workers or 1,
-            threads_per_worker=1,
-            processes=True,
-            resources=resources,
-            dashboard_address=None,
-            silence_logs=40,
-        )
-        client = Client(cluster)
+    client, cluster = _dask_client(workers, scheduler)
     try:
-        gpu = bool(
-            client.run_on_scheduler(
-                lambda dask_scheduler: any("GPU" in (ws.resources or {}) for ws in dask_scheduler.workers.values())
-            )
-        )
-        futures = {}
-        for job in jobs:
-            fut = client.submit(
-                _dask_task,
-                job,
-                cfg,
-                key=f"wsi-histosge-slide-{job.id}",
-                pure=False,
-                retries=retries,
-                resources={"GPU": 1} if gpu else None,
-            )
-            futures[fut] = job
+        futures = _submit_all(client, jobs, cfg, retries)
         rows = []
         for fut in as_completed(futures):
             job = futures[fut]
             try:
                 state = fut.result()
             except Exception as exc:
-                state = {
-                    "id": job.id,
-                    "slide": job.slide,
-                    "output": job.out_path(cfg.out),
-                    **job.extra,
-                    "status": "failed",
-                    "error": f"worker lost ({type(exc).__name__}): the slide crashed or killed its worker on every try",
-                }
-                SlideLock(cfg.run_dir(), job.id).release(force=True)
-                _atomic_json(state_path(cfg.run_dir(), job.id), state)
+                state = _lost_worker_state(job, cfg, exc)
             rows.append(state)
             if on_update:
                 on_update(state)
