@@ -171,30 +171,52 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_xy(pos: Any) -> bool:
+    return isinstance(pos, list) and len(pos) >= 2 and _is_number(pos[0]) and _is_number(pos[1])
+
+
+def _ring(ring: Any, path: Path, where: str, k: int) -> np.ndarray:
+    """Ring ``k`` of a Polygon as an (n, 2) float array of level-0 px, validated."""
+    if not isinstance(ring, list) or len(ring) < 3:
+        raise DataFormatError(f"{path}: {where} ring {k}: a ring needs at least 3 (x, y) positions")
+    for j, pos in enumerate(ring):
+        if not _is_xy(pos):
+            raise DataFormatError(
+                f"{path}: {where} ring {k} position {j} is {json.dumps(pos)[:60]}, not an (x, y) pair of numbers; "
+                "export the polygons as GeoJSON in level-0 px"
+            )
+    arr = np.array([pos[:2] for pos in ring], dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise DataFormatError(f"{path}: {where} ring {k} has NaN or infinite coordinates; re-export the polygons")
+    if np.abs(arr).max() > MAX_ABS_COORDINATE:
+        raise DataFormatError(
+            f"{path}: {where} ring {k} has a coordinate of {np.abs(arr).max():.3g} px, beyond any slide; "
+            "give polygons in level-0 px"
+        )
+    return arr
+
+
 def _rings(coords: Any, path: Path, where: str) -> list[np.ndarray]:
     """A Polygon's rings as (n, 2) float arrays of level-0 px, validated."""
     if not isinstance(coords, list) or not coords:
         raise DataFormatError(f"{path}: {where}: Polygon coordinates must be a non-empty list of rings of (x, y) pairs")
-    rings = []
-    for k, ring in enumerate(coords):
-        if not isinstance(ring, list) or len(ring) < 3:
-            raise DataFormatError(f"{path}: {where} ring {k}: a ring needs at least 3 (x, y) positions")
-        for j, pos in enumerate(ring):
-            if not (isinstance(pos, list) and len(pos) >= 2 and _is_number(pos[0]) and _is_number(pos[1])):
-                raise DataFormatError(
-                    f"{path}: {where} ring {k} position {j} is {json.dumps(pos)[:60]}, not an (x, y) pair of numbers; "
-                    "export the polygons as GeoJSON in level-0 px"
-                )
-        arr = np.array([pos[:2] for pos in ring], dtype=np.float64)
-        if not np.isfinite(arr).all():
-            raise DataFormatError(f"{path}: {where} ring {k} has NaN or infinite coordinates; re-export the polygons")
-        if np.abs(arr).max() > MAX_ABS_COORDINATE:
-            raise DataFormatError(
-                f"{path}: {where} ring {k} has a coordinate of {np.abs(arr).max():.3g} px, beyond any slide; "
-                "give polygons in level-0 px"
-            )
-        rings.append(arr)
-    return rings
+    return [_ring(ring, path, where, k) for k, ring in enumerate(coords)]
+
+
+def _polygons(obj: dict[str, Any], kind: str, path: Path, here: str) -> list[list[np.ndarray]]:
+    """The polygons (lists of rings) of a Polygon or MultiPolygon geometry."""
+    coords = obj.get("coordinates")
+    if kind == "Polygon":
+        return [_rings(coords, path, here)]
+    if not isinstance(coords, list):
+        raise DataFormatError(f"{path}: {here}: MultiPolygon coordinates must be a list of polygons")
+    return [_rings(rings, path, f"{here} polygon {j}") for j, rings in enumerate(coords)]
+
+
+#: GeoJSON objects that hold other objects, and the key of their list.
+_MEMBER_LISTS = {"FeatureCollection": "features", "GeometryCollection": "geometries"}
+#: How messages name a JSON value that is not an object (None reads as null).
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", str: "string"}
 
 
 def _collect(obj: Any, path: Path, where: str, polys: list[list[np.ndarray]], other: set[str], depth: int) -> None:
@@ -207,34 +229,34 @@ def _collect(obj: Any, path: Path, where: str, polys: list[list[np.ndarray]], ot
             _collect(item, path, f"{where}[{i}]", polys, other, depth + 1)
         return
     if not isinstance(obj, dict):
-        json_type = {bool: "boolean", int: "number", float: "number", str: "string"}.get(type(obj), "null")
         raise DataFormatError(
-            f"{path}: {here} is a JSON {json_type}, not a GeoJSON object; export the annotation as GeoJSON"
+            f"{path}: {here} is a JSON {_JSON_TYPES.get(type(obj), 'null')}, not a GeoJSON object; export the "
+            "annotation as GeoJSON"
         )
     kind = obj.get("type")
-    members = {"FeatureCollection": "features", "GeometryCollection": "geometries"}
-    if kind in members:
-        key = members[kind]
-        items = obj.get(key)
-        if not isinstance(items, list):
-            raise DataFormatError(f"{path}: {here}: a {kind} needs a list '{key}'")
-        for i, item in enumerate(items):
-            _collect(item, path, f"{where}.{key}[{i}]".lstrip("."), polys, other, depth + 1)
+    if kind in _MEMBER_LISTS:
+        _collect_members(obj, kind, path, where, polys, other, depth)
     elif kind == "Feature":
         if obj.get("geometry") is not None:  # null geometry is valid GeoJSON: no area
             _collect(obj["geometry"], path, f"{where}.geometry".lstrip("."), polys, other, depth + 1)
-    elif kind == "Polygon":
-        polys.append(_rings(obj.get("coordinates"), path, here))
-    elif kind == "MultiPolygon":
-        coords = obj.get("coordinates")
-        if not isinstance(coords, list):
-            raise DataFormatError(f"{path}: {here}: MultiPolygon coordinates must be a list of polygons")
-        for j, rings in enumerate(coords):
-            polys.append(_rings(rings, path, f"{here} polygon {j}"))
+    elif kind in ("Polygon", "MultiPolygon"):
+        polys.extend(_polygons(obj, kind, path, here))
     elif isinstance(kind, str):
         other.add(kind)  # Point, LineString, ...: no area
     else:
         raise DataFormatError(f"{path}: {here} has no GeoJSON 'type'; export the annotation as GeoJSON")
+
+
+def _collect_members(
+    obj: dict[str, Any], kind: str, path: Path, where: str, polys: list[list[np.ndarray]], other: set[str], depth: int
+) -> None:
+    """_collect over the members of a FeatureCollection or GeometryCollection."""
+    key = _MEMBER_LISTS[kind]
+    items = obj.get(key)
+    if not isinstance(items, list):
+        raise DataFormatError(f"{path}: {where or 'the top level'}: a {kind} needs a list '{key}'")
+    for i, item in enumerate(items):
+        _collect(item, path, f"{where}.{key}[{i}]".lstrip("."), polys, other, depth + 1)
 
 
 def _ring_crossings(ring_px: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -314,43 +336,49 @@ def _geojson_mask(path: Path, slide: Slide, shape: tuple[int, int], level0_per_p
     return _rasterise(path, polys, shape, level0_per_px)
 
 
-def _read_mask_image(path: Path) -> np.ndarray:
-    """Decode a PNG/JPEG/TIFF mask after checking its size from the header (never allocate a claimed size)."""
+def _check_mask_size(path: Path, w: int, h: int) -> None:
+    if w <= 0 or h <= 0:
+        raise DataFormatError(f"{path}: the mask image header says {w}x{h} px; the file is corrupt")
+    if w * h > MAX_MASK_IMAGE_PIXELS:
+        raise DataFormatError(
+            f"{path}: the mask image header says {w}x{h} px, beyond the {MAX_MASK_IMAGE_PIXELS} px limit for a "
+            "mask; give a smaller mask image at the slide's aspect ratio, or GeoJSON polygons in level-0 px"
+        )
 
-    def check_size(w: int, h: int) -> None:
-        if w <= 0 or h <= 0:
-            raise DataFormatError(f"{path}: the mask image header says {w}x{h} px; the file is corrupt")
-        if w * h > MAX_MASK_IMAGE_PIXELS:
-            raise DataFormatError(
-                f"{path}: the mask image header says {w}x{h} px, beyond the {MAX_MASK_IMAGE_PIXELS} px limit for a "
-                "mask; give a smaller mask image at the slide's aspect ratio, or GeoJSON polygons in level-0 px"
-            )
+
+def _decode_tiff_mask(path: Path) -> tuple[np.ndarray, int, int]:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages.first
+        w, h = int(page.imagewidth), int(page.imagelength)
+        _check_mask_size(path, w, h)
+        return np.asarray(page.asarray()), w, h
+
+
+def _decode_png_jpeg_mask(path: Path) -> tuple[np.ndarray, int, int]:
+    import imagecodecs
+
+    from .slide import _image_size
 
     try:
-        if path.suffix.lower() in {".tif", ".tiff"}:
-            import tifffile
+        w, h = _image_size(path)
+    except SlideFormatError as exc:
+        raise DataFormatError(
+            f"{path}: not a PNG, JPEG or TIFF image (unrecognised or truncated header); give a mask image "
+            "or GeoJSON polygons in level-0 px"
+        ) from exc
+    _check_mask_size(path, w, h)
+    with open(path, "rb") as fh:  # the header said which codec; decode with that one only
+        png = fh.read(4) == b"\x89PNG"
+    return np.asarray(imagecodecs.imread(str(path), codec="png" if png else "jpeg8")), w, h
 
-            with tifffile.TiffFile(path) as tf:
-                page = tf.pages.first
-                w, h = int(page.imagewidth), int(page.imagelength)
-                check_size(w, h)
-                img = np.asarray(page.asarray())
-        else:
-            import imagecodecs
 
-            from .slide import _image_size
-
-            try:
-                w, h = _image_size(path)
-            except SlideFormatError as exc:
-                raise DataFormatError(
-                    f"{path}: not a PNG, JPEG or TIFF image (unrecognised or truncated header); give a mask image "
-                    "or GeoJSON polygons in level-0 px"
-                ) from exc
-            check_size(w, h)
-            with open(path, "rb") as fh:  # the header said which codec; decode with that one only
-                png = fh.read(4) == b"\x89PNG"
-            img = np.asarray(imagecodecs.imread(str(path), codec="png" if png else "jpeg8"))
+def _read_mask_image(path: Path) -> np.ndarray:
+    """Decode a PNG/JPEG/TIFF mask after checking its size from the header (never allocate a claimed size)."""
+    decode = _decode_tiff_mask if path.suffix.lower() in {".tif", ".tiff"} else _decode_png_jpeg_mask
+    try:
+        img, w, h = decode(path)
     except DataFormatError:
         raise
     except Exception as exc:
