@@ -127,6 +127,21 @@ def block_cells_for(stride_um: float, read_mpp: float, margin_um: float = 0.0) -
     return cells
 
 
+def _block_cells(block_cells: int | None) -> int:
+    """The block size (default config.BLOCK_CELLS); it must tile the output chunks, or be tiled by them."""
+    block = block_cells or config.BLOCK_CELLS
+    if config.CHUNK_CELLS % block and block % config.CHUNK_CELLS:
+        raise UsageError(f"block size {block} must divide, or be a multiple of, the chunk size {config.CHUNK_CELLS}")
+    return block
+
+
+def _cells_inside(extent_um: float, origin_um: float, stride_um: float) -> int:
+    """How many cells along one axis have their centre inside the slide."""
+    if origin_um < extent_um:
+        return max(0, int(np.floor((extent_um - origin_um) / stride_um - 1e-9)) + 1)
+    return 0
+
+
 def make_grid(
     slide: Slide,
     tissue: TissueMask,
@@ -142,15 +157,11 @@ def make_grid(
     if stride_um <= 0 or spot_um <= 0 or context_um <= 0:
         raise UsageError(f"stride, spot and context must be positive µm (got {stride_um}, {spot_um}, {context_um})")
     threshold = config.MIN_TISSUE_FRACTION if min_tissue_fraction is None else min_tissue_fraction
-    block = block_cells or config.BLOCK_CELLS
-    if config.CHUNK_CELLS % block and block % config.CHUNK_CELLS:
-        raise UsageError(f"block size {block} must divide, or be a multiple of, the chunk size {config.CHUNK_CELLS}")
+    block = _block_cells(block_cells)
     mppx, mppy = slide.mpp.x, slide.mpp.y
     w_um, h_um = slide.dimensions[0] * mppx, slide.dimensions[1] * mppy
     ox, oy = origin_um if origin_um is not None else (stride_um / 2.0, stride_um / 2.0)
-    # Cells whose centre lies inside the slide.
-    nx = max(0, int(np.floor((w_um - ox) / stride_um - 1e-9)) + 1) if ox < w_um else 0
-    ny = max(0, int(np.floor((h_um - oy) / stride_um - 1e-9)) + 1) if oy < h_um else 0
+    nx, ny = _cells_inside(w_um, ox, stride_um), _cells_inside(h_um, oy, stride_um)
     if nx == 0 or ny == 0:
         raise UsageError(f"{slide.path}: the lattice (origin {ox, oy} µm, stride {stride_um} µm) misses the slide")
     iy, ix = np.mgrid[0:ny, 0:nx]
