@@ -7,6 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -25,18 +26,7 @@ class DicomBackend(ReopensWhenUnpickled):
     WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
     def __init__(self, path: Path) -> None:
-        import pydicom
-
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception as exc:
-            raise SlideFormatError(f"{path}: not a DICOM file ({type(exc).__name__})") from exc
-        if str(ds.get("SOPClassUID", "")) != self.WSI_SOP_CLASS:
-            raise SlideFormatError(f"{path}: DICOM, but not a VL whole-slide image (SOP class {ds.get('SOPClassUID')})")
-        declared = ds.get("DimensionOrganizationType")
-        org = str(declared or "TILED_FULL")
-        if org != "TILED_FULL":
-            raise SlideFormatError(f"{path}: DICOM frames are {org}; only TILED_FULL is read here")
+        ds, declared = self._read_header(path)
         self.path = path
         self.tw, self.th = int(ds.Columns), int(ds.Rows)
         w, h = int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)
@@ -55,12 +45,7 @@ class DicomBackend(ReopensWhenUnpickled):
         self.vendor = "dicom"
         self.properties = {"dicom.transfer-syntax": self.transfer_syntax}
         self.associated_images: dict[str, tuple[int, int]] = {}
-        self._mpp: tuple[float, float] | None = None
-        try:
-            spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
-            self._mpp = (float(spacing[1]) * 1000.0, float(spacing[0]) * 1000.0)
-        except (AttributeError, IndexError, KeyError, TypeError):
-            self._mpp = None
+        self._mpp: tuple[float, float] | None = _pixel_spacing_mpp(ds)
         self._frames: list[bytes] | None = None
         self._cache = _TileCache(64 * 2**20)
         # TILED_FULL means row-major frames. Files that do not declare their organisation exist with
@@ -71,6 +56,23 @@ class DicomBackend(ReopensWhenUnpickled):
         self.properties["dicom.frame-order"] = ("column-major" if self.column_major else "row-major") + (
             "" if declared else " (inferred from tile edges)"
         )
+
+    @classmethod
+    def _read_header(cls, path: Path) -> tuple[Any, Any]:
+        """The header of a VL whole-slide image with TILED_FULL frames, and its declared organisation (or None)."""
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception as exc:
+            raise SlideFormatError(f"{path}: not a DICOM file ({type(exc).__name__})") from exc
+        if str(ds.get("SOPClassUID", "")) != cls.WSI_SOP_CLASS:
+            raise SlideFormatError(f"{path}: DICOM, but not a VL whole-slide image (SOP class {ds.get('SOPClassUID')})")
+        declared = ds.get("DimensionOrganizationType")
+        org = str(declared or "TILED_FULL")
+        if org != "TILED_FULL":
+            raise SlideFormatError(f"{path}: DICOM frames are {org}; only TILED_FULL is read here")
+        return ds, declared
 
     def _frame_bytes(self) -> list[bytes]:
         if self._frames is None:
@@ -177,6 +179,15 @@ class DicomBackend(ReopensWhenUnpickled):
         self._frames = None
 
 
+def _pixel_spacing_mpp(ds: Any) -> tuple[float, float] | None:
+    """(x, y) µm/px from the shared PixelSpacing (mm, row then column), or None when absent."""
+    try:
+        spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        return (float(spacing[1]) * 1000.0, float(spacing[0]) * 1000.0)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
 def _has_dicom_preamble(path: Path) -> bool:
     with open(path, "rb") as fh:
         fh.seek(128)
@@ -199,46 +210,55 @@ class _DicomInstance:
     pixels: int  # TotalPixelMatrixColumns x TotalPixelMatrixRows
 
 
+#: The header elements a folder scan reads from each .dcm file.
+_SCAN_TAGS = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns", "TotalPixelMatrixRows"]
+
+
+def _dicom_instance(path: Path) -> _DicomInstance | str:
+    """The instance a .dcm file holds (headers only), or a line saying why it is not a VL whole-slide image."""
+    import pydicom
+
+    # pydicom warns (lazily, as values are read) about third-party headers that bend the standard, e.g.
+    # 65-character UIDs: such files are still read, and the warnings would only be noise in a header scan.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SCAN_TAGS)
+            sop = str(ds.get("SOPClassUID", ""))
+            image_type = [str(v) for v in (ds.get("ImageType") or [])]
+            uid = str(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID: {path.name})"
+            pixels = int(ds.get("TotalPixelMatrixColumns", 0) or 0) * int(ds.get("TotalPixelMatrixRows", 0) or 0)
+        except Exception as exc:
+            return f"{path.name} (not readable as DICOM: {type(exc).__name__})"
+    if sop != DicomBackend.WSI_SOP_CLASS:
+        return f"{path.name} (SOP class {sop or 'missing'}, not a VL whole-slide image)"
+    flavour = image_type[2].upper() if len(image_type) > 2 else ""
+    return _DicomInstance(path, uid, flavour, pixels)
+
+
 def _dicom_instances(folder: Path, *, stop_at_second_series: bool = False) -> tuple[list[_DicomInstance], list[str]]:
     """The DICOM VL whole-slide instances among the .dcm files of ``folder`` (headers only, no pixels), and
     one line per .dcm file that is not one. With ``stop_at_second_series``, stops once a second pyramid series
     shows up (enough to tell that the folder is not one slide)."""
-    import pydicom
-
-    tags = ["SOPClassUID", "SeriesInstanceUID", "ImageType", "TotalPixelMatrixColumns", "TotalPixelMatrixRows"]
     found: list[_DicomInstance] = []
     others: list[str] = []
     series: set[str] = set()
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() != ".dcm" or not path.is_file():
             continue
-        # pydicom warns (lazily, as values are read) about third-party headers that bend the standard, e.g.
-        # 65-character UIDs: such files are still read, and the warnings would only be noise in a header scan.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-                sop = str(ds.get("SOPClassUID", ""))
-                image_type = [str(v) for v in (ds.get("ImageType") or [])]
-                uid = str(ds.get("SeriesInstanceUID", "")) or f"(no SeriesInstanceUID: {path.name})"
-                pixels = int(ds.get("TotalPixelMatrixColumns", 0) or 0) * int(ds.get("TotalPixelMatrixRows", 0) or 0)
-            except Exception as exc:
-                others.append(f"{path.name} (not readable as DICOM: {type(exc).__name__})")
-                continue
-        if sop != DicomBackend.WSI_SOP_CLASS:
-            others.append(f"{path.name} (SOP class {sop or 'missing'}, not a VL whole-slide image)")
+        instance = _dicom_instance(path)
+        if isinstance(instance, str):
+            others.append(instance)
             continue
-        flavour = image_type[2].upper() if len(image_type) > 2 else ""
-        found.append(_DicomInstance(path, uid, flavour, pixels))
-        if flavour not in _DICOM_SIDE_IMAGES:
-            series.add(uid)
+        found.append(instance)
+        if instance.flavour not in _DICOM_SIDE_IMAGES:
+            series.add(instance.series)
             if stop_at_second_series and len(series) > 1:
                 break
     return found, others
 
 
-def _dicom_series_files(folder: Path) -> list[_DicomInstance]:
-    """The instances of the one DICOM WSI series in ``folder``, level 0 (largest) first; else SlideFormatError."""
+def _refuse_other_slide_files(folder: Path) -> None:
     others = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in _OTHER_SLIDE_SUFFIXES and f.is_file())
     if others:
         listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
@@ -247,30 +267,39 @@ def _dicom_series_files(folder: Path) -> list[_DicomInstance]:
             "a folder is read as one slide only when it holds the .dcm files of one DICOM WSI: pass each slide file "
             "on its own (MRXS: pass the .mrxs file)"
         )
-    found, not_wsi = _dicom_instances(folder)
-    if not found:
-        what = (
-            f"its .dcm files are not DICOM whole-slide images ({'; '.join(not_wsi[:2])})"
-            if not_wsi
-            else "no .dcm files"
-        )
-        raise SlideFormatError(
-            f"{folder}: is a directory with {what}; a folder may hold only the .dcm files of one DICOM WSI series "
-            "(one file per pyramid level); for other formats pass the slide file itself (MRXS: the .mrxs file)"
-        )
-    pyramid = [d for d in found if d.flavour not in _DICOM_SIDE_IMAGES]
-    series = sorted({d.series for d in pyramid})
+
+
+def _refuse_no_instances(folder: Path, not_wsi: list[str]) -> NoReturn:
+    what = f"its .dcm files are not DICOM whole-slide images ({'; '.join(not_wsi[:2])})" if not_wsi else "no .dcm files"
+    raise SlideFormatError(
+        f"{folder}: is a directory with {what}; a folder may hold only the .dcm files of one DICOM WSI series "
+        "(one file per pyramid level); for other formats pass the slide file itself (MRXS: the .mrxs file)"
+    )
+
+
+def _pyramid_series(folder: Path, found: list[_DicomInstance]) -> str:
+    """The SeriesInstanceUID of the one pyramid series among ``found``; else SlideFormatError."""
+    series = sorted({d.series for d in found if d.flavour not in _DICOM_SIDE_IMAGES})
     if len(series) > 1:
         raise SlideFormatError(
             f"{folder}: holds the .dcm files of {len(series)} DICOM WSI series "
             f"({', '.join('...' + u[-12:] for u in series[:4])}{', ...' if len(series) > 4 else ''}); "
             "a folder must hold one slide: split them into one folder per slide (series), by SeriesInstanceUID"
         )
-    if not pyramid:
+    if not series:
         raise SlideFormatError(
             f"{folder}: its DICOM files hold only label/overview images, no pyramid level; pass the slide's series"
         )
-    uid = series[0]
+    return series[0]
+
+
+def _dicom_series_files(folder: Path) -> list[_DicomInstance]:
+    """The instances of the one DICOM WSI series in ``folder``, level 0 (largest) first; else SlideFormatError."""
+    _refuse_other_slide_files(folder)
+    found, not_wsi = _dicom_instances(folder)
+    if not found:
+        _refuse_no_instances(folder, not_wsi)
+    uid = _pyramid_series(folder, found)
     return sorted((d for d in found if d.series == uid), key=lambda d: (d.flavour != "VOLUME", -d.pixels, d.path.name))
 
 

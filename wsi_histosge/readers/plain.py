@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -60,6 +60,27 @@ def _image_size(path: Path) -> tuple[int, int]:
 _PNG_MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 
 
+def _png_chunks(fh: BinaryIO) -> tuple[tuple[int, ...] | None, list[tuple[int, int]]]:
+    """The IHDR fields and the (offset, length) of every IDAT chunk of a PNG, read past its signature."""
+    idat: list[tuple[int, int]] = []
+    header = None
+    while True:
+        head = fh.read(8)
+        if len(head) < 8:
+            break  # no IEND: a truncated file reads until its data ends, then says so
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND":
+            break
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", fh.read(13))
+            fh.seek(length - 13 + 4, os.SEEK_CUR)
+        else:
+            if kind == b"IDAT":
+                idat.append((fh.tell(), length))
+            fh.seek(length + 4, os.SEEK_CUR)
+    return header, idat
+
+
 class _PngStrips:
     """Rows of a large PNG, decoded strip by strip with bounded memory.
 
@@ -98,23 +119,7 @@ class _PngStrips:
         with open(path, "rb") as fh:
             if fh.read(8) != b"\x89PNG\r\n\x1a\n":
                 return None
-            idat: list[tuple[int, int]] = []
-            header = None
-            while True:
-                head = fh.read(8)
-                if len(head) < 8:
-                    break  # no IEND: a truncated file reads until its data ends, then says so
-                length, kind = struct.unpack(">I4s", head)
-                if kind == b"IHDR":
-                    header = struct.unpack(">IIBBBBB", fh.read(13))
-                    fh.seek(length - 13 + 4, os.SEEK_CUR)
-                elif kind == b"IDAT":
-                    idat.append((fh.tell(), length))
-                    fh.seek(length + 4, os.SEEK_CUR)
-                elif kind == b"IEND":
-                    break
-                else:
-                    fh.seek(length + 4, os.SEEK_CUR)
+            header, idat = _png_chunks(fh)
         if header is None or not idat:
             return None
         width, height, depth, colour, _, _, interlace = header
@@ -127,21 +132,7 @@ class _PngStrips:
         parts, have = [state[4]], len(state[4])
         inflater = state[1]
         while have < nbytes:
-            data = inflater.unconsumed_tail
-            if not data:
-                while state[2] < len(self.idat) and self.idat[state[2]][1] == 0:
-                    state[2] += 1  # empty IDAT chunks are legal
-                offset, length = self.idat[state[2]] if state[2] < len(self.idat) else (0, 0)
-                if length:
-                    data = os.pread(self._fd, min(1 << 20, length - state[3]), offset + state[3])
-                if not data:
-                    raise CorruptTileError(
-                        f"{self.path}: PNG data ends before row {state[0]} of level 0 (of {self.height} rows); "
-                        "the file is truncated, re-copy it"
-                    )
-                state[3] += len(data)
-                if state[3] >= length:
-                    state[2], state[3] = state[2] + 1, 0
+            data = inflater.unconsumed_tail or self._read_compressed(state)
             try:
                 chunk = inflater.decompress(data, nbytes - have)
             except Exception as exc:
@@ -162,6 +153,22 @@ class _PngStrips:
             return data
         state[4] = data[nbytes:]
         return data[:nbytes]
+
+    def _read_compressed(self, state: list[Any]) -> bytes:
+        """The next piece (<= 1 MiB) of the IDAT chunks' compressed data, advancing ``state``."""
+        while state[2] < len(self.idat) and self.idat[state[2]][1] == 0:
+            state[2] += 1  # empty IDAT chunks are legal
+        offset, length = self.idat[state[2]] if state[2] < len(self.idat) else (0, 0)
+        data = os.pread(self._fd, min(1 << 20, length - state[3]), offset + state[3]) if length else b""
+        if not data:
+            raise CorruptTileError(
+                f"{self.path}: PNG data ends before row {state[0]} of level 0 (of {self.height} rows); "
+                "the file is truncated, re-copy it"
+            )
+        state[3] += len(data)
+        if state[3] >= length:
+            state[2], state[3] = state[2] + 1, 0
+        return data
 
     def _next_block(self, state: list[Any]) -> np.ndarray:
         """Decode the block of rows starting at ``state[0]``; returns (rows, width, channels) uint8."""
