@@ -194,6 +194,45 @@ def _positive(value: float | None, name: str) -> None:
         raise UsageError(f"{name} must be a positive number, got {value!r}")
 
 
+def _numeric_counts(counts: pd.DataFrame, where: Path) -> pd.DataFrame:
+    """The counts table with its text columns made numeric; the first non-numeric cell is an error."""
+    if counts.shape[1] == 0:
+        raise DataFormatError(f"{where}: no gene columns; expected spots x genes with '<x>x<y>' row names")
+    for c in [c for c, dtype in counts.dtypes.items() if dtype.kind not in "iufb"]:
+        coerced = pd.to_numeric(counts[c], errors="coerce")
+        bad = coerced.isna() & counts[c].notna()
+        if bad.any():
+            row = bad.idxmax()
+            raise DataFormatError(
+                f"{where}: non-numeric count {counts.at[row, c]!r} at spot {row}, gene {c}; fix the file"
+            )
+        counts[c] = coerced
+    names = counts.index.astype(str)
+    if names.duplicated().any():
+        raise DataFormatError(f"{where}: spot {names[names.duplicated()][0]!r} appears twice; fix the file")
+    counts.index = names
+    return counts
+
+
+#: Columns a legacy-ST spot file must have: array position and pixel position of each spot.
+_LEGACY_SPOT_COLUMNS = {"x", "y", "pixel_x", "pixel_y"}
+
+
+def _legacy_spots(spots: pd.DataFrame, where: Path) -> pd.DataFrame:
+    """The selected spots of a spot file, numeric and indexed by their '<x>x<y>' key."""
+    need = _LEGACY_SPOT_COLUMNS
+    if not need.issubset(spots.columns):
+        raise DataFormatError(f"{where}: needs columns {sorted(need)}, has {list(spots.columns)[:10]}")
+    if "selected" in spots.columns:
+        spots = spots[pd.to_numeric(spots["selected"], errors="coerce") == 1]
+    for column in ("x", "y"):
+        spots[column] = _numeric_column(spots, column, where, integer=True).astype(np.int64)
+    for column in ("pixel_x", "pixel_y", *(c for c in ("new_x", "new_y") if c in spots.columns)):
+        spots[column] = _numeric_column(spots, column, where)
+    spots = spots.assign(key=spots["x"].astype(str) + "x" + spots["y"].astype(str))
+    return spots.drop_duplicates("key").set_index("key")
+
+
 def read_legacy_st(
     counts_tsv: str | Path,
     spots_tsv: str | Path,
@@ -213,37 +252,11 @@ def read_legacy_st(
     _need(image, "H&E image")
     counts = _read_table(counts_tsv, "counts table", sep="\t", index_col=0)
     spots = _read_table(spots_tsv, "spot file", sep="\t")
-    if counts.shape[1] == 0:
-        raise DataFormatError(f"{counts_tsv}: no gene columns; expected spots x genes with '<x>x<y>' row names")
-    object_columns = [c for c, dtype in counts.dtypes.items() if dtype.kind not in "iufb"]
-    if object_columns:  # text in a count column: name the first offending cell
-        for c in object_columns:
-            coerced = pd.to_numeric(counts[c], errors="coerce")
-            bad = coerced.isna() & counts[c].notna()
-            if bad.any():
-                row = bad.idxmax()
-                raise DataFormatError(
-                    f"{counts_tsv}: non-numeric count {counts.at[row, c]!r} at spot {row}, gene {c}; fix the file"
-                )
-            counts[c] = coerced
-    names = counts.index.astype(str)
-    if names.duplicated().any():
-        raise DataFormatError(f"{counts_tsv}: spot {names[names.duplicated()][0]!r} appears twice; fix the file")
-    need = {"x", "y", "pixel_x", "pixel_y"}
-    if not need.issubset(spots.columns):
-        raise DataFormatError(f"{spots_tsv}: needs columns {sorted(need)}, has {list(spots.columns)[:10]}")
-    if "selected" in spots.columns:
-        spots = spots[pd.to_numeric(spots["selected"], errors="coerce") == 1]
-    for column in ("x", "y"):
-        spots[column] = _numeric_column(spots, column, spots_tsv, integer=True).astype(np.int64)
-    for column in ("pixel_x", "pixel_y", *(c for c in ("new_x", "new_y") if c in spots.columns)):
-        spots[column] = _numeric_column(spots, column, spots_tsv)
-    spots = spots.assign(key=spots["x"].astype(str) + "x" + spots["y"].astype(str))
-    spots = spots.drop_duplicates("key").set_index("key")
-    shared = [k for k in names if k in spots.index]
+    counts = _numeric_counts(counts, counts_tsv)
+    spots = _legacy_spots(spots, spots_tsv)
+    shared = [k for k in counts.index if k in spots.index]
     if len(shared) < 3:
         raise DataFormatError(f"{counts_tsv}: fewer than 3 spots match {spots_tsv} (row names must be '<x>x<y>')")
-    counts.index = names
     counts = counts.loc[shared]
     spots = spots.loc[shared]
     _check_dense(*counts.shape, counts_tsv)
@@ -386,22 +399,8 @@ def _guarded(where: Path, what: str, read: Callable[[], Any]) -> Any:
         raise DataFormatError(f"{where}: not a valid {what} ({type(exc).__name__}: {_one_line(exc)})") from exc
 
 
-def read_spaceranger(
-    outs: str | Path,
-    image: str | Path,
-    *,
-    image_scale: str | float | None = None,
-    mpp: float | None = None,
-    name: str | None = None,
-) -> STSection:
-    """A Space Ranger ``outs/`` folder and its H&E image (full resolution unless ``image_scale``)."""
-    import json
-
-    import h5py
-    from scipy import sparse
-
-    outs, image = Path(outs), Path(image)
-    _positive(mpp, "mpp")
+def _spaceranger_files(outs: Path, image: Path) -> tuple[Path, Path, Path]:
+    """The matrix, spot positions and scale factors of a Space Ranger outs/ folder, each checked to exist."""
     if not outs.is_dir():
         raise InputNotFoundError(f"{outs}: Space Ranger outs/ folder not found; check the section spec")
     h5 = _need(outs / "filtered_feature_bc_matrix.h5", "Space Ranger matrix")
@@ -412,25 +411,30 @@ def read_spaceranger(
     )
     if positions is None:
         raise InputNotFoundError(f"{spatial}: no tissue_positions(_list).csv; is this a Space Ranger outs/ folder?")
-    sf_path = _need(spatial / "scalefactors_json.json", "scale factors")
-    raw_sf = _guarded(sf_path, "scale factors JSON", lambda: json.loads(sf_path.read_bytes()))
-    scalefactors = _scalefactors(raw_sf, sf_path, image_scale)
+    return h5, positions, _need(spatial / "scalefactors_json.json", "scale factors")
 
-    def read_matrix() -> tuple[Any, list[str], list[str]]:
-        with h5py.File(h5, "r") as f:
-            m = f["matrix"]
-            shape = tuple(int(v) for v in m["shape"][:])
-            barcodes = [b.decode() for b in m["barcodes"][:]]
-            genes = [g.decode() for g in m["features"]["name"][:]]
-            if shape != (len(genes), len(barcodes)):
-                raise DataFormatError(
-                    f"{h5}: matrix shape {shape} does not match its {len(genes)} features x {len(barcodes)} barcodes"
-                )
-            _check_dense(len(barcodes), len(genes), h5)
-            mat = sparse.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=shape)
-        return mat, barcodes, genes
 
-    mat, barcodes, genes = _guarded(h5, "Space Ranger feature-barcode matrix", read_matrix)
+def _read_feature_matrix(h5: Path) -> tuple[Any, list[str], list[str]]:
+    """A Space Ranger feature-barcode matrix (genes x barcodes, sparse), its barcodes and gene names."""
+    import h5py
+    from scipy import sparse
+
+    with h5py.File(h5, "r") as f:
+        m = f["matrix"]
+        shape = tuple(int(v) for v in m["shape"][:])
+        barcodes = [b.decode() for b in m["barcodes"][:]]
+        genes = [g.decode() for g in m["features"]["name"][:]]
+        if shape != (len(genes), len(barcodes)):
+            raise DataFormatError(
+                f"{h5}: matrix shape {shape} does not match its {len(genes)} features x {len(barcodes)} barcodes"
+            )
+        _check_dense(len(barcodes), len(genes), h5)
+        mat = sparse.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=shape)
+    return mat, barcodes, genes
+
+
+def _spot_positions(positions: Path, barcodes: list[str]) -> pd.DataFrame:
+    """The tissue positions table, indexed by barcode in the matrix's order; every barcode needs one."""
     header = 0 if positions.name == "tissue_positions.csv" else None
     pos = _read_table(positions, "spot positions", header=header)
     if pos.shape[1] != len(_POSITION_COLUMNS):
@@ -447,11 +451,36 @@ def read_spaceranger(
         raise DataFormatError(
             f"{positions}: {len(missing)} barcodes of the matrix have no position (e.g. {missing[0]})"
         )
-    pos = pos.loc[barcodes]
-    counts = check_counts(np.asarray(mat.T.todense(), dtype=np.float32), h5, barcodes, genes)  # (spots, genes)
-    array_xy = np.stack(
-        [_numeric_column(pos, c, positions, integer=True) for c in ("array_col", "array_row")], axis=1
+    return pos.loc[barcodes]
+
+
+def _array_xy(frame: pd.DataFrame, where: Path) -> np.ndarray:
+    """Integer (array_col, array_row) lattice coordinates from a table's columns."""
+    return np.stack(
+        [_numeric_column(frame, c, where, integer=True) for c in ("array_col", "array_row")], axis=1
     ).astype(np.int64)
+
+
+def read_spaceranger(
+    outs: str | Path,
+    image: str | Path,
+    *,
+    image_scale: str | float | None = None,
+    mpp: float | None = None,
+    name: str | None = None,
+) -> STSection:
+    """A Space Ranger ``outs/`` folder and its H&E image (full resolution unless ``image_scale``)."""
+    import json
+
+    outs, image = Path(outs), Path(image)
+    _positive(mpp, "mpp")
+    h5, positions, sf_path = _spaceranger_files(outs, image)
+    raw_sf = _guarded(sf_path, "scale factors JSON", lambda: json.loads(sf_path.read_bytes()))
+    scalefactors = _scalefactors(raw_sf, sf_path, image_scale)
+    mat, barcodes, genes = _guarded(h5, "Space Ranger feature-barcode matrix", lambda: _read_feature_matrix(h5))
+    pos = _spot_positions(positions, barcodes)
+    counts = check_counts(np.asarray(mat.T.todense(), dtype=np.float32), h5, barcodes, genes)  # (spots, genes)
+    array_xy = _array_xy(pos, positions)
     fullres_xy = np.stack([_numeric_column(pos, c, positions) for c in ("pxl_col_in_fullres", "pxl_row_in_fullres")], 1)
     return _from_positions(
         name or outs.parent.name or outs.name,
@@ -467,6 +496,49 @@ def read_spaceranger(
     )
 
 
+def _read_anndata(path: Path) -> Any:
+    import anndata as ad
+
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:
+        raise DataFormatError(f"{path}: cannot read as AnnData ({type(exc).__name__}: {_one_line(exc)})") from exc
+
+
+def _h5ad_scalefactors(adata: Any, path: Path, library_id: str | None) -> Any:
+    """The raw scale factors of the library in uns['spatial'] (the only one, or ``library_id``)."""
+    if "spatial" not in adata.obsm or "spatial" not in adata.uns or not hasattr(adata.uns["spatial"], "keys"):
+        raise DataFormatError(f"{path}: needs obsm['spatial'] and uns['spatial'] (scanpy's Visium convention)")
+    libs = list(adata.uns["spatial"])
+    lib = library_id or (libs[0] if len(libs) == 1 else None)
+    if lib is None or lib not in adata.uns["spatial"]:
+        raise DataFormatError(f"{path}: choose a library_id among {libs}")
+    entry = adata.uns["spatial"][lib]
+    if not hasattr(entry, "get") or not hasattr(entry.get("scalefactors"), "keys"):
+        raise DataFormatError(f"{path}: uns['spatial'][{lib!r}] lacks 'scalefactors' (scanpy's Visium convention)")
+    return entry["scalefactors"]
+
+
+def _h5ad_counts(adata: Any, path: Path) -> np.ndarray:
+    """Raw counts from layers['counts'] or X, dense float32; normalised values are refused."""
+    x = adata.layers.get("counts", adata.X)
+    if x is None:
+        raise DataFormatError(f"{path}: no count matrix in X or layers['counts']")
+    _check_dense(adata.n_obs, adata.n_vars, path)
+    x = _guarded(path, "count matrix", lambda: np.asarray(x.todense() if hasattr(x, "todense") else x, np.float32))
+    if np.isfinite(x).all() and ((x < 0).any() or not np.allclose(x, np.round(x))):
+        raise DataFormatError(f"{path}: X holds normalised values; put raw counts in X or layers['counts']")
+    return check_counts(x, path, list(adata.obs_names), list(adata.var_names))
+
+
+def _h5ad_positions(adata: Any, path: Path) -> np.ndarray:
+    """obsm['spatial'] as (n_spots, 2) finite x, y pixel positions."""
+    xy = _guarded(path, "obsm['spatial']", lambda: np.asarray(adata.obsm["spatial"], dtype=np.float64))
+    if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2]).all():
+        raise DataFormatError(f"{path}: obsm['spatial'] must hold finite (x, y) pixel positions, shape {xy.shape}")
+    return np.asarray(xy[:, :2])
+
+
 def read_h5ad_section(
     path: str | Path,
     image: str | Path,
@@ -477,42 +549,16 @@ def read_h5ad_section(
     name: str | None = None,
 ) -> STSection:
     """An AnnData with raw counts in X (or layers['counts']), obsm['spatial'] in full-resolution px."""
-    import anndata as ad
-
     path, image = Path(path), Path(image)
     _positive(mpp, "mpp")
     _need(path, "AnnData file")
     _need(image, "H&E image")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:
-        raise DataFormatError(f"{path}: cannot read as AnnData ({type(exc).__name__}: {_one_line(exc)})") from exc
-    if "spatial" not in adata.obsm or "spatial" not in adata.uns or not hasattr(adata.uns["spatial"], "keys"):
-        raise DataFormatError(f"{path}: needs obsm['spatial'] and uns['spatial'] (scanpy's Visium convention)")
-    libs = list(adata.uns["spatial"])
-    lib = library_id or (libs[0] if len(libs) == 1 else None)
-    if lib is None or lib not in adata.uns["spatial"]:
-        raise DataFormatError(f"{path}: choose a library_id among {libs}")
-    entry = adata.uns["spatial"][lib]
-    if not hasattr(entry, "get") or not hasattr(entry.get("scalefactors"), "keys"):
-        raise DataFormatError(f"{path}: uns['spatial'][{lib!r}] lacks 'scalefactors' (scanpy's Visium convention)")
-    scalefactors = _scalefactors(dict(entry["scalefactors"]), path, image_scale)
-    x = adata.layers.get("counts", adata.X)
-    if x is None:
-        raise DataFormatError(f"{path}: no count matrix in X or layers['counts']")
-    _check_dense(adata.n_obs, adata.n_vars, path)
-    x = _guarded(path, "count matrix", lambda: np.asarray(x.todense() if hasattr(x, "todense") else x, np.float32))
-    if np.isfinite(x).all() and ((x < 0).any() or not np.allclose(x, np.round(x))):
-        raise DataFormatError(f"{path}: X holds normalised values; put raw counts in X or layers['counts']")
-    x = check_counts(x, path, list(adata.obs_names), list(adata.var_names))
-    xy = _guarded(path, "obsm['spatial']", lambda: np.asarray(adata.obsm["spatial"], dtype=np.float64))
-    if xy.ndim != 2 or xy.shape[1] < 2 or not np.isfinite(xy[:, :2]).all():
-        raise DataFormatError(f"{path}: obsm['spatial'] must hold finite (x, y) pixel positions, shape {xy.shape}")
-    xy = xy[:, :2]
+    adata = _read_anndata(path)
+    scalefactors = _scalefactors(dict(_h5ad_scalefactors(adata, path, library_id)), path, image_scale)
+    x = _h5ad_counts(adata, path)
+    xy = _h5ad_positions(adata, path)
     if all(c in adata.obs for c in ("array_col", "array_row")):
-        array_xy = np.stack(
-            [_numeric_column(adata.obs, c, path, integer=True) for c in ("array_col", "array_row")], axis=1
-        ).astype(np.int64)
+        array_xy = _array_xy(adata.obs, path)
     else:
         array_xy = _lattice_from_positions(xy, scalefactors)
     return _from_positions(
@@ -551,6 +597,15 @@ def _unique(genes: list[str]) -> list[str]:
     return out
 
 
+def _visium_section(first: Path, parts: list[str]) -> STSection:
+    """``OUTS_DIR:IMAGE[:scale]`` or ``FILE.h5ad:IMAGE[:scale]``, split at ':'."""
+    scale = parts[2] if len(parts) == 3 and parts[2] in ("hires", "lowres") else None
+    if first.is_dir():
+        outs = first / "outs" if (first / "outs").is_dir() else first
+        return read_spaceranger(outs, parts[1], image_scale=scale, name=first.name)
+    return read_h5ad_section(first, parts[1], image_scale=scale)
+
+
 def read_section(spec: str) -> STSection:
     """A section from a command-line spec.
 
@@ -565,12 +620,8 @@ def read_section(spec: str) -> STSection:
     first = Path(parts[0])
     if len(parts) == 2 and not first.exists():
         raise InputNotFoundError(f"{first}: not found (section {spec!r}); give OUTS_DIR:IMAGE or FILE.h5ad:IMAGE")
-    scale = parts[2] if len(parts) == 3 and parts[2] in ("hires", "lowres") else None
-    if first.is_dir() and len(parts) in (2, 3):
-        outs = first / "outs" if (first / "outs").is_dir() else first
-        return read_spaceranger(outs, parts[1], image_scale=scale, name=first.name)
-    if first.suffix == ".h5ad" and len(parts) in (2, 3):
-        return read_h5ad_section(first, parts[1], image_scale=scale)
+    if len(parts) in (2, 3) and (first.is_dir() or first.suffix == ".h5ad"):
+        return _visium_section(first, parts)
     if len(parts) == 3:
         return read_legacy_st(*parts)
     raise UsageError(
