@@ -349,41 +349,19 @@ def evaluate(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="JSON of all numbers to write.")] = None,
 ) -> None:
     """Score a model (or the head under a protocol) next to ridge and training-mean baselines."""
-    import tempfile
-
     from wsi_histosge import evaluate as ev
-    from wsi_histosge.encoders import create_encoder
-    from wsi_histosge.model import load_model
     from wsi_histosge.stdata import read_section
-    from wsi_histosge.train import read_gene_list, select_genes
 
     try:
         if not data:
             raise UsageError("give the sections to evaluate with --data")
         secs = [read_section(s) for s in data]
         if protocol is not None:
-            if protocol not in ("loso", "recovery"):
-                raise UsageError(f"--protocol must be loso or recovery, got {protocol!r}")
-            from wsi_histosge.config import DEFAULT_ENCODER
-
-            enc = create_encoder(encoder or DEFAULT_ENCODER)
-            gene_list = read_gene_list(genes) if genes else select_genes(secs, n_genes, log=_log)
-            if protocol == "loso":
-                if len(secs) < 3:
-                    raise UsageError("leave-one-section-out needs at least 3 sections")
-                result = ev.loso(secs, gene_list, enc, log=_log)
-            else:
-                result = ev.recovery(secs[0], gene_list, enc, log=_log)
+            result = _evaluate_protocol(protocol, secs, genes=genes, n_genes=n_genes, encoder=encoder)
         else:
             if model is None:
                 raise UsageError("give a MODEL folder, or --protocol loso/recovery")
-            m = load_model(model)
-            enc = create_encoder(m.meta.encoder)
-            trains = [read_section(s) for s in train_data or []]
-            result = ev.evaluate_model(m, secs, enc, train_sections=trains, log=_log)
-            if highres:
-                with tempfile.TemporaryDirectory() as tmp:
-                    result["highres"] = ev.highres_consistency(m, secs[-1], Path(tmp), log=_log)
+            result = _evaluate_model(model, secs, [read_section(s) for s in train_data or []], highres=highres)
         if json_out:
             ev.write_json(result, json_out)
         if report:
@@ -394,13 +372,49 @@ def evaluate(
     out_console.print_json(json.dumps(_summary(result)))
 
 
+def _evaluate_protocol(
+    protocol: str, secs: list[Any], *, genes: Path | None, n_genes: int, encoder: str | None
+) -> dict[str, Any]:
+    """Heads trained here under ``loso`` or ``recovery``, next to the baselines."""
+    from wsi_histosge import evaluate as ev
+    from wsi_histosge.config import DEFAULT_ENCODER
+    from wsi_histosge.encoders import create_encoder
+    from wsi_histosge.train import read_gene_list, select_genes
+
+    if protocol not in ("loso", "recovery"):
+        raise UsageError(f"--protocol must be loso or recovery, got {protocol!r}")
+    enc = create_encoder(encoder or DEFAULT_ENCODER)
+    gene_list = read_gene_list(genes) if genes else select_genes(secs, n_genes, log=_log)
+    if protocol == "recovery":
+        return ev.recovery(secs[0], gene_list, enc, log=_log)
+    if len(secs) < 3:
+        raise UsageError("leave-one-section-out needs at least 3 sections")
+    return ev.loso(secs, gene_list, enc, log=_log)
+
+
+def _evaluate_model(model: Path, secs: list[Any], trains: list[Any], *, highres: bool) -> dict[str, Any]:
+    """A trained model on held-out sections (and, with ``highres``, its 4x-density consistency)."""
+    import tempfile
+
+    from wsi_histosge import evaluate as ev
+    from wsi_histosge.encoders import create_encoder
+    from wsi_histosge.model import load_model
+
+    m = load_model(model)
+    result = ev.evaluate_model(m, secs, create_encoder(m.meta.encoder), train_sections=trains, log=_log)
+    if highres:
+        from wsi_histosge.highres import highres_consistency
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result["highres"] = highres_consistency(m, secs[-1], Path(tmp), log=_log)
+    return result
+
+
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers: top-50 mean r per method, per section and pooled."""
     out: dict[str, Any] = {"protocol": result["protocol"]}
     for fold in result.get("folds", []):
         out[fold["section"]] = {m: round(v["top50"]["mean_r"], 4) for m, v in fold["scores"].items()}
-    if "scores" in result:
-        out[result["section"]] = {m: round(v["top50"]["mean_r"], 4) for m, v in result["scores"].items()}
     if "pooled" in result:
         out["pooled_top50_mean_r"] = {
             m: round(v["pooled_top50"]["mean_r"], 4) for m, v in result["pooled"].items() if "pooled_top50" in v
@@ -504,21 +518,10 @@ def batch(
 ) -> None:
     """Run a cohort: resumable, one slide's failure never stops the others. Exit 0 all done, 10 some failed,
     11 all failed, 12 no slides, 15 none failed but some are locked by another run, 130 interrupted."""
-    from rich.live import Live
-
     from wsi_histosge.cohort import EXIT_INTERRUPTED, RunConfig, collect_jobs, run_batch, validate_run
 
-    options = {
-        k: v
-        for k, v in {
-            "model": str(model) if model else None,
-            "stride_um": stride_um,
-            "mpp": mpp,
-            "device": device,
-            "num_workers": slide_workers,
-        }.items()
-        if v is not None
-    }
+    given = {"stride_um": stride_um, "mpp": mpp, "device": device, "num_workers": slide_workers}
+    options = {k: v for k, v in {"model": str(model) if model else None, **given}.items() if v is not None}
     cfg = RunConfig(
         out=out, options=options, retry_failed=retry_failed, state_dir=str(state_dir) if state_dir else None
     )
@@ -529,73 +532,70 @@ def batch(
         _fail(exc)
         return
     _terminate_as_interrupt()
-    done: dict[str, int] = {}
-    n = len(jobs)
-    table = Table(title=escape(f"{n} slide{'s' if n != 1 else ''} -> {out}"))
-    for col in ("id", "status", "spots", "seconds", "error"):
-        table.add_column(col, overflow="fold")
-    # shown from the first finished slide on, so an error before any slide ran is one line
-    live = Live(table, console=console, refresh_per_second=2, transient=as_json)
-
-    def update(state: dict[str, Any]) -> None:
-        if not live.is_started:
-            live.start()
-        done[state.get("status", "?")] = done.get(state.get("status", "?"), 0) + 1
-        table.add_row(
-            escape(str(state.get("id"))),
-            str(state.get("status")),
-            str(state.get("spots", "")),
-            f"{state.get('seconds', 0):.1f}",
-            escape(str(state.get("error", ""))[:200]),
-        )
-        table.caption = ", ".join(f"{k}: {v}" for k, v in done.items()) + f" of {n}"
-
+    live = _BatchTable(len(jobs), out, transient=as_json)
     try:
         try:
-            summary = run_batch(jobs, cfg, workers=workers, scheduler=scheduler, retries=retries, on_update=update)
+            summary = run_batch(jobs, cfg, workers=workers, scheduler=scheduler, retries=retries, on_update=live.update)
         finally:
-            if live.is_started:
-                live.stop()
-                if not as_json and not console.is_terminal:
-                    console.line()  # the last frame ends without a newline when stderr is not a terminal
+            live.stop(newline=not as_json)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]: state is saved; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BaseException as exc:
         _fail(exc)
         return
-    if as_json:
-        out_console.print_json(
-            json.dumps(
-                {
-                    "exit_code": summary.exit_code,
-                    "counts": summary.counts,
-                    "seconds": summary.seconds,
-                    "slides": summary.rows,
-                },
-                default=str,
-            )
-        )
-    else:
-        console.print(
-            escape(
-                ", ".join(f"{k}: {v}" for k, v in summary.counts.items())
-                + f" in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}"
-            ),
-            highlight=False,
-            soft_wrap=True,
-        )
-        locked = [r for r in summary.rows if r.get("status") == "locked"]
-        if locked:
-            console.print(
-                escape(
-                    f"{len(locked)} slide(s) are being processed by another run ({locked[0].get('error', '')}); "
-                    "they were left alone: rerun when that run has finished"
-                ),
-                highlight=False,
-                soft_wrap=True,
-            )
+    _print_batch_summary(summary, cfg, as_json)
     raise typer.Exit(summary.exit_code)
+
+
+class _BatchTable:
+    """The live table of finished slides, shown from the first finished slide on (so an error before any
+    slide ran stays one line)."""
+
+    def __init__(self, n: int, out: str, *, transient: bool) -> None:
+        from rich.live import Live
+
+        self.n = n
+        self.done: dict[str, int] = {}
+        self.table = Table(title=escape(f"{n} slide{'s' if n != 1 else ''} -> {out}"))
+        for col in ("id", "status", "spots", "seconds", "error"):
+            self.table.add_column(col, overflow="fold")
+        self.live = Live(self.table, console=console, refresh_per_second=2, transient=transient)
+
+    def update(self, state: dict[str, Any]) -> None:
+        if not self.live.is_started:
+            self.live.start()
+        status = str(state.get("status", "?"))
+        self.done[status] = self.done.get(status, 0) + 1
+        self.table.add_row(
+            escape(str(state.get("id"))),
+            status,
+            str(state.get("spots", "")),
+            f"{state.get('seconds', 0):.1f}",
+            escape(str(state.get("error", ""))[:200]),
+        )
+        self.table.caption = ", ".join(f"{k}: {v}" for k, v in self.done.items()) + f" of {self.n}"
+
+    def stop(self, *, newline: bool) -> None:
+        if self.live.is_started:
+            self.live.stop()
+            if newline and not console.is_terminal:
+                console.line()  # the last frame ends without a newline when stderr is not a terminal
+
+
+def _print_batch_summary(summary: Any, cfg: Any, as_json: bool) -> None:
+    if as_json:
+        payload = {"exit_code": summary.exit_code, "counts": summary.counts, "seconds": summary.seconds}
+        out_console.print_json(json.dumps({**payload, "slides": summary.rows}, default=str))
+        return
+    counts = ", ".join(f"{k}: {v}" for k, v in summary.counts.items())
+    _log(f"{counts} in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}")
+    locked = [r for r in summary.rows if r.get("status") == "locked"]
+    if locked:
+        _log(
+            f"{len(locked)} slide(s) are being processed by another run ({locked[0].get('error', '')}); "
+            "they were left alone: rerun when that run has finished"
+        )
 
 
 @app.command()

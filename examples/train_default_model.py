@@ -1,9 +1,9 @@
 """Reproduce the built-in default model (wsi_histosge/models/her2st-effnetlite0).
 
 Trains the HisToSGE head on HER2ST sections C2-C5 with the offline EfficientNet-Lite0 encoder and
-reports per-gene Pearson r on the held-out section C6, next to ridge and training-mean baselines on the
-same features. The number of epochs is chosen without looking at C6: first C2-C4 -> C5 with early
-stopping, then C2-C5 for that many epochs.
+scores it on the held-out section C6, next to ridge and training-mean baselines on the same features, with
+the library's one training flow (``train.fit_and_score``). The number of epochs is chosen without looking
+at C6: first C2-C4 -> C5 with early stopping, then C2-C5 for that many epochs.
 
     python examples/train_default_model.py --data ../shared/data/her2st --out wsi_histosge/models/her2st-effnetlite0
 """
@@ -16,20 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_histosge.dataset import make_sets, pooled_offsets_um
 from wsi_histosge.encoders import create_encoder
-from wsi_histosge.evaluate import mean_baseline, ridge_baseline, top_variable
-from wsi_histosge.metrics import score
 from wsi_histosge.model import HeadConfig, save_model
 from wsi_histosge.stdata import her2st_section
-from wsi_histosge.train import (
-    FitConfig,
-    build_model,
-    choose_epochs,
-    fit_head,
-    make_sets,
-    pooled_offsets_um,
-    predict_set,
-)
+from wsi_histosge.train import FitConfig, build_model, fit_and_score
 
 
 def main() -> None:
@@ -43,32 +34,21 @@ def main() -> None:
     genes = [str(g) for g in np.load(args.data / "gene-lists" / "her_hvg_cut_1000.npy", allow_pickle=False)]
     encoder = create_encoder("efficientnet-lite0")
     train_secs = [her2st_section(args.data, n) for n in args.train.split(",")]
-    test_sec = her2st_section(args.data, args.test)
+    test_secs = [her2st_section(args.data, n) for n in args.test.split(",")]
     train = make_sets(train_secs, genes, encoder)
-    test = make_sets([test_sec], genes, encoder)[0]
+    test = make_sets(test_secs, genes, encoder)
 
     head_cfg = HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
-    fit = FitConfig()
-    epochs = choose_epochs(head_cfg, train, fit)
-    head, _ = fit_head(head_cfg, train, None, fit, fixed_epochs=epochs)
-    top = top_variable(train)
-    preds = {
-        "head": predict_set(head, test),
-        "ridge": ridge_baseline(train, test),
-        "training_mean": mean_baseline(train, test),
-    }
+    fitted = fit_and_score(head_cfg, train, test, FitConfig(), genes=genes)
     metrics = {
-        "protocol": f"train {args.train} -> test {args.test} (HER2ST patient C, within-patient); "
-        f"epochs ({epochs}) chosen on {train_secs[-1].name}",
-        **{f"{m}_all_genes": score(p, test.targets, test_sec.array_xy) for m, p in preds.items()},
-        **{f"{m}_top50_hvg": score(p, test.targets, test_sec.array_xy, top) for m, p in preds.items()},
-        "epochs": epochs,
+        "protocol": f"train {args.train} -> test {args.test} (HER2ST patient C, within-patient)",
+        **fitted.metrics,
     }
-    print(json.dumps(metrics, indent=1))
+    print(json.dumps({k: v for k, v in metrics.items() if k != "top50_genes"}, indent=1))
     if args.out:
         gene_means = np.concatenate([t.targets for t in train]).mean(0)
         model = build_model(
-            head,
+            fitted.head,
             genes,
             encoder,
             spot_um=100.0,

@@ -298,25 +298,10 @@ def to_anndata(
     c = read_cube(cube)
     if not allow_incomplete:
         c.require_complete()
-    attrs, meta = c.attrs, c.attrs[ATTR_KEY]
-    f = bin_factor(attrs, resolution)
-    stride = float(attrs["stride_um"])
-    ny, nx = c.tissue.shape
-    if f > max(ny, nx):
-        raise UsageError(
-            f"--bin-um {f * stride:g} is larger than the whole cube ({nx * stride:g} x {ny * stride:g} µm); use at "
-            f"most --bin-um {max(ny, nx) * stride:g} (one bin)"
-        )
+    meta = c.attrs[ATTR_KEY]
+    f = bin_factor(c.attrs, resolution)
     lacking = c.lacking()
-    counts = _candidate_counts(c.usable_cells(), f, band_cells)
-    by, bx = np.nonzero(counts)
-    if len(by) == 0:
-        if lacking:
-            raise CubeIncompleteError(
-                f"{cube}: no chunk with tissue is written yet ({len(lacking)} lacking); rerun `wsi-histosge infer` "
-                "with the same options to finish the cube"
-            )
-        raise UsageError(f"{cube}: no predicted cells in the cube")
+    by, bx = _bins_to_write(c, cube, f, band_cells, lacking)
     slide_path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
     if not slide_path.exists():  # a file, or a DICOM series folder
         raise SlideNotFoundError(f"{slide_path}: the cube's slide is not there (moved?); pass --slide PATH")
@@ -355,6 +340,29 @@ def to_anndata(
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _bins_to_write(
+    c: Any, cube: str | Path, f: int, band_cells: int, lacking: list[Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of the ``f`` x ``f`` bins holding at least one usable cell; refuses a bin larger than the
+    cube and a cube with nothing to convert."""
+    stride = float(c.attrs["stride_um"])
+    ny, nx = c.tissue.shape
+    if f > max(ny, nx):
+        raise UsageError(
+            f"--bin-um {f * stride:g} is larger than the whole cube ({nx * stride:g} x {ny * stride:g} µm); use at "
+            f"most --bin-um {max(ny, nx) * stride:g} (one bin)"
+        )
+    by, bx = np.nonzero(_candidate_counts(c.usable_cells(), f, band_cells))
+    if len(by) == 0:
+        if lacking:
+            raise CubeIncompleteError(
+                f"{cube}: no chunk with tissue is written yet ({len(lacking)} lacking); rerun `wsi-histosge infer` "
+                "with the same options to finish the cube"
+            )
+        raise UsageError(f"{cube}: no predicted cells in the cube")
+    return by, bx
 
 
 def _anndata_without_x(

@@ -32,22 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from .baselines import ridge_baseline
+from .dataset import MIN_GENE_VARIANCE, TrainSet, make_sets, top_variable
 from .errors import DataFormatError
 from .metrics import pearson_per_gene, rasterise, score
 from .model import HeadConfig, Model
 from .stdata import STSection
-from .train import (
-    MIN_GENE_VARIANCE,
-    FitConfig,
-    Groups,
-    TrainSet,
-    choose_epochs,
-    feature_scale,
-    fit_head,
-    make_sets,
-    measured_genes,
-    predict_set,
-)
+from .train import FitConfig, fit_and_score, fit_head, measured_genes, predict_set, score_methods
 
 #: A section is scored against a model only when it measures at least this fraction of the model's genes...
 MIN_OVERLAP_FRACTION = 0.5
@@ -57,36 +48,6 @@ OVERLAP_RULE = (
     f"a section must measure at least {MIN_OVERLAP_FRACTION:.0%} of the model's genes and at least "
     f"{MIN_OVERLAP_GENES} of them (all, for a model of fewer genes); only genes measured in every section are scored"
 )
-
-
-def _z(train_x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    mean, std = feature_scale(train_x)
-    return lambda a: np.clip((a - mean) / std, -5, 5)
-
-
-def ridge_baseline(train: Sequence[TrainSet], test: TrainSet, *, pca_dims: int = 256) -> np.ndarray:
-    """Ridge on standardised, clipped features reduced by PCA; alpha by (generalised) cross-validation."""
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import RidgeCV
-
-    x = np.concatenate([t.features for t in train])
-    y = np.concatenate([t.targets for t in train])
-    z = _z(x)
-    pca = PCA(n_components=min(pca_dims, x.shape[0] - 1, x.shape[1]), random_state=0).fit(z(x))
-    model = RidgeCV(alphas=np.logspace(-1, 5, 13)).fit(pca.transform(z(x)), y)
-    return np.asarray(model.predict(pca.transform(z(test.features))))
-
-
-def mean_baseline(train: Sequence[TrainSet], test: TrainSet) -> np.ndarray:
-    mean = np.concatenate([t.targets for t in train]).mean(0)
-    return np.repeat(mean[None], len(test.targets), axis=0)
-
-
-def top_variable(train: Sequence[TrainSet], n: int = 50) -> np.ndarray:
-    """Indices of the ``n`` most variable genes of the training targets, among those that vary at all."""
-    var = np.concatenate([t.targets for t in train]).var(0)
-    order = np.argsort(-var, kind="stable")[:n]
-    return order[var[order] > MIN_GENE_VARIANCE]
 
 
 def required_overlap(n_model_genes: int) -> int:
@@ -103,13 +64,6 @@ def _require_scorable(sections: Sequence[STSection], genes: list[str]) -> None:
                 f"{sec.label}: none of the {len(genes)} scored genes varies across its "
                 f"{len(sec.counts)} spots; there is nothing to score"
             )
-
-
-def _scores(preds: dict[str, np.ndarray], test: TrainSet, array_xy: np.ndarray, top: np.ndarray) -> dict[str, Any]:
-    return {
-        method: {"all_genes": score(p, test.targets, array_xy), "top50": score(p, test.targets, array_xy, top)}
-        for method, p in preds.items()
-    }
 
 
 def _pooled(
@@ -150,32 +104,17 @@ def loso(
     folds: list[dict[str, Any]] = []
     preds: dict[str, list[np.ndarray]] = {"head": [], "ridge": [], "training_mean": []}
     truth = []
-    for i, test_sec in enumerate(sections):
+    for i, test in enumerate(sets):
         train = [s for j, s in enumerate(sets) if j != i]
-        test = sets[i]
-        epochs = choose_epochs(head_cfg, train, fit)
-        head, _ = fit_head(head_cfg, train, None, fit, fixed_epochs=epochs)
-        p = {
-            "head": predict_set(head, test),
-            "ridge": ridge_baseline(train, test),
-            "training_mean": mean_baseline(train, test),
-        }
-        top = top_variable(train)
-        folds.append(
-            {
-                "section": test_sec.name,
-                "spots": len(test.features),
-                "epochs": epochs,
-                "top50_genes": [genes[g] for g in top],
-                "scores": _scores(p, test, test_sec.array_xy, top),
-            }
-        )
-        for k, v in p.items():
+        fitted = fit_and_score(head_cfg, train, [test], fit, genes=genes)
+        fold = {**fitted.metrics["folds"][0], "top50_genes": fitted.metrics["top50_genes"]}
+        folds.append(fold)
+        for k, v in fitted.predictions[0].items():
             preds[k].append(v)
         truth.append(test.targets)
-        s = folds[-1]["scores"]
+        s = fold["scores"]
         log(
-            f"{test_sec.name}: top-50 mean r head {s['head']['top50']['mean_r']:.3f}, "
+            f"{test.name}: top-50 mean r head {s['head']['top50']['mean_r']:.3f}, "
             f"ridge {s['ridge']['top50']['mean_r']:.3f}, mean {s['training_mean']['top50']['mean_r']:.3f}"
         )
     top_all = top_variable(sets)
@@ -212,22 +151,12 @@ def recovery(
     inner = rng.permutation(tr_idx)
     fit_idx, val_idx = np.sort(inner[: int(0.8 * len(inner))]), np.sort(inner[int(0.8 * len(inner)) :])
 
-    def subset(idx: np.ndarray) -> TrainSet:
-        return TrainSet(full.features, full.targets[idx], _subset_groups(full.groups, idx))
-
     head_cfg = head_cfg or HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
-    _, info = fit_head(head_cfg, [subset(fit_idx)], [subset(val_idx)], fit)
-    head, _ = fit_head(head_cfg, [subset(tr_idx)], None, fit, fixed_epochs=int(info["best_epoch"]))
-    train, test = subset(tr_idx), subset(te_idx)
-    train_flat = TrainSet(full.features[tr_idx], full.targets[tr_idx], _subset_groups(full.groups, tr_idx))
-    test_flat = TrainSet(full.features[te_idx], full.targets[te_idx], _subset_groups(full.groups, te_idx))
-    p = {
-        "head": predict_set(head, test),
-        "ridge": ridge_baseline([train_flat], test_flat),
-        "training_mean": mean_baseline([train], test),
-    }
-    top = top_variable([train_flat])
-    scores = _scores(p, test_flat, section.array_xy[te_idx], top)
+    _, info = fit_head(head_cfg, [full.subset(fit_idx)], [full.subset(val_idx)], fit)
+    epochs = int(info["best_epoch"])
+    fitted = fit_and_score(head_cfg, [full.subset(tr_idx)], [full.subset(te_idx)], fit, genes=genes, epochs=epochs)
+    fold = {**fitted.metrics["folds"][0], "top50_genes": fitted.metrics["top50_genes"]}
+    scores = fold["scores"]
     log(
         f"recovery {section.name}: top-50 mean r head {scores['head']['top50']['mean_r']:.3f}, "
         f"ridge {scores['ridge']['top50']['mean_r']:.3f}"
@@ -237,14 +166,10 @@ def recovery(
         "section": section.name,
         "train_spots": len(tr_idx),
         "test_spots": len(te_idx),
-        "epochs": int(info["best_epoch"]),
-        "scores": scores,
+        "epochs": epochs,
+        "folds": [fold],
         "genes": genes,
     }
-
-
-def _subset_groups(groups: Groups, idx: np.ndarray) -> Groups:
-    return Groups(groups.index[idx], groups.offsets_um[idx], groups.absolute[idx])
 
 
 def evaluate_model(
@@ -298,7 +223,7 @@ def evaluate_model(
         if train_sets:
             p["ridge"] = ridge_baseline(train_sets, ts)
         top = top_variable(train_sets or [ts])
-        folds.append({"section": sec.name, "spots": len(ts.features), "scores": _scores(p, ts, sec.array_xy, top)})
+        folds.append({"section": sec.name, "spots": len(ts.targets), "scores": score_methods(p, ts, top)})
         for k, v in p.items():
             preds.setdefault(k, []).append(v)
         truth.append(ts.targets)
@@ -334,69 +259,6 @@ def _maps_payload(
         "array_xy": section.array_xy,
         "measured": data.targets[:, best],
         "predicted": pred[:, best],
-    }
-
-
-# -- high-resolution consistency ----------------------------------------------------------------
-def highres_consistency(
-    model: Model, section: STSection, workdir: Path, *, density: int = 4, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Predict the section at ``density`` x the spot density with the whole-slide pipeline, aggregate the
-    sub-spots inside each measured spot (linear space), and correlate with the spot-level prediction."""
-    from .encoders import create_encoder
-    from .infer import InferOptions, infer_slide
-    from .store import open_cube
-
-    stride = model.meta.spot_um / np.sqrt(density)
-    cube = workdir / f"{section.name}-highres.zarr"
-    infer_slide(
-        section.image,
-        cube,
-        InferOptions(
-            model=model.source,
-            mpp=section.mpp,
-            stride_um=stride,
-            overwrite=True,
-            write_geojson=False,
-        ),
-        log=log,
-    )
-    g = open_cube(cube)
-    expr = np.asarray(g["expression"][:], dtype=np.float64)
-    affine = np.asarray(g.attrs["affine_level0"])
-    ny, nx = expr.shape[1:]
-    iy, ix = np.mgrid[0:ny, 0:nx]
-    centres = (affine @ np.stack([ix.ravel(), iy.ravel(), np.ones(ix.size)]))[:2].T
-    radius_px = model.meta.spot_um / 2 / section.mpp
-    lin = np.expm1(expr.reshape(expr.shape[0], -1))
-    agg = np.full((len(section.centres_level0), expr.shape[0]), np.nan)
-    for i, c in enumerate(section.centres_level0):
-        inside = np.nonzero(((centres - c) ** 2).sum(1) <= radius_px**2)[0]
-        vals = lin[:, inside]
-        vals = vals[:, np.isfinite(vals).all(0)]
-        if vals.shape[1]:
-            agg[i] = np.log1p(vals.mean(1))
-    genes = measured_genes([section], list(model.meta.genes), log=log)
-    position = {g: i for i, g in enumerate(model.meta.genes)}
-    cols = np.array([position[g] for g in genes], dtype=np.int64)
-    agg = agg[:, cols]
-    ok = np.isfinite(agg).all(1)
-    enc = create_encoder(model.meta.encoder)
-    spot = make_sets([section], genes, enc, log=log)[0]
-    spot_pred = predict_set(model.head, spot)[:, cols]
-    r_vs_spot = pearson_per_gene(agg[ok], spot_pred[ok])
-    r_vs_measured_agg = pearson_per_gene(agg[ok], spot.targets[ok])
-    r_vs_measured_spot = pearson_per_gene(spot_pred[ok], spot.targets[ok])
-    return {
-        "section": section.name,
-        "genes_compared": len(genes),
-        "density": density,
-        "stride_um": float(stride),
-        "spots_compared": int(ok.sum()),
-        "mean_r_aggregated_vs_spot_prediction": float(np.nanmean(r_vs_spot)),
-        "median_r_aggregated_vs_spot_prediction": float(np.nanmedian(r_vs_spot)),
-        "mean_r_aggregated_vs_measured": float(np.nanmean(r_vs_measured_agg)),
-        "mean_r_spot_prediction_vs_measured": float(np.nanmean(r_vs_measured_spot)),
     }
 
 
@@ -480,9 +342,6 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
             )
         )
         rows.append(table(f"{fold['section']}, all genes", fold["scores"], "all_genes"))
-    if "scores" in result:
-        rows.append(table(f"{result.get('section', '')}: top 50", result["scores"], "top50"))
-        rows.append(table(f"{result.get('section', '')}: all genes", result["scores"], "all_genes"))
     if "pooled" in result:
         pooled = {
             m: {"top50": v.get("pooled_top50", {}), "all": v["pooled_all_genes"], "sec": v["mean_of_sections_top50"]}

@@ -360,7 +360,6 @@ def _infer_slide(
 
     validate_options(options)
     slide = open_slide(slide_path, mpp=options.mpp, skip_bad_tiles=options.on_bad_tile == "skip")
-    mpp = slide.mpp
     model_path = Path(options.model) if options.model is not None else default_model_path()
     model = load_model(model_path)
     if options.model is None:
@@ -400,23 +399,7 @@ def _infer_slide(
     device = resolve_device(options.device)
     dtype = resolve_precision(device, options.precision)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    mask_hash = hashlib.sha256(np.packbits(tissue.mask).tobytes()).hexdigest()[:16]
-    fp_parts = {
-        "slide": slide.fingerprint,
-        "model": model.sha256,
-        "encoder": encoder.weights_hash,
-        "mpp": [mpp.x, mpp.y],
-        "stride_um": stride,
-        "spot_um": spot,
-        "context_um": context,
-        "origin_um": list(grid.origin_um),
-        "min_tissue_fraction": options.min_tissue_fraction,
-        "tissue_mask": mask_hash,
-        "precision": precision,
-        "genes": len(model.meta.genes),
-        "on_bad_tile": options.on_bad_tile,
-    }
-    fingerprint = run_fingerprint(fp_parts)
+    fingerprint = run_fingerprint(_fingerprint_parts(slide, model, encoder, grid, tissue, options, precision))
     attrs = _cube_attributes(slide, model, encoder, grid, tissue, fingerprint, precision)
     lock = None if is_url(out) else OutputLock(sidecar(out, ".lock"))
     if lock is not None:
@@ -427,6 +410,33 @@ def _infer_slide(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _fingerprint_parts(
+    slide: Slide,
+    model: Model,
+    encoder: Encoder,
+    grid: Grid,
+    tissue: TissueMask,
+    options: InferOptions,
+    precision: str,
+) -> dict[str, Any]:
+    """What decides the cube's values: a run resumes a cube only when all of these are the same."""
+    return {
+        "slide": slide.fingerprint,
+        "model": model.sha256,
+        "encoder": encoder.weights_hash,
+        "mpp": [slide.mpp.x, slide.mpp.y],
+        "stride_um": grid.stride_um,
+        "spot_um": grid.spot_um,
+        "context_um": grid.context_um,
+        "origin_um": list(grid.origin_um),
+        "min_tissue_fraction": options.min_tissue_fraction,
+        "tissue_mask": hashlib.sha256(np.packbits(tissue.mask).tobytes()).hexdigest()[:16],
+        "precision": precision,
+        "genes": len(model.meta.genes),
+        "on_bad_tile": options.on_bad_tile,
+    }
 
 
 @dataclass
