@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .encoders import Encoder
 from .grid import Block, Grid
+from .runtime import keep_freed_memory
 from .slide import Slide
 
 
@@ -252,6 +253,8 @@ def encode_tile(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Features (N, D) of every centre's patch in a tile, in fixed sub-batches (deterministic)."""
+    if device.type == "cpu":
+        keep_freed_memory()  # once per process: activation buffers reused, not re-mapped every batch
     tile = tile.to(device, non_blocking=True)
     ctx = (context_um / mpp[0], context_um / mpp[1])
     feats = []
