@@ -193,14 +193,14 @@ def test_class_token_pool_is_what_virchow2_gave(tmp_path: Path) -> None:
         np.testing.assert_array_equal(enc(x).numpy(), before.numpy())
 
 
-# -- the offline default: features bit-identical to before the registry refactor ----------------
-#: sha256 of the float32 bytes of create_encoder("efficientnet-lite0") features for the input below, computed
-#: with the pre-refactor encoders.py (commit d6dabd5) on torch 2.14.1+cu130 (CPU, one thread):
+# -- the offline default: features as before the registry refactor ------------------------------
+#: sha256 of the float32 bytes of create_encoder("efficientnet-lite0") features for the input below, on
+#: torch 2.14.1+cu130 (CPU, one thread), since the encoder runs channels_last (commit 8bec45a; NCHW before):
 #:   torch.set_num_threads(1); x01 = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 #:   enc = create_encoder("efficientnet-lite0"); f = enc(enc.normalise(x01)); sha256(f.numpy().tobytes())
 #: Float kernels differ between torch builds and thread counts, so the hash is only checked on that torch
-#: build; the comparison with the old code path below holds everywhere.
-EFFNET_FEATURES_SHA256 = "743bd67b509235737a87ffff6a3f977df0fe4262d251ecf32e0eea24be84fe23"
+#: build; the comparison with the old (NCHW) code path below holds everywhere, to float32 rounding.
+EFFNET_FEATURES_SHA256 = "929f08eea9aff264e80627429f2cb709b2b79f3f69e94f50c435091c8d0943ea"
 EFFNET_HASH_TORCH = "2.14.1+cu130"
 
 
@@ -233,4 +233,5 @@ def test_efficientnet_lite0_features_are_unchanged() -> None:
     std = torch.tensor([128.0 / 255] * 3).view(1, 3, 1, 1)
     with torch.inference_mode():
         old = net.eval().extract_features((x01 - mean) / std).mean(dim=(2, 3)).numpy()
-    np.testing.assert_array_equal(feats, old)
+    # channels_last vs NCHW: the same network to float32 rounding (features are O(1), up to ~6)
+    np.testing.assert_allclose(feats, old, rtol=0, atol=1e-4)
