@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,107 +231,176 @@ _HEAD_INTS = ("in_dim", "n_genes", "dim", "depth", "heads", "dim_head", "hidden"
 #: No head field is anywhere near this (the widest encoders are ~2k-d, gene panels ~40k).
 _MAX_HEAD_INT = 2**24
 
+#: The keys every model.json must have (the fields of ModelMeta without a default).
+_REQUIRED_META = tuple(
+    name for name, f in ModelMeta.__dataclass_fields__.items() if f.default is MISSING and f.default_factory is MISSING
+)
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite_positive(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_object(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_offset_list(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(o, list) and len(o) == 2 and all(_is_number(v) for v in o) for o in value)
+        and all(math.isfinite(v) for o in value for v in o)
+    )
+
+
+def _is_head_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_HEAD_INT
+
+
+#: (key, rule its value must pass, what it must be): ``{value!r}`` and ``{type}`` name what was found.
+_Rule = tuple[str, Callable[[Any], bool], str]
+
+#: Top-level fields of model.json, in the order they are checked; those present are checked (the
+#: required ones always are).
+_META_RULES: tuple[_Rule, ...] = (
+    *((k, _is_finite_positive, "must be a positive number of µm, got {value!r}") for k in ("spot_um", "context_um")),
+    *(
+        (k, _is_str, "must be a string, got {type}")
+        for k in ("encoder", "encoder_weights_sha256", "name", "units", "software_version")
+    ),
+    *((k, _is_object, "must be an object, got {type}") for k in ("normalisation", "training", "metrics")),
+    ("neighbour_offsets_um", _is_offset_list, "must be a non-empty list of finite (x, y) offset pairs in µm"),
+    (
+        "neighbour_offsets_um",
+        lambda offsets: offsets[0] == [0, 0],
+        "must start with [0, 0] (the spot itself), starts with {value[0]}",
+    ),
+    ("head", _is_object, "must be an object, got {type}"),
+)
+
+_HEAD_INT_WHAT = f"must be a positive integer up to {_MAX_HEAD_INT}, got {{value!r}}"
+
+#: The head's sizes; a null mlp_dim means the model width.
+_HEAD_SIZE_RULES: tuple[_Rule, ...] = (
+    *((k, _is_head_int, _HEAD_INT_WHAT) for k in _HEAD_INTS),
+    ("mlp_dim", lambda v: v is None or _is_head_int(v), _HEAD_INT_WHAT),
+)
+
+#: Checked after the sizes and after 'in_dim' and 'n_genes' are known to be there.
+_HEAD_OPTION_RULES: tuple[_Rule, ...] = (
+    ("dropout", lambda v: _is_number(v) and 0 <= v < 1, "must be a number in [0, 1), got {value!r}"),
+    ("position_scale_um", _is_finite_positive, "must be a positive number, got {value!r}"),
+    ("position_mode", lambda v: v in POSITION_MODES, f"must be one of {POSITION_MODES}, got {{value!r}}"),
+)
+
+_Problem = tuple[str, str] | None
+
+
+def _first_broken_rule(values: dict[str, Any], rules: tuple[_Rule, ...], prefix: str = "") -> _Problem:
+    """(key, what is wrong) for the first rule a present key breaks, or None."""
+    for key, rule, what in rules:
+        if key in values and not rule(values[key]):
+            value = values[key]
+            return prefix + key, what.format(value=value, type=type(value).__name__)
+    return None
+
+
+def _genes_problem(genes: Any) -> _Problem:
+    """Gene names: a non-empty list of distinct non-empty strings."""
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) and g for g in genes):
+        return "genes", "must be a non-empty list of gene names (strings)"
+    if len(set(genes)) != len(genes):
+        seen: set[str] = set()
+        dup = next(g for g in genes if g in seen or seen.add(g))  # type: ignore[func-returns-value]
+        return "genes", f"names a gene twice ({dup!r})"
+    return None
+
+
+def _head_problem(head: dict[str, Any], n_genes: int) -> _Problem:
+    """The head's fields: known names, sizes, the two it cannot do without, options, one output per gene."""
+    unknown = sorted(set(head) - set(HeadConfig.__dataclass_fields__))
+    if unknown:
+        return "head", f"has unknown fields {unknown}"
+    problem = _first_broken_rule(head, _HEAD_SIZE_RULES, "head.")
+    if problem:
+        return problem
+    for key in ("in_dim", "n_genes"):
+        if key not in head:
+            return "head", f"lacks '{key}'"
+    problem = _first_broken_rule(head, _HEAD_OPTION_RULES, "head.")
+    if problem:
+        return problem
+    if head["n_genes"] != n_genes:
+        return "head.n_genes", f"is {head['n_genes']} but 'genes' lists {n_genes} genes"
+    return None
+
+
+def _gene_means_problem(training: dict[str, Any], n_genes: int) -> _Problem:
+    """The training set's mean expression, when recorded: one finite number per gene."""
+    means = training.get("gene_means")
+    if means is not None and (
+        not isinstance(means, list)
+        or len(means) != n_genes
+        or not all(_is_number(v) and math.isfinite(v) for v in means)
+    ):
+        return "training.gene_means", f"must be {n_genes} finite numbers, one per gene"
+    return None
+
+
 def _check_meta(raw: dict[str, Any], meta_path: Path) -> None:
     """Types and values of a checkpoint's JSON; anything malformed is a :class:`DataFormatError` naming the key."""
-
-    def bad(key: str, what: str) -> DataFormatError:
-        return DataFormatError(
+    missing = [k for k in ("format", *_REQUIRED_META) if k not in raw]
+    if missing:
+        raise DataFormatError(f"{meta_path}: lacks the key(s) {', '.join(missing)}; this is not a complete model.json")
+    genes = raw["genes"]
+    problem = (
+        _genes_problem(genes)
+        or _first_broken_rule(raw, _META_RULES)
+        or _head_problem(raw["head"], len(genes))
+        or _gene_means_problem(raw.get("training", {}), len(genes))
+    )
+    if problem:
+        key, what = problem
+        raise DataFormatError(
             f"{meta_path}: '{key}' {what}; the file is corrupt or was edited by hand "
             "(restore the model.json written by `train`)"
         )
 
-    required = [
-        name
-        for name, f in ModelMeta.__dataclass_fields__.items()
-        if f.default is MISSING and f.default_factory is MISSING
-    ]
-    missing = [k for k in ("format", *required) if k not in raw]
-    if missing:
-        raise DataFormatError(f"{meta_path}: lacks the key(s) {', '.join(missing)}; this is not a complete model.json")
-    genes = raw["genes"]
-    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) and g for g in genes):
-        raise bad("genes", "must be a non-empty list of gene names (strings)")
-    if len(set(genes)) != len(genes):
-        seen: set[str] = set()
-        dup = next(g for g in genes if g in seen or seen.add(g))  # type: ignore[func-returns-value]
-        raise bad("genes", f"names a gene twice ({dup!r})")
-    for key in ("spot_um", "context_um"):
-        if not _is_number(raw[key]) or not math.isfinite(raw[key]) or raw[key] <= 0:
-            raise bad(key, f"must be a positive number of µm, got {raw[key]!r}")
-    for key in ("encoder", "encoder_weights_sha256"):
-        if not isinstance(raw[key], str):
-            raise bad(key, f"must be a string, got {type(raw[key]).__name__}")
-    for key in ("name", "units", "software_version"):
-        if key in raw and not isinstance(raw[key], str):
-            raise bad(key, f"must be a string, got {type(raw[key]).__name__}")
-    for key in ("normalisation", "training", "metrics"):
-        if key in raw and not isinstance(raw[key], dict):
-            raise bad(key, f"must be an object, got {type(raw[key]).__name__}")
-    offsets = raw["neighbour_offsets_um"]
-    if (
-        not isinstance(offsets, list)
-        or not offsets
-        or not all(isinstance(o, list) and len(o) == 2 and all(_is_number(v) for v in o) for o in offsets)
-        or not all(math.isfinite(v) for o in offsets for v in o)
-    ):
-        raise bad("neighbour_offsets_um", "must be a non-empty list of finite (x, y) offset pairs in µm")
-    if offsets[0] != [0, 0]:
-        raise bad("neighbour_offsets_um", f"must start with [0, 0] (the spot itself), starts with {offsets[0]}")
-    head = raw["head"]
-    if not isinstance(head, dict):
-        raise bad("head", f"must be an object, got {type(head).__name__}")
-    unknown = sorted(set(head) - set(HeadConfig.__dataclass_fields__))
-    if unknown:
-        raise bad("head", f"has unknown fields {unknown}")
-    for key in (*_HEAD_INTS, "mlp_dim"):
-        if key not in head or (key == "mlp_dim" and head[key] is None):  # mlp_dim null: the model width
-            continue
-        value = head[key]
-        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_HEAD_INT):
-            raise bad(f"head.{key}", f"must be a positive integer up to {_MAX_HEAD_INT}, got {value!r}")
-    for key in ("in_dim", "n_genes"):
-        if key not in head:
-            raise bad("head", f"lacks '{key}'")
-    if "dropout" in head and not (_is_number(head["dropout"]) and 0 <= head["dropout"] < 1):
-        raise bad("head.dropout", f"must be a number in [0, 1), got {head['dropout']!r}")
-    scale = head.get("position_scale_um", 1.0)
-    if not (_is_number(scale) and math.isfinite(scale) and scale > 0):
-        raise bad("head.position_scale_um", f"must be a positive number, got {scale!r}")
-    if head.get("position_mode", POSITION_MODES[0]) not in POSITION_MODES:
-        raise bad("head.position_mode", f"must be one of {POSITION_MODES}, got {head.get('position_mode')!r}")
-    if head["n_genes"] != len(genes):
-        raise bad("head.n_genes", f"is {head['n_genes']} but 'genes' lists {len(genes)} genes")
-    means = raw.get("training", {}).get("gene_means")
-    if means is not None and (
-        not isinstance(means, list)
-        or len(means) != len(genes)
-        or not all(_is_number(v) and math.isfinite(v) for v in means)
-    ):
-        raise bad("training.gene_means", f"must be {len(genes)} finite numbers, one per gene")
+
+def _expected_shapes(cfg: HeadConfig, meta_path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the head ``cfg`` describes, built on the meta device: nothing is allocated, so a JSON
+    claiming a gigantic head cannot exhaust memory."""
+    try:
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in HisToSGEHead(cfg).state_dict().items()}
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{meta_path}: the head it describes cannot be built ({' '.join(str(exc).split())})") from exc
+
+
+def _shape_mismatch(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> str | None:
+    """The first tensor of the wrong shape, else the missing and unexpected names; None when all fit."""
+    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if wrong:
+        return f"{wrong[0]} is {list(got[wrong[0]])}, the JSON implies {list(expected[wrong[0]])}"
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    if missing or unexpected:
+        return f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    return None
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], cfg: HeadConfig, weights_path: Path, meta_path: Path) -> None:
-    """Names and shapes against the head the JSON describes, built on the meta device (nothing allocated, so a
-    JSON claiming a gigantic head cannot exhaust memory); values must be finite."""
-    try:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in HisToSGEHead(cfg).state_dict().items()}
-    except (RuntimeError, ValueError) as exc:
-        raise ModelError(f"{meta_path}: the head it describes cannot be built ({' '.join(str(exc).split())})") from exc
-    got = {k: tuple(v.shape) for k, v in tensors.items()}
-    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
-    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-    if wrong or missing or unexpected:
-        detail = (
-            f"{wrong[0]} is {list(got[wrong[0]])}, the JSON implies {list(expected[wrong[0]])}"
-            if wrong
-            else f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    """Names and shapes against the head the JSON describes; values must be finite."""
+    detail = _shape_mismatch(_expected_shapes(cfg, meta_path), {k: tuple(v.shape) for k, v in tensors.items()})
+    if detail:
         raise ModelError(
             f"{weights_path}: tensors do not fit the head described in {meta_path.name} ({detail}); the two files "
             "belong to different models"
@@ -342,16 +412,8 @@ def _check_tensors(tensors: dict[str, torch.Tensor], cfg: HeadConfig, weights_pa
         raise ModelError(f"{weights_path}: feature_std has values <= 0; the model is unusable")
 
 
-def load_model(path: str | Path) -> Model:
-    """Load a checkpoint (safetensors + JSON). Never unpickles.
-
-    A missing path raises :class:`InputNotFoundError`; a malformed JSON :class:`DataFormatError`; weights that
-    do not fit the JSON, a wrong format or a folder without the two files :class:`ModelError`.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
+def _checkpoint_files(path: Path) -> tuple[Path, Path]:
+    """(model.json, model.safetensors) of the checkpoint at ``path``, both present."""
     meta_path, weights_path = _paths(path)
     if not path.exists() and not meta_path.exists():
         raise InputNotFoundError(f"{path}: model not found; pass a folder written by `wsi-histosge train`")
@@ -360,6 +422,11 @@ def load_model(path: str | Path) -> Model:
             f"{path}: not a model checkpoint (expected {meta_path.name} and {weights_path.name}); "
             "pass a folder written by `wsi-histosge train`"
         )
+    return meta_path, weights_path
+
+
+def _read_model_json(meta_path: Path) -> dict[str, Any]:
+    """The checkpoint's JSON object, refused when too large, not JSON, not an object or of another format."""
     if meta_path.stat().st_size > MAX_MODEL_JSON_BYTES:
         raise DataFormatError(f"{meta_path}: {meta_path.stat().st_size} bytes, too large for a model's JSON")
     try:
@@ -372,6 +439,41 @@ def load_model(path: str | Path) -> Model:
         raise DataFormatError(f"{meta_path}: holds a JSON {type(raw).__name__}, not a model description (an object)")
     if "format" in raw and raw["format"] != CHECKPOINT_FORMAT:
         raise ModelError(f"{meta_path}: unknown checkpoint format {raw['format']!r}; expected {CHECKPOINT_FORMAT}")
+    return raw
+
+
+def _load_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (safetensors never unpickles); ModelError when the file is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{weights_path}: not a valid safetensors file ({exc})") from exc
+
+
+def _build_head(cfg: HeadConfig, tensors: dict[str, torch.Tensor], weights_path: Path, meta_path: Path) -> HisToSGEHead:
+    """The head ``cfg`` describes, holding ``tensors`` (checked first), in eval mode."""
+    _check_tensors(tensors, cfg, weights_path, meta_path)
+    head = HisToSGEHead(cfg)
+    try:
+        head.load_state_dict({k: v.float() for k, v in tensors.items()})
+    except RuntimeError as exc:
+        raise ModelError(f"{weights_path}: tensors do not fit the head described in {meta_path.name}: {exc}") from exc
+    head.eval()
+    return head
+
+
+def load_model(path: str | Path) -> Model:
+    """Load a checkpoint (safetensors + JSON). Never unpickles.
+
+    A missing path raises :class:`InputNotFoundError`; a malformed JSON :class:`DataFormatError`; weights that
+    do not fit the JSON, a wrong format or a folder without the two files :class:`ModelError`.
+    """
+    path = Path(path)
+    meta_path, weights_path = _checkpoint_files(path)
+    raw = _read_model_json(meta_path)
     _check_meta(raw, meta_path)
     digest = raw.pop("weights_sha256", None)
     actual = _sha256(weights_path)
@@ -381,18 +483,8 @@ def load_model(path: str | Path) -> Model:
             "corrupt or its files were mixed up"
         )
     meta = ModelMeta(**{k: v for k, v in raw.items() if k in ModelMeta.__dataclass_fields__})
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{weights_path}: not a valid safetensors file ({exc})") from exc
-    cfg = HeadConfig(**meta.head)
-    _check_tensors(tensors, cfg, weights_path, meta_path)
-    head = HisToSGEHead(cfg)
-    try:
-        head.load_state_dict({k: v.float() for k, v in tensors.items()})
-    except RuntimeError as exc:
-        raise ModelError(f"{weights_path}: tensors do not fit the head described in {meta_path.name}: {exc}") from exc
-    head.eval()
+    tensors = _load_tensors(weights_path)
+    head = _build_head(HeadConfig(**meta.head), tensors, weights_path, meta_path)
     # The model's identity covers its weights and everything in its JSON that shapes predictions
     # (genes, neighbour offsets, geometry, encoder): a changed JSON is a different model.
     identity = hashlib.sha256((actual + json.dumps(raw, sort_keys=True)).encode()).hexdigest()

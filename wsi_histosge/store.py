@@ -14,14 +14,14 @@ Order of writes: the group's zarr.json with all our attributes and ``state: crea
 half-created folder is recognisably ours and a rerun may replace it), then the arrays, then the state
 is dropped; then chunk data, each followed by its done mark; the completion marker after every mark.
 A missing chunk reads as NaN (the fill value), never as expression; readers (:func:`read_cube`) refuse
-a cube whose chunks are missing or unwritten unless asked for what is there.
+a cube whose chunks are missing or unwritten unless asked for what is there. What a cube's metadata
+must hold (safe codecs, our attributes, consistent arrays) is checked by :mod:`.cube_checks` first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,9 +33,16 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from . import config
+from .cube_checks import (
+    ATTR_KEY,
+    DAMAGED,
+    CubeLayout,
+    attr_problem,
+    cube_layout,
+    read_metadata,
+    refuse_unsafe_nodes,
+)
 from .errors import CubeIncompleteError, DataFormatError, InputNotFoundError, OutputExistsError, UsageError
-
-ATTR_KEY = "wsi_histosge"
 
 #: Value of ``attrs[ATTR_KEY]["state"]`` while the group's arrays are being created.
 STATE_CREATING = "creating"
@@ -256,186 +263,12 @@ class CubeStore:
 
 
 # -- reading -------------------------------------------------------------------------------------
-#: Codecs a cube may declare. Anything else (a pickle or object codec above all) is refused before any
-#: chunk is read: decoding a chunk must never run code from the file.
-SAFE_CODECS = {
-    "bytes",
-    "zstd",
-    "blosc",
-    "gzip",
-    "crc32c",
-    "transpose",
-    "sharding_indexed",
-    "numcodecs.zstd",
-    "numcodecs.blosc",
-    "numcodecs.gzip",
-    "numcodecs.zlib",
-    "numcodecs.lz4",
-    "numcodecs.crc32",
-}
-
-#: Zarr v3 data types a cube may declare (plain numbers only).
-NUMERIC_DTYPES = {
-    "bool",
-    *(f"{k}{b}" for k in ("int", "uint") for b in (8, 16, 32, 64)),
-    "float16",
-    "float32",
-    "float64",
-    "complex64",
-    "complex128",
-}
-
-#: Largest zarr.json we parse (bytes): ours are a few kB; anything huge is not a cube of this tool.
-MAX_METADATA_BYTES = 16 * 2**20
-
-_DAMAGED = "the cube's metadata is damaged; rerun `wsi-histosge infer` with --overwrite"
-
-
-def _read_json(fs: Any, path: str) -> Any:
-    """Parse one metadata document; DataFormatError naming it when it is unreadable."""
-    try:
-        if fs.size(path) > MAX_METADATA_BYTES:
-            raise DataFormatError(
-                f"{path}: metadata larger than {MAX_METADATA_BYTES >> 20} MiB; not a cube of this tool"
-            )
-        return json.loads(fs.cat_file(path))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise DataFormatError(f"{path}: not valid JSON ({type(exc).__name__}: {exc}); {_DAMAGED}") from exc
-
-
-def _codec_names(codecs: Any, where: str, depth: int = 0) -> list[str]:
-    """Names of ``codecs`` and of every codec nested in them (a shard's inner and index codecs)."""
-    if codecs is None:
-        return []
-    if not isinstance(codecs, list) or depth > 4:
-        raise DataFormatError(f"{where}: malformed codec list; {_DAMAGED}")
-    names: list[str] = []
-    for c in codecs:
-        if isinstance(c, str):
-            names.append(c)
-            continue
-        if not isinstance(c, dict):
-            names.append(repr(c))
-            continue
-        name = c.get("name")
-        names.append(name if isinstance(name, str) else repr(name))
-        conf = c.get("configuration")
-        if name == "sharding_indexed":
-            if not isinstance(conf, dict):
-                raise DataFormatError(f"{where}: sharding_indexed codec without a configuration; {_DAMAGED}")
-            for key in ("codecs", "index_codecs"):
-                names += _codec_names(conf.get(key), where, depth + 1)
-    return names
-
-
-def _node_problems(doc: Any, where: str) -> list[str]:
-    """Codecs and data types of one node's metadata (v3 zarr.json or v2 .zarray) outside the allow-lists."""
-    if not isinstance(doc, dict):
-        raise DataFormatError(f"{where}: metadata is not a JSON object; {_DAMAGED}")
-    names = _codec_names(doc.get("codecs"), where)
-    for key in ("compressor", "filters"):  # Zarr v2 metadata
-        val = doc.get(key)
-        for c in val if isinstance(val, list) else [val] if val else []:
-            names.append(str(c.get("id", "")) if isinstance(c, dict) else str(c))
-    bad = [n for n in names if n not in SAFE_CODECS]
-    if doc.get("node_type") == "array" and doc.get("data_type") not in NUMERIC_DTYPES:
-        bad.append(f"data type {doc.get('data_type')!r}")
-    dtype = doc.get("dtype")
-    if dtype is not None and (not isinstance(dtype, str) or dtype.lstrip("<>|=")[:1] not in ("b", "i", "u", "f", "c")):
-        bad.append(f"dtype {dtype!r}")
-    consolidated = doc.get("consolidated_metadata")
-    if isinstance(consolidated, dict) and isinstance(consolidated.get("metadata"), dict):
-        for child, child_doc in consolidated["metadata"].items():
-            bad += _node_problems(child_doc, f"{where} (consolidated entry {child!r})")
-    return bad
-
-
 def check_codecs(path: str | Path) -> None:
     """Refuse a Zarr group whose nodes declare codecs (also inside a shard) or data types outside the
     numeric allow-lists (e.g. pickle, object): DataFormatError before any chunk is decoded.
 
     Walks the metadata of every group and array (never lists chunks)."""
-    fs, root = filesystem(path)
-    todo = [(root, 0)]
-    while todo:
-        folder, depth = todo.pop()
-        for name in ("zarr.json", ".zarray", ".zgroup", ".zattrs"):
-            meta = f"{folder}/{name}"
-            if not fs.isfile(meta):
-                continue
-            doc = _read_json(fs, meta)
-            bad = _node_problems(doc, meta)
-            if bad:
-                raise DataFormatError(
-                    f"{meta}: declares codec(s) {bad} that this tool does not decode (pickle/object codecs could "
-                    "run code); only plain numeric Zarr arrays are read"
-                )
-            is_group = name == ".zgroup" or (
-                name == "zarr.json" and isinstance(doc, dict) and doc.get("node_type") == "group"
-            )
-            if is_group and depth < 8:  # ours are one level deep; the bound also stops symlink loops
-                todo += [
-                    (str(e["name"]).rstrip("/"), depth + 1)
-                    for e in fs.ls(folder, detail=True)
-                    if e.get("type") == "directory" and str(e["name"]).rstrip("/") != folder
-                ]
-
-
-def _attr_problem(attrs: dict[str, Any]) -> str | None:
-    """What is wrong with a cube's attributes (the ones readers use), or None."""
-
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    meta = attrs.get(ATTR_KEY)
-    genes = attrs.get("genes")
-    affine = attrs.get("affine_level0")
-    checks: list[tuple[str, bool, str]] = [
-        (
-            "genes",
-            isinstance(genes, list) and bool(genes) and all(isinstance(g, str) for g in genes),
-            "must be a non-empty list of gene names",
-        ),
-        ("units", isinstance(attrs.get("units"), str), "must be a string"),
-        *(
-            (k, number(attrs.get(k)) and attrs[k] > 0, "must be a positive number")
-            for k in ("stride_um", "spot_um", "context_um")
-        ),
-        (
-            "origin_um",
-            isinstance(attrs.get("origin_um"), list)
-            and len(attrs["origin_um"]) == 2
-            and all(number(v) for v in attrs["origin_um"]),
-            "must be [x, y] in µm",
-        ),
-        (
-            "affine_level0",
-            isinstance(affine, list)
-            and len(affine) == 3
-            and all(isinstance(r, list) and len(r) == 3 and all(number(v) for v in r) for r in affine),
-            "must be a 3x3 matrix",
-        ),
-    ]
-    for key, ok, what in checks:
-        if not ok:
-            return f"attribute {key!r} {what}"
-    assert isinstance(meta, dict)
-    mpp, slide = meta.get("mpp"), meta.get("slide")
-    if not (isinstance(mpp, dict) and number(mpp.get("x")) and mpp["x"] > 0):
-        return f"attribute '{ATTR_KEY}.mpp.x' must be a positive number"
-    dims = slide.get("dimensions") if isinstance(slide, dict) else None
-    if not (
-        isinstance(slide, dict)
-        and isinstance(slide.get("path"), str)
-        and isinstance(dims, list)
-        and len(dims) == 2
-        and all(isinstance(v, int) and v > 0 for v in dims)
-    ):
-        return f"attribute '{ATTR_KEY}.slide' must hold the slide's path and [width, height]"
-    completed = attrs.get("completed")
-    if completed is not None and not isinstance(completed, dict):
-        return "attribute 'completed' must be an object"
-    return None
+    refuse_unsafe_nodes(*filesystem(path))
 
 
 def cube_attrs(path: str | Path) -> dict[str, Any]:
@@ -451,45 +284,17 @@ def cube_attrs(path: str | Path) -> dict[str, Any]:
         raise DataFormatError(
             f"{path}: not a wsi-histosge cube (no zarr.json); give the OUT.zarr folder written by `wsi-histosge infer`"
         )
-    doc = _read_json(fs, meta)
+    doc = read_metadata(fs, meta)
     attrs = doc.get("attributes") if isinstance(doc, dict) else None
     if not isinstance(attrs, dict) or not isinstance(attrs.get(ATTR_KEY), dict) or doc.get("node_type") != "group":
         raise DataFormatError(
             f"{meta}: not a cube written by wsi-histosge (no '{ATTR_KEY}' attributes on a Zarr group); "
             "give the OUT.zarr folder written by `wsi-histosge infer`"
         )
-    problem = _attr_problem(attrs)
+    problem = attr_problem(attrs)
     if problem:
-        raise DataFormatError(f"{meta}: {problem}; {_DAMAGED}")
+        raise DataFormatError(f"{meta}: {problem}; {DAMAGED}")
     return dict(attrs)
-
-
-def _array_meta(fs: Any, root: str, name: str, ndim: int, dtypes: set[str]) -> dict[str, Any]:
-    """One array's metadata, checked for what readers rely on: shape, data type, regular chunk grid."""
-    meta = f"{root}/{name}/zarr.json"
-    if not fs.isfile(meta):
-        raise DataFormatError(f"{meta}: missing (the cube has no {name!r} array); {_DAMAGED}")
-    doc = _read_json(fs, meta)
-    shape = doc.get("shape") if isinstance(doc, dict) else None
-    grid = doc.get("chunk_grid") if isinstance(doc, dict) else None
-    chunks = (grid.get("configuration") or {}).get("chunk_shape") if isinstance(grid, dict) else None
-
-    def dims(v: Any, low: int) -> bool:
-        return isinstance(v, list) and len(v) == ndim and all(isinstance(n, int) and n >= low for n in v)
-
-    if not (isinstance(doc, dict) and doc.get("node_type") == "array" and doc.get("zarr_format") == 3):
-        raise DataFormatError(f"{meta}: not Zarr v3 array metadata; {_DAMAGED}")
-    if not dims(shape, 0) or not isinstance(grid, dict) or grid.get("name") != "regular" or not dims(chunks, 1):
-        raise DataFormatError(f"{meta}: 'shape'/'chunk_grid' missing or not {ndim}-d; {_DAMAGED}")
-    if doc.get("data_type") not in dtypes:
-        raise DataFormatError(
-            f"{meta}: data type {doc.get('data_type')!r}, expected one of {sorted(dtypes)}; {_DAMAGED}"
-        )
-    enc = doc.get("chunk_key_encoding", {"name": "default"})
-    sep = (enc.get("configuration") or {}).get("separator") if isinstance(enc, dict) else None
-    if not isinstance(enc, dict) or enc.get("name") not in ("default", "v2") or sep not in (None, "/", "."):
-        raise DataFormatError(f"{meta}: unsupported chunk_key_encoding {enc!r}; {_DAMAGED}")
-    return dict(doc)
 
 
 def _chunk_key(doc: dict[str, Any], idx: tuple[int, ...]) -> str:
@@ -614,34 +419,29 @@ def read_cube(path: str | Path) -> Cube:
     check_codecs(path)
     fs, root = filesystem(path)
     n_genes = len(attrs["genes"])
-    ints = {"bool", *(f"{k}{b}" for k in ("int", "uint") for b in (8, 16, 32, 64))}
-    expr = _array_meta(fs, root, "expression", 3, {"float16", "float32", "float64"})
-    tissue_meta = _array_meta(fs, root, "tissue", 2, ints)
-    done_meta = _array_meta(fs, root, "chunk_done", 2, ints)
-    g_n, ny, nx = expr["shape"]
-    outer = expr["chunk_grid"]["configuration"]["chunk_shape"]
-    inner = outer
-    codecs = expr.get("codecs") or []
-    if codecs and isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed":
-        inner = (codecs[0].get("configuration") or {}).get("chunk_shape")
-        if not (isinstance(inner, list) and len(inner) == 3 and all(isinstance(v, int) and v > 0 for v in inner)):
-            raise DataFormatError(f"{root}/expression/zarr.json: malformed sharding chunk_shape; {_DAMAGED}")
-    ch, cw = int(inner[1]), int(inner[2])
-    grid = (-(-ny // ch), -(-nx // cw))
-    if g_n != n_genes or tissue_meta["shape"] != [ny, nx] or tuple(done_meta["shape"]) != grid:
-        raise DataFormatError(
-            f"{root}: array shapes disagree (expression {expr['shape']}, {n_genes} genes, tissue "
-            f"{tissue_meta['shape']}, chunk_done {done_meta['shape']}); {_DAMAGED}"
-        )
-    if ny * nx > config.MAX_LATTICE_CELLS:
-        raise DataFormatError(f"{root}: a lattice of {ny} x {nx} cells is beyond any slide; not a cube of this tool")
+    layout = cube_layout(fs, root, n_genes)
+    group, tissue, marks = _open_small_arrays(path)
+    missing = _missing_chunks(fs, root, layout, tissue, marks, n_genes)
+    return Cube(str(path), attrs, group, tissue, marks, layout.chunk_cells, missing)
+
+
+def _open_small_arrays(path: str | Path) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The cube's zarr group, its tissue cells and its chunk done marks (both as bool)."""
     try:
         group: Any = zarr.open_group(str(path), mode="r", use_consolidated=False)
         tissue = np.asarray(group["tissue"][:]).astype(bool)
         marks = np.asarray(group["chunk_done"][:]).astype(bool)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise DataFormatError(f"{path}: zarr cannot read the cube ({type(exc).__name__}: {exc}); {_DAMAGED}") from exc
+        raise DataFormatError(f"{path}: zarr cannot read the cube ({type(exc).__name__}: {exc}); {DAMAGED}") from exc
+    return group, tissue, marks
 
+
+def _missing_chunks(
+    fs: Any, root: str, layout: CubeLayout, tissue: np.ndarray, marks: np.ndarray, n_genes: int
+) -> list[tuple[int, int]]:
+    """Chunks marked done over tissue whose expression objects are absent (one listing of the store)."""
+    ch, cw = layout.chunk_cells
+    outer = layout.outer_chunk
     present = {p[len(root) + len("/expression/") :] for p in fs.find(f"{root}/expression")}
     n_gene_chunks = -(-n_genes // int(outer[0]))
     missing = []
@@ -649,9 +449,9 @@ def read_cube(path: str | Path) -> Cube:
         if not tissue[cy * ch : (cy + 1) * ch, cx * cw : (cx + 1) * cw].any():
             continue
         oy, ox = cy * ch // outer[1], cx * cw // outer[2]
-        if any(_chunk_key(expr, (g, oy, ox)) not in present for g in range(n_gene_chunks)):
+        if any(_chunk_key(layout.expression, (g, oy, ox)) not in present for g in range(n_gene_chunks)):
             missing.append((int(cy), int(cx)))
-    return Cube(str(path), attrs, group, tissue, marks, (ch, cw), missing)
+    return missing
 
 
 def verify_cube(path: str | Path) -> dict[str, Any]:
