@@ -11,13 +11,17 @@ Timed end to end around the library call, so it also pays for tissue detection, 
 B (peer, the way patch-per-spot tools do it): the cube's kept cells (centres from its ``affine_level0``
 attribute and its ``tissue`` array), one ``read_region`` per spot of the model's context at the level infer
 reads (OpenSlide, else tiffslide), torchvision ``Resize`` + ``ToTensor`` + ``Normalize`` with the encoder's
-mean/std in a DataLoader with as many workers as infer uses, batches of 64 into the same encoder. Timed from
-building the encoder to the last batch's features.
+mean/std in a DataLoader with as many workers as infer uses, batches of infer's CPU batch size (``--peer-batch``
+to change) into the same encoder object (so the same memory format). Timed from building the encoder to the
+last batch's features. Both sides run in this one process, so the library's process-wide CPU settings
+(``wsi_histosge.runtime.keep_freed_memory``, applied before round 1) hold for the peer too: the ratio is of
+the two pipelines, not of the allocator setting.
 
 Rounds are interleaved (A B A B ...) after an untimed warm-up of the encoder and ``roi_align``; printed: min
-and median per side, the ratio of median spots/s, infer's patches encoded per spot (halo neighbours
-re-encoded at block edges), and the cosine similarity of the two sides' features on a sample of spots,
-infer's from ``wsi_histosge.loader.encode_points`` (the same ``cut_patches`` path):
+and median per side, the ratio of median spots/s, infer's patches encoded per spot (1 when each cell is
+encoded once; more where halo cells are encoded again), and the cosine similarity of the two sides'
+features on a sample of spots, infer's from ``wsi_histosge.loader.encode_points`` (the same ``cut_patches``
+path):
 
 * as each side cuts (infer: a box of context / mpp px centred on the spot, sampled by ``roi_align`` at
   sub-pixel positions; the peer: an integer top-left and size, exact pixels); target > 0.98;
@@ -42,6 +46,7 @@ from rounds import interleave, load_line, min_median
 from torch.utils.data import DataLoader, Dataset
 
 import wsi_histosge
+from wsi_histosge import config
 from wsi_histosge.encoders import Encoder, create_encoder
 from wsi_histosge.infer import InferOptions, InferResult, infer_slide
 from wsi_histosge.loader import default_workers, encode_points
@@ -51,7 +56,6 @@ from wsi_histosge.store import ATTR_KEY, read_cube
 
 QUICK_SLIDE = Path(wsi_histosge.__file__).resolve().parent / "samples" / "cmu1-skin-crop.tif"
 FULL_SIZE_PX = 10240  # 2 x 2 blocks of 64 cells at a 50 µm stride with the built-in model
-PEER_BATCH = 64
 COSINE_TARGET = 0.98
 
 
@@ -144,14 +148,14 @@ class PeerPatches(Dataset[torch.Tensor]):
         return self.transform(region)
 
 
-def run_peer(slide_path: Path, spots: Spots, encoder_name: str, workers: int) -> tuple[float, np.ndarray]:
+def run_peer(slide_path: Path, spots: Spots, encoder_name: str, workers: int, batch: int) -> tuple[float, np.ndarray]:
     t0 = time.perf_counter()
     encoder = create_encoder(encoder_name)
-    loader = DataLoader(PeerPatches(slide_path, spots, encoder), batch_size=PEER_BATCH, num_workers=workers)
+    loader = DataLoader(PeerPatches(slide_path, spots, encoder), batch_size=batch, num_workers=workers)
     feats = []
     with torch.inference_mode():
-        for batch in loader:
-            feats.append(encoder(batch).float().numpy())
+        for images in loader:
+            feats.append(encoder(images).float().numpy())
     seconds = time.perf_counter() - t0
     return seconds, np.concatenate(feats)
 
@@ -167,6 +171,15 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
+def keep_freed_memory_if_any() -> str:
+    """The library's process-wide CPU allocator setting, applied now so every round of both sides has it."""
+    try:
+        from wsi_histosge.runtime import keep_freed_memory
+    except ImportError:  # a library version without it
+        return "absent"
+    return "on" if keep_freed_memory() else "unavailable"
+
+
 def warm_up(encoder: Encoder) -> None:
     """First-call costs of this process (torch thread pools, kernels, torchvision ops) out of round 1."""
     from wsi_histosge.loader import TileGeometry, cut_patches
@@ -179,7 +192,9 @@ def warm_up(encoder: Encoder) -> None:
         encoder(patches)
 
 
-def feature_check(slide_path: Path, spots: Spots, encoder: Encoder, peer_feats: np.ndarray, n_check: int) -> None:
+def feature_check(
+    slide_path: Path, spots: Spots, encoder: Encoder, peer_feats: np.ndarray, n_check: int, batch: int
+) -> None:
     """Cosine of the peer's features with infer's on a sample of spots, plus the two yardsticks."""
     slide = open_slide(slide_path)
     ds = float(open_reader(slide_path)[1].level_downsamples[spots.level])
@@ -188,7 +203,7 @@ def feature_check(slide_path: Path, spots: Spots, encoder: Encoder, peer_feats: 
     pts = spots.centres_level0[sample]
 
     def tool(centres: np.ndarray, context_um: float) -> np.ndarray:
-        return encode_points(slide, centres, encoder, context_um=context_um, batch=PEER_BATCH)
+        return encode_points(slide, centres, encoder, context_um=context_um, batch=batch)
 
     as_cut = tool(pts, spots.context_um)
     boxes = [peer_box(spots, int(i), ds) for i in sample]
@@ -224,16 +239,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved A/B rounds (default 3; 1 with --quick)")
     ap.add_argument("--stride-um", type=float, default=50.0)
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers of both sides (default: infer's)")
+    ap.add_argument("--peer-batch", type=int, default=None, help="peer's batch size (default: infer's on CPU)")
     ap.add_argument("--check-spots", type=int, default=None, help="spots for the cosine check (default 256)")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     check_spots = args.check_spots or (32 if args.quick else 256)
     slide_path = args.slide or (QUICK_SLIDE if args.quick else generated_slide(FULL_SIZE_PX))
     workers = default_workers() if args.workers is None else args.workers
+    infer_batch = config.CPU_BATCH  # what infer uses on the CPU without --batch-size
+    peer_batch = args.peer_batch or infer_batch
 
     print(load_line("start"), flush=True)
     model = load_model(default_model_path())
     encoder_name = model.meta.encoder
+    allocator = keep_freed_memory_if_any()
     warm = create_encoder(encoder_name)
     warm_up(warm)
     slide = open_slide(slide_path)
@@ -242,7 +261,8 @@ def main() -> None:
         f"slide {slide_path} ({slide.dimensions[0]} x {slide.dimensions[1]} px, mpp {slide.mpp.x:g}); "
         f"model {model.meta.name}, encoder {encoder_name} ({warm.cfg.input_px} px at {warm.cfg.mpp:g} µm/px), "
         f"context {model.meta.context_um:g} µm, stride {args.stride_um:g} µm; CPU, torch threads "
-        f"{torch.get_num_threads()}, DataLoader workers {workers} on both sides; peer reads with {reader_name}",
+        f"{torch.get_num_threads()}, DataLoader workers {workers} on both sides, batch {infer_batch} (infer) and "
+        f"{peer_batch} (peer), glibc keep_freed_memory {allocator} for both; peer reads with {reader_name}",
         flush=True,
     )
 
@@ -258,7 +278,7 @@ def main() -> None:
             return seconds
 
         def side_peer() -> float:
-            seconds, feats = run_peer(slide_path, state["spots"], encoder_name, workers)
+            seconds, feats = run_peer(slide_path, state["spots"], encoder_name, workers, peer_batch)
             state["peer"].append(len(feats))
             state["peer_feats"] = feats
             return seconds
@@ -285,7 +305,7 @@ def main() -> None:
     t = results[int(np.argsort(seconds["A infer (super-tiles)"])[len(results) // 2])].timings_s
     print("infer timings, median round (s): " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
 
-    feature_check(slide_path, spots, warm, state["peer_feats"], check_spots)
+    feature_check(slide_path, spots, warm, state["peer_feats"], check_spots, peer_batch)
     print(load_line("end"))
 
 
