@@ -138,9 +138,8 @@ def test_04_ifd_loop_errors_quickly(tmp_path: Path, tiny_model: Path) -> None:
     n2 = struct.unpack("<H", data[second : second + 2])[0]
     data[second + 2 + 12 * n2 : second + 6 + 12 * n2] = struct.pack("<I", first)  # IFD 1 -> IFD 0 -> ...
     slide.write_bytes(bytes(data))
-    t0 = time.time()
+    # a reader that follows the loop never returns: subprocess.TimeoutExpired after 60 s fails the test
     proc = _cli(["infer", str(slide), "--out", str(tmp_path / "o.zarr"), "--model", str(tiny_model)], timeout=60)
-    assert time.time() - t0 < 60
     assert proc.returncode == 4, proc.stderr
     assert "circular" in proc.stderr or "malformed" in proc.stderr
 

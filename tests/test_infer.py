@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from matplotlib.path import Path as MplPath
 
 from tests.conftest import write_pyramid
 from wsi_histosge.errors import CubeIncompleteError, NoTissueError, OutputExistsError
@@ -47,7 +48,25 @@ def test_end_to_end_cube(pyramid_slide: Path, tiny_model: Path, tmp_path: Path) 
     assert attrs["ome"]["multiscales"][0]["axes"][1]["unit"] == "micrometer"
     assert attrs["wsi_histosge"]["mpp"]["source"] == "TIFF resolution tags"
     assert g["expression"].metadata.dimension_names == ("gene", "y", "x")
-    assert (Path(str(out) + ".tissue.geojson")).is_file()
+    # the tissue outline for QuPath: level-0 px, around the synthetic blob (an ellipse of semi-axes 1429 x 1000 px
+    # centred at 2000, 1500) and around every predicted cell
+    gj = json.loads(Path(str(out) + ".tissue.geojson").read_text())
+    assert gj["type"] == "FeatureCollection"
+    rings = [np.asarray(f["geometry"]["coordinates"][0]) for f in gj["features"]]
+    ring = max(rings, key=len)
+    x, y = ring[:, 0], ring[:, 1]
+    area = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    assert area == pytest.approx(np.pi * 1000 * 4000 / 2.8, rel=0.05)
+    assert x.min() == pytest.approx(2000 - 4000 / 2.8, abs=40) and y.max() == pytest.approx(2500, abs=40)
+    iy, ix = np.nonzero(tissue)
+    centres = (np.asarray(attrs["affine_level0"]) @ np.stack([ix, iy, np.ones_like(ix)]))[:2].T
+    outside = centres[~MplPath(ring).contains_points(centres)]
+    assert len(outside) < 0.01 * len(centres)
+    # those only by the outline's simplification (under one tissue-mask px, 16 level-0 px at 8 µm/px)
+    a, b = ring[:-1], ring[1:]
+    for pt in outside:
+        t = np.clip(((pt - a) * (b - a)).sum(axis=1) / ((b - a) ** 2).sum(axis=1).clip(1e-9), 0, 1)
+        assert np.linalg.norm(a + t[:, None] * (b - a) - pt, axis=1).min() < 16
 
 
 def test_rerun_is_a_no_op_and_other_params_refuse(pyramid_slide: Path, tiny_model: Path, tmp_path: Path) -> None:

@@ -3,25 +3,58 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from wsi_histosge.encoders import create_encoder, get_encoder_cfg, list_encoders
 from wsi_histosge.errors import EncoderWeightsError, ModelError
-from wsi_histosge.model import HeadConfig, HisToSGEHead, default_model_path, load_model
+from wsi_histosge.model import HeadConfig, HisToSGEHead, Model, default_model_path, load_model, save_model
 
 
-def test_checkpoint_round_trip(tiny_model: Path) -> None:
+def _fixed_inputs(model: Model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features, the model's own neighbour offsets and a validity mask with some neighbours absent."""
+    gen = torch.Generator().manual_seed(0)
+    offsets = torch.tensor(model.meta.neighbour_offsets_um)
+    n, g = 6, len(offsets)
+    feats = torch.randn(n, g, model.head.cfg.in_dim, generator=gen) * 2.0
+    pos = offsets.expand(n, g, 2).clone()
+    valid = torch.rand(n, g, generator=gen) > 0.3
+    valid[:, 0] = True  # the spot itself always exists
+    return feats, pos, valid
+
+
+def _predict(model: Model, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.head(*inputs)
+
+
+def test_checkpoint_round_trip(tiny_model: Path, tmp_path: Path) -> None:
+    """save -> load gives the same predictions (bit-for-bit in float32, within fp16 rounding with
+    ``half=True``) and the same metadata."""
     m = load_model(tiny_model)
     assert m.n_genes == 12 and m.meta.encoder == "tiny-test"
-    feats = torch.randn(3, 5, 16)
-    pos = torch.zeros(3, 5, 2)
-    valid = torch.ones(3, 5, dtype=torch.bool)
-    out = m.head(feats, pos, valid)
-    assert out.shape == (3, 12) and (out >= 0).all()
+    inputs = _fixed_inputs(m)
+    before = _predict(m, inputs)
+    assert before.shape == (6, 12)
+    assert (before.std(dim=0) > 0).all()  # the rows differ: a constant head would make equality vacuous
+
+    full = load_model(save_model(m, tmp_path / "full"))
+    torch.testing.assert_close(_predict(full, inputs), before, rtol=0, atol=0)
+    assert asdict(full.meta) == asdict(m.meta)
+    assert full.sha256 == m.sha256  # same weights and JSON: the same model identity
+
+    half = load_model(save_model(m, tmp_path / "half", half=True))
+    with safe_open(str(tmp_path / "half" / "model.safetensors"), "pt") as fh:
+        assert fh.get_tensor("gene_head.4.weight").dtype == torch.float16  # really stored as fp16
+    after_half = _predict(half, inputs)
+    torch.testing.assert_close(after_half, before, rtol=2e-3, atol=2e-3)
+    assert not torch.equal(after_half, before)
+    assert asdict(half.meta) == asdict(m.meta)
 
 
 def test_masked_neighbours_are_ignored() -> None:

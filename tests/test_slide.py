@@ -21,6 +21,10 @@ def test_generated_pyramid_levels_and_mpp(pyramid_slide: Path) -> None:
     assert s.best_level_for_mpp(0.9) == 0
     region = s.read_region((1900, 1400), 0, (200, 200))
     assert region.shape == (200, 200, 3) and region.dtype == np.uint8
+    # the pixels written there (up to JPEG; one pixel off differs by ~20), and level 1 addressed in level-0 px
+    img = synthetic_tissue().astype(np.int16)
+    assert np.abs(region - img[1400:1600, 1900:2100]).mean() < 5
+    assert np.abs(s.read_region((1900, 1400), 1, (100, 100)) - img[::2, ::2][700:800, 950:1050]).mean() < 5
 
 
 def test_slide_pickles_without_its_handle(pyramid_slide: Path) -> None:
