@@ -11,11 +11,12 @@ Timed end to end around the library call, so it also pays for tissue detection, 
 B (peer, the way patch-per-spot tools do it): the cube's kept cells (centres from its ``affine_level0``
 attribute and its ``tissue`` array), one ``read_region`` per spot of the model's context at the level infer
 reads (OpenSlide, else tiffslide), torchvision ``Resize`` + ``ToTensor`` + ``Normalize`` with the encoder's
-mean/std in a DataLoader with as many workers as infer uses, batches of infer's CPU batch size (``--peer-batch``
-to change) into the same encoder object (so the same memory format). Timed from building the encoder to the
-last batch's features. Both sides run in this one process, so the library's process-wide CPU settings
-(``wsi_histosge.runtime.keep_freed_memory``, applied before round 1) hold for the peer too: the ratio is of
-the two pipelines, not of the allocator setting.
+mean/std in a DataLoader with as many workers as infer uses, batches of 64 (``--peer-batch``) into the same
+network and weights, run as plain PyTorch runs it: NCHW, glibc's default allocator, in its own process.
+Timed from building the encoder to the last batch's features.
+
+C (``--tuned-peer``, optional): the same peer with this tool's CPU settings (channels_last encoder,
+``runtime.keep_freed_memory``, infer's CPU batch): what is left of the ratio is the pipeline itself.
 
 Rounds are interleaved (A B A B ...) after an untimed warm-up of the encoder and ``roi_align``; printed: min
 and median per side, the ratio of median spots/s, infer's patches encoded per spot (1 when each cell is
@@ -148,9 +149,18 @@ class PeerPatches(Dataset[torch.Tensor]):
         return self.transform(region)
 
 
-def run_peer(slide_path: Path, spots: Spots, encoder_name: str, workers: int, batch: int) -> tuple[float, np.ndarray]:
+def run_peer(
+    slide_path: Path, spots: Spots, encoder_name: str, workers: int, batch: int, *, tuned: bool = False
+) -> tuple[float, np.ndarray]:
     t0 = time.perf_counter()
     encoder = create_encoder(encoder_name)
+    if tuned:
+        from wsi_histosge.runtime import keep_freed_memory
+
+        keep_freed_memory()
+    elif encoder.channels_last:  # plain PyTorch: the network as loaded, NCHW
+        encoder.trunk.to(memory_format=torch.contiguous_format)
+        encoder.channels_last = False
     loader = DataLoader(PeerPatches(slide_path, spots, encoder), batch_size=batch, num_workers=workers)
     feats = []
     with torch.inference_mode():
@@ -158,6 +168,43 @@ def run_peer(slide_path: Path, spots: Spots, encoder_name: str, workers: int, ba
             feats.append(encoder(images).float().numpy())
     seconds = time.perf_counter() - t0
     return seconds, np.concatenate(feats)
+
+
+def run_peer_process(
+    slide_path: Path, spots: Spots, encoder_name: str, workers: int, batch: int, tmp: Path, *, tuned: bool
+) -> tuple[float, np.ndarray]:
+    """The peer in a fresh process, so none of this process's settings (allocator, threads) leak into it."""
+    import subprocess
+    import sys
+
+    spec = tmp / "spots.npz"
+    np.savez(
+        spec, centres=spots.centres_level0, mpp=np.asarray(spots.mpp), context_um=spots.context_um, level=spots.level
+    )
+    feats_out = tmp / "peer-features.npy"
+    args = [
+        sys.executable,
+        __file__,
+        "--peer-child",
+        str(slide_path),
+        str(spec),
+        encoder_name,
+        str(workers),
+        str(batch),
+    ]
+    proc = subprocess.run([*args, str(feats_out), "tuned" if tuned else "plain"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"peer process failed:\n{proc.stderr[-3000:]}")
+    return float(proc.stdout.strip().splitlines()[-1]), np.load(feats_out)
+
+
+def peer_child(argv: list[str]) -> None:
+    slide_path, spec, encoder_name, workers, batch, feats_out, mode = argv
+    z = np.load(spec)
+    spots = Spots(z["centres"], (float(z["mpp"][0]), float(z["mpp"][1])), float(z["context_um"]), int(z["level"]))
+    seconds, feats = run_peer(Path(slide_path), spots, encoder_name, int(workers), int(batch), tuned=mode == "tuned")
+    np.save(feats_out, feats)
+    print(seconds)
 
 
 def run_infer(slide_path: Path, out: Path, stride_um: float, workers: int | None) -> tuple[float, InferResult]:
@@ -169,15 +216,6 @@ def run_infer(slide_path: Path, out: Path, stride_um: float, workers: int | None
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-
-
-def keep_freed_memory_if_any() -> str:
-    """The library's process-wide CPU allocator setting, applied now so every round of both sides has it."""
-    try:
-        from wsi_histosge.runtime import keep_freed_memory
-    except ImportError:  # a library version without it
-        return "absent"
-    return "on" if keep_freed_memory() else "unavailable"
 
 
 def warm_up(encoder: Encoder) -> None:
@@ -239,7 +277,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved A/B rounds (default 3; 1 with --quick)")
     ap.add_argument("--stride-um", type=float, default=50.0)
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers of both sides (default: infer's)")
-    ap.add_argument("--peer-batch", type=int, default=None, help="peer's batch size (default: infer's on CPU)")
+    ap.add_argument("--peer-batch", type=int, default=64, help="peer's batch size (default 64)")
+    ap.add_argument("--tuned-peer", action="store_true", help="also time the peer with this tool's CPU settings")
     ap.add_argument("--check-spots", type=int, default=None, help="spots for the cosine check (default 256)")
     args = ap.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
@@ -247,12 +286,11 @@ def main() -> None:
     slide_path = args.slide or (QUICK_SLIDE if args.quick else generated_slide(FULL_SIZE_PX))
     workers = default_workers() if args.workers is None else args.workers
     infer_batch = config.CPU_BATCH  # what infer uses on the CPU without --batch-size
-    peer_batch = args.peer_batch or infer_batch
+    peer_batch = args.peer_batch
 
     print(load_line("start"), flush=True)
     model = load_model(default_model_path())
     encoder_name = model.meta.encoder
-    allocator = keep_freed_memory_if_any()
     warm = create_encoder(encoder_name)
     warm_up(warm)
     slide = open_slide(slide_path)
@@ -262,7 +300,7 @@ def main() -> None:
         f"model {model.meta.name}, encoder {encoder_name} ({warm.cfg.input_px} px at {warm.cfg.mpp:g} µm/px), "
         f"context {model.meta.context_um:g} µm, stride {args.stride_um:g} µm; CPU, torch threads "
         f"{torch.get_num_threads()}, DataLoader workers {workers} on both sides, batch {infer_batch} (infer) and "
-        f"{peer_batch} (peer), glibc keep_freed_memory {allocator} for both; peer reads with {reader_name}",
+        f"{peer_batch} (peer); peer reads with {reader_name} in its own process",
         flush=True,
     )
 
@@ -277,13 +315,19 @@ def main() -> None:
             state["infer"].append(result)
             return seconds
 
-        def side_peer() -> float:
-            seconds, feats = run_peer(slide_path, state["spots"], encoder_name, workers, peer_batch)
+        def side_peer(tuned: bool = False) -> float:
+            batch = infer_batch if tuned else peer_batch
+            seconds, feats = run_peer_process(
+                slide_path, state["spots"], encoder_name, workers, batch, Path(tmp), tuned=tuned
+            )
             state["peer"].append(len(feats))
             state["peer_feats"] = feats
             return seconds
 
-        seconds = interleave({"A infer (super-tiles)": side_infer, "B peer (per-patch read_region)": side_peer}, rounds)
+        sides = {"A infer (super-tiles)": side_infer, "B peer (per-patch read_region)": side_peer}
+        if args.tuned_peer:
+            sides["C peer, this tool's CPU settings"] = lambda: side_peer(tuned=True)
+        seconds = interleave(sides, rounds)
 
     spots: Spots = state["spots"]
     results: list[InferResult] = state["infer"]
@@ -298,8 +342,11 @@ def main() -> None:
         lo, med = min_median(values)
         rates[name] = (n / med, n / lo)
         print(f"{name:<34} {lo:>8.2f} {med:>9.2f} {n / med:>17.1f} {n / lo:>15.1f}")
-    (a_med, a_best), (b_med, b_best) = rates.values()
+    (a_med, a_best), (b_med, b_best), *tuned = rates.values()
     print(f"ratio infer / peer, spots/s: {a_med / b_med:.2f}x (medians), {a_best / b_best:.2f}x (best rounds)")
+    if tuned:
+        c_med, c_best = tuned[0]
+        print(f"ratio infer / tuned peer: {a_med / c_med:.2f}x (medians), {a_best / c_best:.2f}x (best rounds)")
     patches = results[0].patches_encoded
     print(f"infer patches_encoded / spots: {patches} / {results[0].spots} = {patches / results[0].spots:.3f}")
     t = results[int(np.argsort(seconds["A infer (super-tiles)"])[len(results) // 2])].timings_s
@@ -310,4 +357,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--peer-child":
+        peer_child(sys.argv[2:])
+    else:
+        main()
