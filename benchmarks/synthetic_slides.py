@@ -66,22 +66,30 @@ def write_pyramid(
 def write_repeated_jpeg(
     path: Path, size_px: int, pix: np.ndarray, mpp: float, *, downsamples: Sequence[int] = (1,), tile: int = 256
 ) -> Path:
+    """A gigapixel JPEG-tiled pyramid from a few pre-encoded tiles: level 0 repeats a square pattern of real
+    pixels by position, and each level holds that pattern area-averaged by its downsample, so every level
+    shows what level 0 shows there (the readers check this and skip levels that do not)."""
     import imagecodecs
 
+    top = max(downsamples)
+    period = 4 * tile * top  # level-0 px; a whole number of tiles at every level
+    base = tiled(pix, period).astype(np.float32)
     tmp = path.with_suffix(".partial.tif")
     with tifffile.TiffWriter(tmp, bigtiff=True) as tw:
         for i, ds in enumerate(downsamples):
-            img = tiled(pix[::ds, ::ds], 4 * tile)
+            side_pattern = period // ds
+            img = base.reshape(side_pattern, ds, side_pattern, ds, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+            n = side_pattern // tile
             tiles = [
                 imagecodecs.jpeg8_encode(np.ascontiguousarray(img[y : y + tile, x : x + tile]), level=85)
-                for y in range(0, 4 * tile, tile)
-                for x in range(0, 4 * tile, tile)
+                for y in range(0, side_pattern, tile)
+                for x in range(0, side_pattern, tile)
             ]
             side = -(-size_px // ds)
-            count = (-(-side // tile)) ** 2
+            per_row = -(-side // tile)
             res = 1e4 / (mpp * ds)
             tw.write(
-                (tiles[k % len(tiles)] for k in range(count)),
+                (tiles[(ty % n) * n + (tx % n)] for ty in range(per_row) for tx in range(per_row)),
                 shape=(side, side, 3),
                 dtype="uint8",
                 tile=(tile, tile),
