@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .encoders import Encoder
 from .grid import Block, Grid
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, release_free_memory
 from .slide import Slide
 
 
@@ -271,7 +271,11 @@ def encode_tile(
         )
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             feats.append(encoder(patches).float())
-    return torch.cat(feats) if feats else torch.zeros(0, encoder.cfg.embed_dim, device=device)
+    out = torch.cat(feats) if feats else torch.zeros(0, encoder.cfg.embed_dim, device=device)
+    if device.type == "cpu":
+        del tile, feats
+        release_free_memory()  # the tile's buffers go back to the OS; the next tile may differ in size
+    return out
 
 
 def encode_points(

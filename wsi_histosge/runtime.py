@@ -22,6 +22,7 @@ MMAP_THRESHOLD_BYTES = 1 << 30
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 _applied: bool | None = None
+_libc: ctypes.CDLL | None = None
 
 
 def keep_freed_memory() -> bool:
@@ -29,7 +30,7 @@ def keep_freed_memory() -> bool:
 
     Returns whether the setting is in effect (False off Linux/glibc). Memory is not lost: the heap keeps
     what the largest batch needed and reuses it for the next one."""
-    global _applied
+    global _applied, _libc
     if _applied is not None:
         return _applied
     _applied = False
@@ -45,4 +46,15 @@ def keep_freed_memory() -> bool:
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     )
+    _libc = libc if _applied else None
     return _applied
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the OS (``malloc_trim``) where ``keep_freed_memory`` is in effect.
+
+    Called after each super-tile: buffers are reused across the batches of one tile, and a slide's peak
+    RSS stays that of one tile's work (without it, tiles of varying size fragment a heap that is never
+    trimmed: 9.8 GB instead of 1.4 GB on a 100k px slide in ``benchmarks/memory_scaling.py``)."""
+    if _libc is not None:
+        _libc.malloc_trim(0)
