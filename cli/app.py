@@ -355,6 +355,13 @@ def evaluate(
     try:
         if not data:
             raise UsageError("give the sections to evaluate with --data")
+        if protocol is not None and model is not None:
+            raise UsageError(
+                f"give a MODEL folder or --protocol {protocol}, not both (a protocol trains its own heads)"
+            )
+        for path, flag in ((report, "--report"), (json_out, "--json")):
+            if path is not None:
+                ev.check_report_target(path, flag)
         secs = [read_section(s) for s in data]
         if protocol is not None:
             result = _evaluate_protocol(protocol, secs, genes=genes, n_genes=n_genes, encoder=encoder)

@@ -199,3 +199,37 @@ def test_the_built_in_model_is_what_its_example_trains(tmp_path: Path) -> None:
                 stored["scores"][method][genes]["mean_r"], abs=0.005
             ), (method, genes)
     assert fold["scores"]["head"]["top50"]["mean_r"] > fold["scores"]["ridge"]["top50"]["mean_r"]
+
+
+@pytest.mark.realdata
+def test_train_and_evaluate_refuse_before_any_work(tmp_path: Path) -> None:
+    """A validation section that is also a training section, a model given with a protocol, a report path
+    holding the user's own file or a folder, and an --out that cannot be written: refused at once, with the
+    documented exit code, and nothing the user wrote is touched."""
+    from wsi_histosge.cli.app import app
+    from wsi_histosge.model import default_model_path
+
+    root = need_shared("her2st")
+    runner = CliRunner()
+    c3, c4 = f"her2st:{root}:C3", f"her2st:{root}:C4"
+    res = runner.invoke(app, ["train", c3, c4, "--val", c3, "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "given twice" in res.output, res.output
+    res = runner.invoke(app, ["train", c3, c3, "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "given twice" in res.output, res.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    res = runner.invoke(app, ["train", c3, c4, "--out", str(blocker / "model")])
+    assert res.exit_code == 14 and "--out" in res.output, res.output
+    model = str(default_model_path())
+    res = runner.invoke(app, ["evaluate", model, "--protocol", "recovery", "--data", c3])
+    assert res.exit_code == 2 and "not both" in res.output, res.output
+    mine = tmp_path / "notes.html"
+    mine.write_text("my notes")
+    res = runner.invoke(app, ["evaluate", model, "--data", c3, "--report", str(mine)])
+    assert res.exit_code == 7 and "--report" in res.output, res.output
+    assert mine.read_text() == "my notes"
+    res = runner.invoke(app, ["evaluate", model, "--data", c3, "--json", str(tmp_path)])
+    assert res.exit_code == 2 and "--json" in res.output, res.output
+    res = runner.invoke(app, ["evaluate", model, "--data", c3, "--json", str(blocker / "r.json")])
+    assert res.exit_code == 14, res.output
+    assert blocker.read_text() == "mine"

@@ -263,6 +263,44 @@ def _maps_payload(
 
 
 # -- reports ---------------------------------------------------------------------------------------
+_HTML_MARK = "<h1>wsi-histosge evaluation</h1>"
+
+
+def _is_own_report(path: Path) -> bool:
+    """Whether ``path`` holds an evaluation report or JSON this tool wrote (which a rerun may replace)."""
+    try:
+        head = path.read_bytes()[: 1 << 20].decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if _HTML_MARK in head:
+        return True
+    try:
+        return isinstance(obj := json.loads(head), dict) and {"protocol", "genes"} <= set(obj)
+    except ValueError:
+        return False
+
+
+def check_report_target(path: str | Path, flag: str) -> None:
+    """Before any work: ``path`` must be a file this tool may write. A folder is refused, a file the user
+    wrote is never replaced (a report of this tool is), and the folder must be writable."""
+    from .errors import OutputExistsError, OutputWriteError, UsageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; {flag} takes the path of the file to write")
+    if path.exists() and not _is_own_report(path):
+        raise OutputExistsError(f"{path}: exists and is not a report of this tool; choose another {flag}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(path.name + ".write-check")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputWriteError(
+            f"{path}: cannot write there ({exc.strerror or exc}); fix permissions or choose another {flag}"
+        ) from None
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items() if k != "maps"}
@@ -334,7 +372,7 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
         )
         return f"<h3>{esc(title)}</h3><table>{head}{body}</table>"
 
-    rows.append(f"<h1>wsi-histosge evaluation</h1><p>{esc(result['protocol'])}; {len(result['genes'])} genes</p>")
+    rows.append(f"{_HTML_MARK}<p>{esc(result['protocol'])}; {len(result['genes'])} genes</p>")
     for fold in result.get("folds", []):
         rows.append(
             table(

@@ -350,6 +350,37 @@ def _check_train_args(out: Path, overwrite: bool, n_genes: int, epochs: int, sec
         raise UsageError(f"--epochs must be at least 1, got {epochs}")
     if not sections:
         raise UsageError("give at least one training section")
+    require_writable_folder(out, "--out")
+
+
+def require_writable_folder(out: Path, flag: str) -> None:
+    """Create ``out`` (a folder) if needed and check a file can be written there, before any work is done."""
+    from .errors import OutputWriteError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".wsi-histosge-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputWriteError(
+            f"{out}: cannot write there ({exc.strerror or exc}); fix permissions or choose another {flag}"
+        ) from None
+
+
+def _require_distinct(train: list[STSection], val: list[STSection]) -> None:
+    """A section may appear once: a validation section that is also a training section would report
+    training scores as held-out ones."""
+    seen: dict[str, str] = {}
+    for role, secs in (("training", train), ("validation", val)):
+        for sec in secs:
+            key = sec.label
+            if key in seen:
+                raise UsageError(
+                    f"{sec.label} is given twice (as {seen[key]} and {role} section); give each section once, "
+                    "and validation sections that are not training sections"
+                )
+            seen[key] = role
 
 
 def _training_genes(
@@ -408,6 +439,7 @@ def train_sections(
     out = Path(out)
     _check_train_args(out, overwrite, n_genes, epochs, sections)
     train_secs, val_secs = _sections(sections), _sections(val)
+    _require_distinct(train_secs, val_secs)
     pooled_offsets_um([*train_secs, *val_secs])  # refuse mixed lattices before any feature is computed
     gene_list = _training_genes(train_secs, val_secs, genes, n_genes, log)
     enc = create_encoder(encoder, weights=encoder_weights)
