@@ -460,8 +460,7 @@ def train_sections(
         select_on_test=True,
         on_epoch=progress,
     )
-    if not val_sets:
-        log(f"epochs chosen on a held-out training section: {fitted.metrics['epochs']}")
+    log(f"epochs: {fitted.metrics['epochs']} ({fitted.metrics['epoch_rule']})")
     names = ", ".join(s.name for s in train_secs)
     metrics = {
         "protocol": f"train {names}"
