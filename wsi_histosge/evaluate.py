@@ -283,22 +283,16 @@ def _is_own_report(path: Path) -> bool:
 def check_report_target(path: str | Path, flag: str) -> None:
     """Before any work: ``path`` must be a file this tool may write. A folder is refused, a file the user
     wrote is never replaced (a report of this tool is), and the folder must be writable."""
-    from .errors import OutputExistsError, OutputWriteError, UsageError
+    from .errors import OutputExistsError, UsageError
 
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path}: is a folder; {flag} takes the path of the file to write")
     if path.exists() and not _is_own_report(path):
         raise OutputExistsError(f"{path}: exists and is not a report of this tool; choose another {flag}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.with_name(path.name + ".write-check")
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputWriteError(
-            f"{path}: cannot write there ({exc.strerror or exc}); fix permissions or choose another {flag}"
-        ) from None
+    from .train import require_writable_folder
+
+    require_writable_folder(path.parent, flag)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -321,6 +315,7 @@ def _jsonable(obj: Any) -> Any:
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(result), indent=1))
     return path
 
@@ -410,6 +405,7 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
         "padding:2px 6px;text-align:right}</style>"
     )
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f"<!doctype html><html><head><meta charset='utf-8'>{style}</head><body>{''.join(rows)}</body></html>"
     )

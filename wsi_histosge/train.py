@@ -354,14 +354,20 @@ def _check_train_args(out: Path, overwrite: bool, n_genes: int, epochs: int, sec
 
 
 def require_writable_folder(out: Path, flag: str) -> None:
-    """Create ``out`` (a folder) if needed and check a file can be written there, before any work is done."""
+    """Check, before any work, that ``out`` (a folder, made later) can be created and written: a probe file is
+    written in ``out`` or its nearest existing parent and removed; nothing is left behind."""
+    import tempfile
+
     from .errors import OutputWriteError
 
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".wsi-histosge-write-check"
-        probe.write_bytes(b"")
-        probe.unlink()
+        if not where.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(where))
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".wsi-histosge-write-check"):
+            pass
     except OSError as exc:
         raise OutputWriteError(
             f"{out}: cannot write there ({exc.strerror or exc}); fix permissions or choose another {flag}"
