@@ -300,16 +300,30 @@ def train(
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights file.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (default 400).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model folder.")] = False,
+    add_genes: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--add-genes", help="Genes to predict besides the list, e.g. ERBB2,ESR1 (each measured in every section)."
+        ),
+    ] = None,
+    tta: Annotated[
+        str,
+        typer.Option(
+            help="Feature augmentation, a property of the model used by every run: none, or rot4 (mean over 4 "
+            "rotations; 4 encoder passes per patch)."
+        ),
+    ] = "none",
 ) -> None:
     """Train a model on spatial-transcriptomics sections.
 
     A section is COUNTS.tsv[.gz]:SPOTS.tsv:IMAGE (legacy ST), OUTS_DIR:IMAGE[:hires] (Space Ranger),
     FILE.h5ad:IMAGE[:hires] (AnnData with raw counts), or her2st:ROOT:SECTION.
     """
-    from wsi_histosge.train import train_sections
+    from wsi_histosge.train import parse_gene_names, train_sections
 
     defaults: dict[str, Any] = {k: v for k, v in {"encoder": encoder, "epochs": epochs}.items() if v is not None}
     try:
+        extra = parse_gene_names(add_genes) if add_genes is not None else []
         summary = train_sections(
             sections,
             out,
@@ -319,6 +333,8 @@ def train(
             n_genes=n_genes,
             overwrite=overwrite,
             log=_log,
+            tta=tta,
+            extra_genes=extra,
             **defaults,
         )
     except BaseException as exc:

@@ -40,13 +40,16 @@ def section_features(
     context_um: float,
     device: torch.device | None = None,
     cache_dir: Path | None = None,
+    tta: str = "none",
 ) -> np.ndarray:
-    """Encoder features (n_spots, dim) of a section's spots, cached by image + encoder + geometry."""
+    """Encoder features (n_spots, dim) of a section's spots under the test-time augmentation ``tta``, cached
+    by image + encoder + geometry + augmentation."""
     slide = open_slide(section.image, mpp=section.mpp)
     require_spots_on_image(section, slide.dimensions)
+    augmentation = "" if tta == "none" else f"|tta={tta}"  # caches made before augmentation existed stay valid
     key = hashlib.sha256(
         f"{slide.fingerprint}|{encoder.cfg.name}|{encoder.weights_hash}|{context_um}|{section.mpp:.6f}|"
-        f"{np.ascontiguousarray(section.centres_level0).tobytes().hex()}".encode()
+        f"{np.ascontiguousarray(section.centres_level0).tobytes().hex()}{augmentation}".encode()
     ).hexdigest()[:24]
     import zarr
 
@@ -58,7 +61,7 @@ def section_features(
                 return np.asarray(group["features"][:], dtype=np.float32)
         except Exception:
             pass
-    feats = encode_points(slide, section.centres_level0, encoder, context_um=context_um, device=device)
+    feats = encode_points(slide, section.centres_level0, encoder, context_um=context_um, device=device, tta=tta)
     cache.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(str(cache), mode="w", zarr_format=3)
     group.create_array("features", data=feats, chunks=(min(len(feats), 4096), feats.shape[1]))
@@ -69,6 +72,7 @@ def section_features(
             "encoder": encoder.cfg.name,
             "encoder_weights_sha256": encoder.weights_hash,
             "context_um": context_um,
+            "tta": tta,
             "image": str(section.image),
             "complete": True,
         }
@@ -213,11 +217,13 @@ def make_sets(
     *,
     device: torch.device | None = None,
     log: Callable[[str], None] = print,
+    tta: str = "none",
 ) -> list[TrainSet]:
+    """Each section's features (under ``tta``), log1p(CP10k) targets of ``genes`` and lattice groups."""
     out = []
     for sec in sections:
         log(f"features: {sec.name} ({len(sec.centres_level0)} spots)")
-        feats = section_features(sec, encoder, context_um=encoder.cfg.context_um, device=device)
+        feats = section_features(sec, encoder, context_um=encoder.cfg.context_um, device=device, tta=tta)
         out.append(TrainSet(feats, sec.log_cp10k(genes), lattice_groups(sec), sec.name, sec.array_xy))
     return out
 

@@ -27,6 +27,16 @@ from .errors import EncoderWeightsError, ModelError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: Test-time augmentation of features, a property of a model (chosen at ``train --tta``, recorded in its
+#: checkpoint, used by every run of it): each patch's features are the mean over these quarter turns.
+#: "rot4" costs 4 encoder passes per patch.
+TTA_ROTATIONS: dict[str, tuple[int, ...]] = {"none": (0,), "rot4": (0, 1, 2, 3)}
+
+
+def encoder_passes(tta: str) -> int:
+    """Encoder forward passes per patch under ``tta``."""
+    return len(TTA_ROTATIONS[tta])
+
 
 @dataclass(frozen=True)
 class EncoderCfg:
@@ -316,6 +326,15 @@ class Encoder(nn.Module):
             return self._forward_fn(self.trunk, x)
         out: torch.Tensor = self.trunk(x)
         return out
+
+    def embed(self, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+        """Features of normalised patches (B, 3, H, W) under test-time augmentation ``tta``
+        (``TTA_ROTATIONS``): the mean of the features of each quarter turn, in float32."""
+        turns = TTA_ROTATIONS[tta]
+        total = self(x).float()
+        for k in turns[1:]:
+            total = total + self(torch.rot90(x, k, dims=(2, 3))).float()
+        return total / len(turns) if len(turns) > 1 else total
 
 
 @lru_cache(maxsize=32)

@@ -63,7 +63,7 @@ def highres_consistency(
     agg = agg[:, cols]
     ok = np.isfinite(agg).all(1)
     enc = create_encoder(model.meta.encoder)
-    spot = make_sets([section], genes, enc, log=log)[0]
+    spot = make_sets([section], genes, enc, log=log, tta=model.meta.tta)[0]
     spot_pred = predict_set(model.head, spot)[:, cols]
     r_vs_spot = pearson_per_gene(agg[ok], spot_pred[ok])
     r_vs_measured_agg = pearson_per_gene(agg[ok], spot.targets[ok])

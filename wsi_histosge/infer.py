@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__, config
-from .encoders import Encoder, create_encoder
+from .encoders import Encoder, create_encoder, encoder_passes
 from .errors import HistoSGEError, ModelError, NoTissueError, OutputWriteError, UsageError, check_range
 from .grid import Block, Grid, block_cells_for, make_grid
 from .halo import FeatureRing
@@ -77,6 +77,8 @@ class InferResult:
     bad_tiles: int = 0
     spots_skipped_bad_tiles: int = 0
     patches_encoded: int = 0  # patches through the encoder: the spots, each once (more with reuse off)
+    tta: str = "none"  # the model's test-time augmentation of features
+    encoder_passes: int = 0  # encoder forward passes: patches_encoded x the augmentation's passes per patch
     skipped_levels: dict[int, str] = field(default_factory=dict)  # pyramid levels not used, and why
 
     def to_dict(self) -> dict[str, Any]:
@@ -529,6 +531,7 @@ def _run(
         bad_tiles=counts.bad_tiles,
         spots_skipped_bad_tiles=counts.skipped_spots,
         patches_encoded=counts.patches,
+        encoder_passes=counts.patches * encoder_passes(plan.model.meta.tta),
         **base,
     )
     store.mark_complete(
@@ -558,6 +561,7 @@ def _report_base(plan: _Plan, out: str | Path) -> dict[str, Any]:
         mpp_source=mpp.source,
         model=plan.model.meta.name,
         encoder=plan.model.meta.encoder,
+        tta=plan.model.meta.tta,
         device=str(plan.device),
         precision=plan.precision,
         skipped_levels=dict(plan.slide.skipped_levels),
@@ -606,6 +610,7 @@ def _run_blocks(
                 batch=batch,
                 device=device,
                 dtype=plan.dtype,
+                tta=model.meta.tta,
             )
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -685,6 +690,8 @@ def _cube_attributes(
                 "weights_sha256": encoder.weights_hash,
                 "input_px": encoder.cfg.input_px,
                 "mpp": encoder.cfg.mpp,
+                "tta": model.meta.tta,
+                "passes_per_patch": encoder_passes(model.meta.tta),
             },
             "tissue": {"source": tissue.source, "area_mm2": tissue.area_um2 / 1e6},
             "precision": precision,

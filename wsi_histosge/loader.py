@@ -251,8 +251,10 @@ def encode_tile(
     batch: int,
     device: torch.device,
     dtype: torch.dtype,
+    tta: str = "none",
 ) -> torch.Tensor:
-    """Features (N, D) of every centre's patch in a tile, in fixed sub-batches (deterministic)."""
+    """Features (N, D) of every centre's patch in a tile, in fixed sub-batches (deterministic), averaged over
+    the test-time augmentation ``tta`` (``encoders.TTA_ROTATIONS``)."""
     if device.type == "cpu":
         keep_freed_memory()  # once per process: activation buffers reused, not re-mapped every batch
     tile = tile.to(device, non_blocking=True)
@@ -270,7 +272,7 @@ def encode_tile(
             torch.float32 if autocast else dtype,
         )
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            feats.append(encoder(patches).float())
+            feats.append(encoder.embed(patches, tta))
     out = torch.cat(feats) if feats else torch.zeros(0, encoder.cfg.embed_dim, device=device)
     if device.type == "cpu":
         del tile, feats
@@ -287,8 +289,10 @@ def encode_points(
     device: torch.device | None = None,
     batch: int = 64,
     tile_um: float = 2000.0,
+    tta: str = "none",
 ) -> np.ndarray:
-    """Features of arbitrary points (e.g. measured spots), read as super-tiles of about ``tile_um``."""
+    """Features of arbitrary points (e.g. measured spots), read as super-tiles of about ``tile_um``, under the
+    test-time augmentation ``tta``."""
     device = device or torch.device("cpu")
     level = slide.best_level_for_mpp(encoder.cfg.mpp)
     out = np.zeros((len(centres_level0), encoder.cfg.embed_dim), dtype=np.float32)
@@ -313,6 +317,7 @@ def encode_points(
             batch=batch,
             device=device,
             dtype=torch.float32,
+            tta=tta,
         )
         out[idx] = f.cpu().numpy()
     return out

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encoders import TTA_ROTATIONS
 from .errors import DataFormatError, InputNotFoundError, ModelError
 
 CHECKPOINT_FORMAT = "wsi-histosge-checkpoint/1"
@@ -170,6 +171,7 @@ class ModelMeta:
     spot_um: float
     context_um: float
     neighbour_offsets_um: list[list[float]]  # (x, y) offsets of the attention group; [0, 0] first
+    tta: str = "none"  # test-time augmentation of features (encoders.TTA_ROTATIONS), used by every run
     normalisation: dict[str, Any] = field(default_factory=lambda: {"kind": "log1p_cp10k", "target_sum": 1e4})
     units: str = "log1p(counts per 10k)"
     training: dict[str, Any] = field(default_factory=dict)
@@ -285,6 +287,11 @@ _META_RULES: tuple[_Rule, ...] = (
         "must start with [0, 0] (the spot itself), starts with {value[0]}",
     ),
     ("head", _is_object, "must be an object, got {type}"),
+    (
+        "tta",
+        lambda v: isinstance(v, str) and v in TTA_ROTATIONS,
+        f"must be one of {sorted(TTA_ROTATIONS)}, got {{value!r}}",
+    ),
 )
 
 _HEAD_INT_WHAT = f"must be a positive integer up to {_MAX_HEAD_INT}, got {{value!r}}"

@@ -140,6 +140,7 @@ def build_model(
     name: str,
     training: dict[str, Any],
     metrics: dict[str, Any],
+    tta: str = "none",
 ) -> Model:
     meta = ModelMeta(
         genes=list(genes),
@@ -152,6 +153,7 @@ def build_model(
         training=training,
         metrics=metrics,
         name=name,
+        tta=tta,
     )
     return Model(meta, head)
 
@@ -389,6 +391,28 @@ def _require_distinct(train: list[STSection], val: list[STSection]) -> None:
             seen[key] = role
 
 
+def parse_gene_names(text: str | Sequence[str], flag: str = "--add-genes") -> list[str]:
+    """Gene names given on the command line, comma- or space-separated (repeats dropped, order kept)."""
+    parts = [text] if isinstance(text, str) else list(text)
+    names = [g.strip() for part in parts for g in part.replace(",", " ").split()]
+    if not names:
+        raise UsageError(f"{flag} names no gene; give names such as ERBB2,ESR1")
+    return list(dict.fromkeys(names))
+
+
+def add_genes(gene_list: list[str], extra: Sequence[str], sections: Sequence[STSection]) -> list[str]:
+    """``gene_list`` followed by the ``extra`` genes it lacks; a gene some section does not measure is refused
+    by name (it would be learnt as zero expression)."""
+    for name in extra:
+        lacking = [s.name for s in sections if s.missing([name])]
+        if lacking:
+            raise DataFormatError(
+                f"--add-genes: {name} is not measured in section(s) {', '.join(lacking)}; remove it, or train on "
+                "sections that measure it"
+            )
+    return [*gene_list, *(g for g in extra if g not in gene_list)]
+
+
 def _training_genes(
     train_secs: list[STSection], val_secs: list[STSection], genes: Path | None, n_genes: int, log: Callable[[str], None]
 ) -> list[str]:
@@ -432,25 +456,33 @@ def train_sections(
     name: str | None = None,
     device: torch.device | None = None,
     log: Callable[[str], None] = print,
+    tta: str = "none",
+    extra_genes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Train and save a model; returns its metrics (``FOLD_SCHEMA``, also stored in the checkpoint).
 
     With ``val`` sections: early stopping on them, and their scores (head, ridge, training mean) recorded.
     Without: the number of epochs is chosen by holding out the last training section, then all training
-    sections are used.
+    sections are used. ``tta`` (``encoders.TTA_ROTATIONS``) is the model's feature augmentation, used for its
+    training features and by every run of the model; ``extra_genes`` are predicted besides the gene list
+    (each must be measured in every section).
     """
-    from .encoders import create_encoder
+    from .encoders import TTA_ROTATIONS, create_encoder
     from .model import save_model
 
     out = Path(out)
+    if tta not in TTA_ROTATIONS:
+        raise UsageError(f"--tta must be one of {', '.join(TTA_ROTATIONS)}, got {tta!r}")
     _check_train_args(out, overwrite, n_genes, epochs, sections)
     train_secs, val_secs = _sections(sections), _sections(val)
     _require_distinct(train_secs, val_secs)
     pooled_offsets_um([*train_secs, *val_secs])  # refuse mixed lattices before any feature is computed
-    gene_list = _training_genes(train_secs, val_secs, genes, n_genes, log)
+    selected = _training_genes(train_secs, val_secs, genes, n_genes, log)
+    gene_list = add_genes(selected, extra_genes, [*train_secs, *val_secs])
+    added = gene_list[len(selected) :]
     enc = create_encoder(encoder, weights=encoder_weights)
-    train_sets = make_sets(train_secs, gene_list, enc, device=device, log=log)
-    val_sets = make_sets(val_secs, gene_list, enc, device=device, log=log)
+    train_sets = make_sets(train_secs, gene_list, enc, device=device, log=log, tta=tta)
+    val_sets = make_sets(val_secs, gene_list, enc, device=device, log=log, tta=tta)
 
     def progress(e: int, loss: float, r: float) -> None:
         if e % 10 == 0:
@@ -478,7 +510,10 @@ def train_sections(
         "sections": [s.name for s in train_secs],
         "spots": int(sum(len(t.features) for t in train_sets)),
         "targets": "log1p(CP10k), library size over all genes of the section",
-        "gene_selection": f"list {genes}" if genes else f"top {len(gene_list)} by variance of pooled log1p(CP10k)",
+        "gene_selection": (f"list {genes}" if genes else f"top {len(selected)} by variance of pooled log1p(CP10k)")
+        + (f", plus {', '.join(added)}" if added else ""),
+        "added_genes": added,
+        "tta": tta,
         "gene_means": [round(float(v), 5) for v in np.concatenate([t.targets for t in train_sets]).mean(0)],
     }
     model = build_model(
@@ -491,6 +526,7 @@ def train_sections(
         name=name or out.name,
         training=training,
         metrics=metrics,
+        tta=tta,
     )
     save_model(model, out)
     log(f"wrote {out}")
