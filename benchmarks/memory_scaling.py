@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -60,14 +61,21 @@ def make_model(n_genes: int) -> Path:
     return path
 
 
+# The child's own peak is its VmHWM: ru_maxrss of a process started by (v)fork + exec keeps the parent's peak
+# (Linux records the old address space's high-water mark at exec), and the parent holds the generated slides.
 CHILD = """
 import json, resource, sys, time
+def hwm_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 from wsi_histosge.infer import InferOptions, infer_slide
 t0 = time.perf_counter()
 r = infer_slide(sys.argv[1], sys.argv[2], InferOptions(model=sys.argv[3], stride_um=float(sys.argv[4]),
                 num_workers=int(sys.argv[5]), overwrite=True, device="cpu"))
 print(json.dumps({"seconds": time.perf_counter() - t0, "spots": r.spots, "tiles": r.tiles,
-                  "rss_kb_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "rss_kb_self": hwm_kb(),
                   "rss_kb_workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
@@ -86,6 +94,7 @@ def main() -> None:
         slide = make_slide(n)
         made = time.perf_counter() - t0
         out = WORK / f"out-{n}.zarr"
+        shutil.rmtree(out, ignore_errors=True)  # a complete cube from an earlier run would measure nothing
         res = subprocess.run(
             [sys.executable, "-c", CHILD, str(slide), str(out), str(model), str(args.stride_um), str(args.workers)],
             capture_output=True,

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from rounds import interleave, load_line, min_median
+from synthetic_slides import source_path
 
 from wsi_histosge import config
 from wsi_histosge.grid import make_grid
@@ -36,7 +37,8 @@ from wsi_histosge.loader import BlockDataset, block_loader
 from wsi_histosge.slide import open_slide
 from wsi_histosge.tissue import TissueMask
 
-DEFAULT_SLIDE = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi-samples" / "CMU-1-Small-Region.svs"
+#: CMU-1-Small-Region.svs from the data folder beside the project, else the packaged crop of it
+DEFAULT_SLIDE = source_path()
 
 
 def bare_decode(path: Path, threads: int = 1) -> tuple[float, int, int]:

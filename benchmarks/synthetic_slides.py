@@ -16,16 +16,22 @@ import tifffile
 SOURCE_CANDIDATES = [
     Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi-samples" / "CMU-1-Small-Region.svs",
     Path("shared/data/wsi-samples/CMU-1-Small-Region.svs"),  # on the device machine, shared/ is in the tree
+    # without the data folder: the packaged crop of the same slide (1280 x 1536 px of the same pixels)
+    Path(__file__).resolve().parents[1] / "wsi_histosge" / "samples" / "cmu1-skin-crop.tif",
 ]
 
 
+def source_path() -> Path:
+    """The first sample slide found (``SOURCE_CANDIDATES``)."""
+    return next(p for p in SOURCE_CANDIDATES if p.is_file())
+
+
 def source_pixels() -> tuple[np.ndarray, float]:
-    """Level-0 RGB pixels of the sample slide and its µm/px."""
+    """Level-0 RGB pixels of the sample slide (CMU-1-Small-Region, or the packaged crop of it) and its µm/px."""
     from wsi_histosge.slide import open_slide
 
-    path = next((p for p in SOURCE_CANDIDATES if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"sample slide not found in {[str(p) for p in SOURCE_CANDIDATES]}")
+    path = source_path()
+    print(f"synthetic slides tiled from {path}", flush=True)
     slide = open_slide(path)
     return slide.read_region((0, 0), 0, slide.dimensions), slide.mpp.x
 
