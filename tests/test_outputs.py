@@ -134,13 +134,18 @@ def test_xarray_and_ome_zarr_read_the_cube(cmu_cube: Path) -> None:
     import xarray as xr
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Reader
+    from ome_zarr_models.v05 import Image
+
+    # the OME-NGFF 0.5 spec as pydantic models: raises on any departure (e.g. axes not named as the array's dims)
+    image = Image.from_zarr(zarr.open_group(str(cmu_cube), mode="r"))
+    assert [ax.name for ax in image.ome_attributes.multiscales[0].axes] == ["gene", "y", "x"]
 
     ds = xr.open_zarr(cmu_cube, consolidated=False)
     assert ds["expression"].dims == ("gene", "y", "x")
     assert ds["tissue"].dims == ("y", "x")
     nodes = list(Reader(parse_url(str(cmu_cube)))())
     ms = nodes[0].metadata
-    assert [ax["name"] for ax in ms["axes"]] == ["c", "y", "x"]
+    assert [ax["name"] for ax in ms["axes"]] == ["gene", "y", "x"]
     scale = ms["coordinateTransformations"][0][0]["scale"]
     assert scale == [1.0, 50.0, 50.0]
     assert nodes[0].data[0].shape == ds["expression"].shape

@@ -710,7 +710,8 @@ def _cube_attributes(
                 {
                     "name": slide.path.stem,
                     "axes": [
-                        {"name": "c", "type": "channel"},
+                        # named as the array's dimension_names: OME-NGFF 0.5 requires that they match
+                        {"name": "gene", "type": "channel"},
                         {"name": "y", "type": "space", "unit": "micrometer"},
                         {"name": "x", "type": "space", "unit": "micrometer"},
                     ],
