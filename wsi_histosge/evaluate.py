@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .baselines import ridge_baseline
 from . import stats
+from .baselines import ridge_baseline
 from .dataset import MIN_GENE_VARIANCE, TrainSet, make_sets, top_variable
 from .errors import DataFormatError
 from .metrics import pearson_per_gene, rasterise, score
