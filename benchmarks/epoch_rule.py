@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_histosge.dataset import make_sets, top_variable
+from wsi_histosge.dataset import TrainSet, make_sets, top_variable
 from wsi_histosge.encoders import create_encoder
 from wsi_histosge.metrics import pearson_per_gene
 from wsi_histosge.model import HeadConfig
@@ -53,6 +53,7 @@ def main() -> None:
     base = FitConfig()
     seeds = seed_list(base.seed, args.seeds)
     record: dict[str, dict] = {}
+    cache: dict[tuple[str, int, int], float] = {}  # refit scores by (held-out section, seed index, epochs)
     for i, test in enumerate(sets):
         train = [s for j, s in enumerate(sets) if j != i]
         top = top_variable(train)
@@ -62,17 +63,21 @@ def main() -> None:
             for j in range(len(train)):
                 row: list[float] = []
                 fit_head(
-                    head_cfg, train[:j] + train[j + 1 :], [train[j]], fit, on_epoch=lambda _e, _l, r: row.append(r)
+                    head_cfg,
+                    train[:j] + train[j + 1 :],
+                    [train[j]],
+                    fit,
+                    on_epoch=lambda _e, _l, r, row=row: row.append(r),
                 )
                 curves[a, j] = row
-        cache: dict[tuple[int, int], float] = {}
 
-        def scored(a: int, epochs: int) -> float:
-            if (a, epochs) not in cache:
+        def scored(a: int, epochs: int, train: list = train, test: TrainSet = test, top: np.ndarray = top) -> float:
+            key = (test.name, a, epochs)
+            if key not in cache:
                 head, _ = fit_head(head_cfg, train, None, FitConfig(seed=seeds[a]), fixed_epochs=epochs)
                 r = pearson_per_gene(predict_set(head, test)[:, top], test.targets[:, top])
-                cache[a, epochs] = float(np.nanmean(r))
-            return cache[a, epochs]
+                cache[key] = float(np.nanmean(r))
+            return cache[key]
 
         rules: dict[str, list[int]] = {}
         for j in range(len(train)):

@@ -3,7 +3,8 @@
 Protocols:
 
 * ``loso``: leave one section out; for each held-out section the head is trained on the others (epochs
-  chosen on the last of them, never on the held-out one), and so are the baselines;
+  chosen on pooled inner folds of them, ``train.choose_epochs``, never on the held-out one), and so are the
+  baselines;
 * ``recovery`` (the reference paper's protocol): a random half of one section's spots trains, the other
   half is predicted; neighbours are taken from all spots of the section (features only, no expression);
 * a trained model on held-out sections (``evaluate MODEL --data ...``).
@@ -13,6 +14,11 @@ features clipped at |z| <= 5, PCA to 256 dims, alpha by cross-validation, HEST-B
 training mean. Scores: per-gene Pearson r (mean, median, count > 0.3), MSE, MAE, SSIM of gene maps on
 the assay lattice, and ARI of k-means clusterings of predicted vs measured expression, per section and
 pooled over sections; on all genes and on the 50 most variable training genes (among genes that vary).
+
+Every number carries its noise: a protocol fits the head with ``SEEDS`` seeds and reports mean ± SD over
+them (ridge and the training mean are deterministic), every method gets a 95% percentile bootstrap interval
+over the held-out spots, and the head (or model) minus ridge is reported as a paired difference with its
+interval, per section and for the mean of sections (``stats``; keys in ``train.FOLD_SCHEMA``).
 
 Only genes a section measures are scored, never a missing gene as zeros: a model is evaluated on the genes
 every given section measures, and a section measuring fewer than half of the model's genes (or fewer than
