@@ -108,10 +108,11 @@ def test_loso_with_its_default_flags_carries_seeds_intervals_and_pairs(tmp_path:
     assert summary["C3"]["head"]["sd"] > 0 and len(summary["C3"]["head"]["ci95"]) == 2
     assert "head-ridge" in summary["mean_of_sections"]
     a = json.loads((tmp_path / "r.json").read_text())
-    assert len(a["seeds"]) == SEEDS > 1 and "inner folds" in a["epoch_rule"]
+    assert len(a["seeds"]) == SEEDS > 1 and "each seed its own" in a["epoch_rule"]
     for fold in a["folds"]:
         per_seed = fold["seeds"]["head"]["top50"]["mean_r"]
         assert len(per_seed) == SEEDS and len(set(per_seed)) == SEEDS  # the seeds really differ
+        assert len(fold["seeds"]["epochs"]) == SEEDS
         assert fold["scores"]["head"]["top50"]["mean_r"] == pytest.approx(np.mean(per_seed))
         assert fold["sd_over_seeds"]["head"]["top50"]["mean_r"] > 0
         assert "ridge" not in fold["sd_over_seeds"]  # deterministic
@@ -128,7 +129,7 @@ def test_loso_with_its_default_flags_carries_seeds_intervals_and_pairs(tmp_path:
     assert hi - lo < min(np.diff(f["intervals"]["head"]["top50"]["mean_r"])[0] for f in a["folds"])
     assert set(mos["paired"]["head-ridge"]) == {"all_genes", "top50"}
     html = (tmp_path / "r.html").read_text()
-    assert html.count("<img src='data:image/png;base64,") == 2 and "± " in html and "SD over 5 seeds" in html
+    assert html.count("<img src='data:image/png;base64,") == 2 and "± " in html and f"SD over {SEEDS} seeds" in html
 
 
 @pytest.mark.realdata

@@ -3,8 +3,7 @@
 Protocols:
 
 * ``loso``: leave one section out; for each held-out section the head is trained on the others (epochs
-  chosen on pooled inner folds of them, ``train.choose_epochs``, never on the held-out one), and so are the
-  baselines;
+  chosen on them alone, ``train.choose_epochs``, never on the held-out one), and so are the baselines;
 * ``recovery`` (the reference paper's protocol): a random half of one section's spots trains, the other
   half is predicted; neighbours are taken from all spots of the section (features only, no expression);
 * a trained model on held-out sections (``evaluate MODEL --data ...``).
@@ -61,8 +60,10 @@ MIN_OVERLAP_FRACTION = 0.5
 #: ... and at least this many of them (all of them for a model of fewer genes).
 MIN_OVERLAP_GENES = 10
 #: Head fits per fold in ``loso`` and ``recovery`` (``evaluate --seeds``): each fold reports the mean and SD
-#: over seeds. A full C2-C6 leave-one-section-out with 5 seeds takes ~X min on 2 cores.
-SEEDS = 5
+#: over seeds. Each seed costs about one single-seed run's fitting: a C2-C6 leave-one-section-out (785 genes)
+#: took 312 s of CPU with one seed and 1252 s with five (pooled-inner-fold epochs, a shared 2-core machine),
+#: so three seeds, ~13 min of CPU; fewer seeds leave the SD too rough to read.
+SEEDS = 3
 
 OVERLAP_RULE = (
     f"a section must measure at least {MIN_OVERLAP_FRACTION:.0%} of the model's genes and at least "
