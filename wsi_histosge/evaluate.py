@@ -494,6 +494,16 @@ def _folds_png(result: dict[str, Any], key: str = "top50") -> str:
             sd = fold.get("sd_over_seeds", {}).get(method, {}).get(key, {}).get("mean_r")
             if sd is not None:
                 ax.plot([x, x], [y - sd, y + sd], color=colour, lw=5, alpha=0.45, solid_capstyle="butt")
+                # an SD far smaller than the interval hides under the dot: also written out
+                ax.annotate(
+                    f"±{sd:.3f}",
+                    (x, lo if lo is not None else y - sd),
+                    xytext=(0, -9),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=6.5,
+                    color=colour,
+                )
             ax.plot([x], [y], "o", color=colour, ms=5, label=method.replace("_", " ") if c == 0 else None)
     if len(columns) > 1 and "mean_of_sections" in result:
         ax.axvline(len(columns) - 1.5, color="#bbbbbb", lw=0.8, ls="--")
@@ -504,7 +514,7 @@ def _folds_png(result: dict[str, Any], key: str = "top50") -> str:
     n_seeds = len(result.get("seeds", []))
     note = "thin bars: 95% bootstrap interval over spots"
     if n_seeds > 1:
-        note += f"; thick bars: ± 1 SD over {n_seeds} seeds (head)"
+        note += f"; thick bars and numbers: ± 1 SD over {n_seeds} seeds (head)"
     ax.set_title(note, fontsize=8)
     ax.legend(fontsize=8, frameon=False, loc="best")
     buf = io.BytesIO()
