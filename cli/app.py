@@ -363,31 +363,59 @@ def evaluate(
     encoder: Annotated[
         Optional[str], typer.Option(help="Encoder for a protocol run (default efficientnet-lite0).")
     ] = None,
+    seeds: Annotated[
+        Optional[int], typer.Option(help="Head fits per fold for a protocol run: mean ± SD over seeds (default 5).")
+    ] = None,
+    bootstrap: Annotated[
+        Optional[int],
+        typer.Option(help="Bootstrap replicates over held-out spots for 95% intervals (default 1000; 0: none)."),
+    ] = None,
     highres: Annotated[bool, typer.Option(help="Also check 4x-density predictions against spot level.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="HTML report to write.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="JSON of all numbers to write.")] = None,
 ) -> None:
-    """Score a model (or the head under a protocol) next to ridge and training-mean baselines."""
+    """Score a model (or the head under a protocol) next to ridge and training-mean baselines.
+
+    Every score comes with a 95% bootstrap interval over the held-out spots; a protocol fits the head with
+    several seeds and reports mean ± SD over them (ridge and the training mean are deterministic).
+    """
     from wsi_histosge import evaluate as ev
+    from wsi_histosge import stats
     from wsi_histosge.stdata import read_section
 
     try:
+        if seeds is not None and seeds < 1:
+            raise UsageError(f"--seeds must be at least 1, got {seeds}")
+        if bootstrap is not None and bootstrap < 0:
+            raise UsageError(f"--bootstrap must be 0 (no intervals) or more, got {bootstrap}")
         if not data:
             raise UsageError("give the sections to evaluate with --data")
         if protocol is not None and model is not None:
             raise UsageError(
                 f"give a MODEL folder or --protocol {protocol}, not both (a protocol trains its own heads)"
             )
+        if seeds is not None and protocol is None:
+            raise UsageError("--seeds is for --protocol loso/recovery (a trained MODEL has one set of weights)")
+        replicates = stats.REPLICATES if bootstrap is None else bootstrap
         for path, flag in ((report, "--report"), (json_out, "--json")):
             if path is not None:
                 ev.check_report_target(path, flag)
         secs = [read_section(s) for s in data]
         if protocol is not None:
-            result = _evaluate_protocol(protocol, secs, genes=genes, n_genes=n_genes, encoder=encoder)
+            result = _evaluate_protocol(
+                protocol,
+                secs,
+                genes=genes,
+                n_genes=n_genes,
+                encoder=encoder,
+                seeds=ev.SEEDS if seeds is None else seeds,
+                replicates=replicates,
+            )
         else:
             if model is None:
                 raise UsageError("give a MODEL folder, or --protocol loso/recovery")
-            result = _evaluate_model(model, secs, [read_section(s) for s in train_data or []], highres=highres)
+            trains = [read_section(s) for s in train_data or []]
+            result = _evaluate_model(model, secs, trains, highres=highres, replicates=replicates)
         if json_out:
             ev.write_json(result, json_out)
         if report:
@@ -399,7 +427,14 @@ def evaluate(
 
 
 def _evaluate_protocol(
-    protocol: str, secs: list[Any], *, genes: Path | None, n_genes: int, encoder: str | None
+    protocol: str,
+    secs: list[Any],
+    *,
+    genes: Path | None,
+    n_genes: int,
+    encoder: str | None,
+    seeds: int,
+    replicates: int,
 ) -> dict[str, Any]:
     """Heads trained here under ``loso`` or ``recovery``, next to the baselines."""
     from wsi_histosge import evaluate as ev
@@ -412,13 +447,15 @@ def _evaluate_protocol(
     enc = create_encoder(encoder or DEFAULT_ENCODER)
     gene_list = read_gene_list(genes) if genes else select_genes(secs, n_genes, log=_log)
     if protocol == "recovery":
-        return ev.recovery(secs[0], gene_list, enc, log=_log)
+        return ev.recovery(secs[0], gene_list, enc, seeds=seeds, replicates=replicates, log=_log)
     if len(secs) < 3:
         raise UsageError("leave-one-section-out needs at least 3 sections")
-    return ev.loso(secs, gene_list, enc, log=_log)
+    return ev.loso(secs, gene_list, enc, seeds=seeds, replicates=replicates, log=_log)
 
 
-def _evaluate_model(model: Path, secs: list[Any], trains: list[Any], *, highres: bool) -> dict[str, Any]:
+def _evaluate_model(
+    model: Path, secs: list[Any], trains: list[Any], *, highres: bool, replicates: int
+) -> dict[str, Any]:
     """A trained model on held-out sections (and, with ``highres``, its 4x-density consistency)."""
     import tempfile
 
@@ -427,7 +464,8 @@ def _evaluate_model(model: Path, secs: list[Any], trains: list[Any], *, highres:
     from wsi_histosge.model import load_model
 
     m = load_model(model)
-    result = ev.evaluate_model(m, secs, create_encoder(m.meta.encoder), train_sections=trains, log=_log)
+    enc = create_encoder(m.meta.encoder)
+    result = ev.evaluate_model(m, secs, enc, train_sections=trains, replicates=replicates, log=_log)
     if highres:
         from wsi_histosge.highres import highres_consistency
 
@@ -437,10 +475,18 @@ def _evaluate_model(model: Path, secs: list[Any], trains: list[Any], *, highres:
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    """The headline numbers: top-50 mean r per method, per section and pooled."""
+    """The headline numbers: top-50 mean r per method, per section, as the mean of sections and pooled; with
+    ``sd`` (over seeds, head only: ridge and the training mean are deterministic) and ``ci95`` (bootstrap over
+    spots), and the paired difference to ridge with its interval."""
     out: dict[str, Any] = {"protocol": result["protocol"]}
+    if "seeds" in result:
+        out["seeds"] = len(result["seeds"])
+    if "epoch_rule" in result:
+        out["epoch_rule"] = result["epoch_rule"]
     for fold in result.get("folds", []):
-        out[fold["section"]] = {m: round(v["top50"]["mean_r"], 4) for m, v in fold["scores"].items()}
+        out[fold["section"]] = _headline(fold)
+    if "mean_of_sections" in result:
+        out["mean_of_sections"] = _headline(result["mean_of_sections"])
     if "pooled" in result:
         out["pooled_top50_mean_r"] = {
             m: round(v["pooled_top50"]["mean_r"], 4) for m, v in result["pooled"].items() if "pooled_top50" in v
@@ -449,6 +495,30 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
         out["highres"] = result["highres"]
     if "gene_overlap" in result:
         out["gene_overlap"] = {k: v for k, v in result["gene_overlap"].items() if k != "rule"}
+    return out
+
+
+def _headline(fold: dict[str, Any], key: str = "top50", metric: str = "mean_r") -> dict[str, Any]:
+    """``{method: {"mean_r", "sd", "ci95"}, "head-ridge": {"difference", "ci95"}}`` of one fold (or the mean of
+    sections) on the top-50 genes; a bare number when there is neither spread nor interval."""
+
+    def rounded(v: Any) -> Any:
+        return [None if x is None else round(x, 4) for x in v] if isinstance(v, list) else round(v, 4)
+
+    out: dict[str, Any] = {}
+    for method, per_key in fold["scores"].items():
+        entry: dict[str, Any] = {metric: rounded(per_key[key][metric])}
+        sd = fold.get("sd_over_seeds", {}).get(method, {}).get(key, {}).get(metric)
+        if sd is not None:
+            entry["sd"] = rounded(sd)
+        ci = fold.get("intervals", {}).get(method, {}).get(key, {}).get(metric)
+        if ci is not None:
+            entry["ci95"] = rounded(ci)
+        out[method] = entry if len(entry) > 1 else entry[metric]
+    for name, per_key in fold.get("paired", {}).items():
+        if key in per_key:
+            d = per_key[key][metric]
+            out[name] = {"difference": rounded(d["difference"]), "ci95": rounded(d["interval"])}
     return out
 
 

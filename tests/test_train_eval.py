@@ -154,6 +154,12 @@ def test_train_then_evaluate_on_a_small_real_subset(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert {"model", "ridge", "training_mean"} <= set(data["folds"][0]["scores"])
+    fold = data["folds"][0]  # a trained model: bootstrap intervals and the paired model-minus-ridge, no seeds
+    assert "seeds" not in fold and "sd_over_seeds" not in fold
+    lo, hi = fold["intervals"]["model"]["top50"]["mean_r"]
+    assert lo < fold["scores"]["model"]["top50"]["mean_r"] < hi
+    d = fold["paired"]["model-ridge"]["all_genes"]["mean_r"]
+    assert d["interval"][0] <= d["difference"] <= d["interval"][1]
     assert "<img src='data:image/png;base64," in report.read_text()
     res = runner.invoke(app, ["evaluate", "--protocol", "recovery", "--data", f"her2st:{root}:C3", "--n-genes", "30"])
     assert res.exit_code == 0, res.output
@@ -223,6 +229,8 @@ def test_train_and_evaluate_refuse_before_any_work(tmp_path: Path) -> None:
     model = str(default_model_path())
     res = runner.invoke(app, ["evaluate", model, "--protocol", "recovery", "--data", c3])
     assert res.exit_code == 2 and "not both" in res.output, res.output
+    res = runner.invoke(app, ["evaluate", model, "--data", c3, "--seeds", "3"])
+    assert res.exit_code == 2 and "--seeds" in res.output, res.output
     mine = tmp_path / "notes.html"
     mine.write_text("my notes")
     res = runner.invoke(app, ["evaluate", model, "--data", c3, "--report", str(mine)])

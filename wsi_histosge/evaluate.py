@@ -3,7 +3,7 @@
 Protocols:
 
 * ``loso``: leave one section out; for each held-out section the head is trained on the others (epochs
-  chosen on the last of them, never on the held-out one), and so are the baselines;
+  chosen on them alone, ``train.choose_epochs``, never on the held-out one), and so are the baselines;
 * ``recovery`` (the reference paper's protocol): a random half of one section's spots trains, the other
   half is predicted; neighbours are taken from all spots of the section (features only, no expression);
 * a trained model on held-out sections (``evaluate MODEL --data ...``).
@@ -13,6 +13,11 @@ features clipped at |z| <= 5, PCA to 256 dims, alpha by cross-validation, HEST-B
 training mean. Scores: per-gene Pearson r (mean, median, count > 0.3), MSE, MAE, SSIM of gene maps on
 the assay lattice, and ARI of k-means clusterings of predicted vs measured expression, per section and
 pooled over sections; on all genes and on the 50 most variable training genes (among genes that vary).
+
+Every number carries its noise: a protocol fits the head with ``SEEDS`` seeds and reports mean ± SD over
+them (ridge and the training mean are deterministic), every method gets a 95% percentile bootstrap interval
+over the held-out spots, and the head (or model) minus ridge is reported as a paired difference with its
+interval, per section and for the mean of sections (``stats``; keys in ``train.FOLD_SCHEMA``).
 
 Only genes a section measures are scored, never a missing gene as zeros: a model is evaluated on the genes
 every given section measures, and a section measuring fewer than half of the model's genes (or fewer than
@@ -32,18 +37,34 @@ from typing import Any
 
 import numpy as np
 
+from . import stats
 from .baselines import ridge_baseline
 from .dataset import MIN_GENE_VARIANCE, TrainSet, make_sets, top_variable
 from .errors import DataFormatError
 from .metrics import pearson_per_gene, rasterise, score
 from .model import HeadConfig, Model
 from .stdata import STSection
-from .train import FitConfig, fit_and_score, fit_head, measured_genes, predict_set, score_methods
+from .train import (
+    FitConfig,
+    early_stop_epoch,
+    fit_and_score,
+    measured_genes,
+    pooled_curve,
+    predict_set,
+    score_methods,
+    seed_list,
+)
 
 #: A section is scored against a model only when it measures at least this fraction of the model's genes...
 MIN_OVERLAP_FRACTION = 0.5
 #: ... and at least this many of them (all of them for a model of fewer genes).
 MIN_OVERLAP_GENES = 10
+#: Head fits per fold in ``loso`` and ``recovery`` (``evaluate --seeds``): each fold reports the mean and SD
+#: over seeds. Each seed costs about one single-seed run's fitting: a C2-C6 leave-one-section-out (785 genes)
+#: took 312 s of CPU with one seed and 1252 s with five (pooled-inner-fold epochs, a shared 2-core machine),
+#: so three seeds, ~13 min of CPU; fewer seeds leave the SD too rough to read.
+SEEDS = 3
+
 OVERLAP_RULE = (
     f"a section must measure at least {MIN_OVERLAP_FRACTION:.0%} of the model's genes and at least "
     f"{MIN_OVERLAP_GENES} of them (all, for a model of fewer genes); only genes measured in every section are scored"
@@ -67,22 +88,66 @@ def _require_scorable(sections: Sequence[STSection], genes: list[str]) -> None:
 
 
 def _pooled(
-    folds: list[dict[str, Any]], preds: dict[str, list[np.ndarray]], truth: list[np.ndarray], top: np.ndarray | None
+    folds: list[dict[str, Any]],
+    preds: dict[str, list[list[np.ndarray]]],
+    truth: list[np.ndarray],
+    top: np.ndarray | None,
 ) -> dict[str, Any]:
-    """Per-gene r over all held-out spots pooled, and the mean of per-section summaries."""
+    """Per-gene r over all held-out spots pooled, and the mean of per-section summaries. ``preds``: per method,
+    per section, one prediction per seed (a method fitted with several seeds scores the mean over them)."""
     out: dict[str, Any] = {}
     y = np.concatenate(truth)
-    for method, ps in preds.items():
-        p = np.concatenate(ps)
-        r = pearson_per_gene(p, y)
-        entry: dict[str, Any] = {"pooled_all_genes": score(p, y)}
+    for method, per_section in preds.items():
+        runs = [np.concatenate([p[k] for p in per_section]) for k in range(len(per_section[0]))]
+        scored = [score(p, y) for p in runs]
+        entry: dict[str, Any] = {"pooled_all_genes": _mean_scores(scored)}
         if top is not None:
-            entry["pooled_top50"] = score(p, y, None, top)
+            entry["pooled_top50"] = _mean_scores([score(p, y, None, top) for p in runs])
         for key in ("all_genes", "top50"):
             vals = [f["scores"][method][key] for f in folds if key in f["scores"][method]]
             entry[f"mean_of_sections_{key}"] = {m: float(np.mean([v[m] for v in vals])) for m in vals[0]}
-        entry["per_gene_r_pooled"] = r
+        entry["per_gene_r_pooled"] = np.mean([pearson_per_gene(p, y) for p in runs], axis=0)
         out[method] = entry
+    return out
+
+
+def _mean_scores(scored: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(scored) == 1:
+        return scored[0]
+    return {m: float(np.mean([s[m] for s in scored])) for m in scored[0]}
+
+
+def mean_of_sections(folds: list[dict[str, Any]], replicates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean over held-out sections of every score, with (when the folds carry them) the SD over seeds of
+    that mean, its bootstrap interval (each section resampled independently in each replicate) and the paired
+    differences of the folds, averaged the same way."""
+    out: dict[str, Any] = {"sections": [f["section"] for f in folds], "scores": {}}
+    for method, keys in folds[0]["scores"].items():
+        out["scores"][method] = {
+            key: {m: float(np.mean([f["scores"][method][key][m] for f in folds])) for m in per_key}
+            for key, per_key in keys.items()
+        }
+    if all("sd_over_seeds" in f for f in folds):
+        sd: dict[str, Any] = {}
+        for method in folds[0]["sd_over_seeds"]:
+            sd[method] = {}
+            for key, per_key in folds[0]["seeds"][method].items():
+                sd[method][key] = {
+                    m: float(np.std(np.mean([f["seeds"][method][key][m] for f in folds], axis=0), ddof=1))
+                    for m in per_key
+                }
+        out["sd_over_seeds"] = sd
+    if replicates and all(replicates):
+        averaged = {
+            method: {
+                key: {m: np.mean([r[method][key][m] for r in replicates], axis=0) for m in per_key}
+                for key, per_key in keys.items()
+            }
+            for method, keys in replicates[0].items()
+        }
+        out["intervals"] = stats.intervals_of(averaged)
+        pairs = folds[0].get("paired", {})
+        out["paired"] = {name: stats.paired(averaged, out["scores"], *name.split("-", 1)) for name in pairs}
     return out
 
 
@@ -91,41 +156,76 @@ def loso(
     genes: list[str],
     encoder: Any,
     *,
+    seeds: int = SEEDS,
+    replicates: int = stats.REPLICATES,
     head_cfg: HeadConfig | None = None,
     fit: FitConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Leave-one-section-out: head vs ridge vs training mean, per section and pooled."""
+    """Leave-one-section-out: head (fitted ``seeds`` times) vs ridge vs training mean, per section, pooled and
+    as the mean of sections, with bootstrap intervals over held-out spots (``replicates``; 0: none)."""
     fit = fit or FitConfig()
     genes = measured_genes(sections, genes, log=log)
     _require_scorable(sections, genes)
     sets = make_sets(sections, genes, encoder, log=log)
     head_cfg = head_cfg or HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
     folds: list[dict[str, Any]] = []
-    preds: dict[str, list[np.ndarray]] = {"head": [], "ridge": [], "training_mean": []}
-    truth = []
+    preds: dict[str, list[list[np.ndarray]]] = {"head": [], "ridge": [], "training_mean": []}
+    truth, reps = [], []
     for i, test in enumerate(sets):
         train = [s for j, s in enumerate(sets) if j != i]
-        fitted = fit_and_score(head_cfg, train, [test], fit, genes=genes)
+        fitted = fit_and_score(
+            head_cfg,
+            train,
+            [test],
+            fit,
+            genes=genes,
+            seeds=seeds,
+            replicates=replicates,
+            bootstrap_seed=[stats.SEED, i],
+        )
         fold = {**fitted.metrics["folds"][0], "top50_genes": fitted.metrics["top50_genes"]}
         folds.append(fold)
-        for k, v in fitted.predictions[0].items():
-            preds[k].append(v)
+        preds["head"].append(fitted.head_predictions[0])
+        for k in ("ridge", "training_mean"):
+            preds[k].append([fitted.predictions[0][k]])
         truth.append(test.targets)
-        s = fold["scores"]
-        log(
-            f"{test.name}: top-50 mean r head {s['head']['top50']['mean_r']:.3f}, "
-            f"ridge {s['ridge']['top50']['mean_r']:.3f}, mean {s['training_mean']['top50']['mean_r']:.3f}"
-        )
+        reps.append(fitted.replicates[0])
+        log(f"{test.name}: top-50 mean r " + _fold_line(fold) + f" ({fold['epochs']} epochs)")
     top_all = top_variable(sets)
     return {
         "protocol": "leave-one-section-out",
         "genes": genes,
+        "seeds": seed_list(fit.seed, seeds),
+        "epoch_rule": fitted.metrics["epoch_rule"],
         "folds": folds,
+        "mean_of_sections": mean_of_sections(folds, reps),
         "pooled": _pooled(folds, preds, truth, top_all),
-        "maps": _maps_payload(sections[-1], sets[-1], preds, genes),
+        "maps": _maps_payload(sections[-1], sets[-1], {k: [v[-1][0]] for k, v in preds.items()}, genes),
         "top50_pooled_genes": [genes[g] for g in top_all],
+        **_bootstrap_note(replicates),
     }
+
+
+def _bootstrap_note(replicates: int) -> dict[str, Any]:
+    return (
+        {"bootstrap": {"replicates": replicates, "level": stats.LEVEL, **stats.BOOTSTRAP_NOTES}} if replicates else {}
+    )
+
+
+def _fold_line(fold: dict[str, Any], key: str = "top50") -> str:
+    """``head 0.345 ± 0.010 [0.30, 0.39], ridge ...`` for a log line."""
+    parts = []
+    for method, per_key in fold["scores"].items():
+        text = f"{method} {per_key[key]['mean_r']:.3f}"
+        sd = fold.get("sd_over_seeds", {}).get(method, {}).get(key, {}).get("mean_r")
+        if sd is not None:
+            text += f" ± {sd:.3f}"
+        lo, hi = fold.get("intervals", {}).get(method, {}).get(key, {}).get("mean_r", [None, None])
+        if lo is not None and hi is not None:
+            text += f" [{lo:.3f}, {hi:.3f}]"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def recovery(
@@ -134,11 +234,14 @@ def recovery(
     encoder: Any,
     *,
     seed: int = 0,
+    seeds: int = SEEDS,
+    replicates: int = stats.REPLICATES,
     head_cfg: HeadConfig | None = None,
     fit: FitConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train on a random half of one section's spots, predict the other half."""
+    """Train on a random half of one section's spots (split by ``seed``), predict the other half; the head is
+    fitted ``seeds`` times, with bootstrap intervals over the predicted spots (``replicates``; 0: none)."""
     fit = fit or FitConfig()
     genes = measured_genes([section], genes, log=log)
     _require_scorable([section], genes)
@@ -147,28 +250,39 @@ def recovery(
     order = rng.permutation(len(full.features))
     half = len(order) // 2
     tr_idx, te_idx = np.sort(order[:half]), np.sort(order[half:])
-    # inner split of the training half for the number of epochs
+    # inner split of the training half for the number of epochs (the curve averaged over the seeds)
     inner = rng.permutation(tr_idx)
     fit_idx, val_idx = np.sort(inner[: int(0.8 * len(inner))]), np.sort(inner[int(0.8 * len(inner)) :])
 
     head_cfg = head_cfg or HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
-    _, info = fit_head(head_cfg, [full.subset(fit_idx)], [full.subset(val_idx)], fit)
-    epochs = int(info["best_epoch"])
-    fitted = fit_and_score(head_cfg, [full.subset(tr_idx)], [full.subset(te_idx)], fit, genes=genes, epochs=epochs)
-    fold = {**fitted.metrics["folds"][0], "top50_genes": fitted.metrics["top50_genes"]}
-    scores = fold["scores"]
-    log(
-        f"recovery {section.name}: top-50 mean r head {scores['head']['top50']['mean_r']:.3f}, "
-        f"ridge {scores['ridge']['top50']['mean_r']:.3f}"
+    seed_values = seed_list(fit.seed, seeds)
+    split = [([full.subset(fit_idx)], [full.subset(val_idx)])]
+    epochs = early_stop_epoch(pooled_curve(head_cfg, split, fit, seed_values), fit.patience)
+    fitted = fit_and_score(
+        head_cfg,
+        [full.subset(tr_idx)],
+        [full.subset(te_idx)],
+        fit,
+        genes=genes,
+        epochs=epochs,
+        seeds=seeds,
+        replicates=replicates,
     )
+    fold = {**fitted.metrics["folds"][0], "top50_genes": fitted.metrics["top50_genes"]}
+    log(f"recovery {section.name}: top-50 mean r " + _fold_line(fold))
     return {
         "protocol": "recovery (random half of the spots of one section)",
         "section": section.name,
         "train_spots": len(tr_idx),
         "test_spots": len(te_idx),
         "epochs": epochs,
+        "epoch_rule": "early stopping on a random fifth of the training half"
+        + (f" (validation mean r averaged over {seeds} seeds)" if seeds > 1 else "")
+        + ", then the whole training half",
+        "seeds": seed_values,
         "folds": [fold],
         "genes": genes,
+        **_bootstrap_note(replicates),
     }
 
 
@@ -178,10 +292,12 @@ def evaluate_model(
     encoder: Any,
     *,
     train_sections: Sequence[STSection] = (),
+    replicates: int = stats.REPLICATES,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """A trained model on held-out sections, next to the training mean (from the checkpoint) and, when
-    training sections are given, a ridge regression trained on them.
+    training sections are given, a ridge regression trained on them; with bootstrap intervals over the spots
+    of each section (``replicates``; 0: none) and the paired model-minus-ridge difference.
 
     Only the model's genes that every section measures are scored, and a section that measures too few of
     them is refused (``OVERLAP_RULE``); the overlap is logged and reported under ``gene_overlap``.
@@ -213,19 +329,22 @@ def evaluate_model(
     sets = make_sets(sections, genes, encoder, log=log)
     train_sets = make_sets(train_sections, genes, encoder, log=log) if train_sections else []
     gene_means = model.meta.training.get("gene_means")
-    folds, truth = [], []
-    preds: dict[str, list[np.ndarray]] = {"model": []}
-    for sec, ts in zip(sections, sets, strict=True):
-        p = {"model": predict_set(model.head, ts)[:, cols]}
+    folds, truth, reps = [], [], []
+    preds: dict[str, list[list[np.ndarray]]] = {"model": []}
+    for i, (sec, ts) in enumerate(zip(sections, sets, strict=True)):
+        p: dict[str, np.ndarray | list[np.ndarray]] = {"model": predict_set(model.head, ts)[:, cols]}
         if gene_means is not None:
             means = np.asarray(gene_means, dtype=np.float32)[cols]
             p["training_mean"] = np.repeat(means[None], len(ts.features), axis=0)
         if train_sets:
             p["ridge"] = ridge_baseline(train_sets, ts)
         top = top_variable(train_sets or [ts])
-        folds.append({"section": sec.name, "spots": len(ts.targets), "scores": score_methods(p, ts, top)})
+        scored = score_methods(p, ts, top, replicates=replicates, bootstrap_seed=[stats.SEED, i])
+        folds.append({"section": sec.name, "spots": len(ts.targets), **scored.entries})
+        reps.append(scored.replicates)
+        log(f"{sec.name}: top-50 mean r " + _fold_line(folds[-1]))
         for k, v in p.items():
-            preds.setdefault(k, []).append(v)
+            preds.setdefault(k, []).append([v] if isinstance(v, np.ndarray) else v)
         truth.append(ts.targets)
     return {
         "protocol": f"model {model.meta.name} on held-out sections",
@@ -239,8 +358,10 @@ def evaluate_model(
             "rule": OVERLAP_RULE,
         },
         "folds": folds,
+        "mean_of_sections": mean_of_sections(folds, reps),
         "pooled": _pooled(folds, preds, truth, top_variable(train_sets or sets)),
-        "maps": _maps_payload(sections[-1], sets[-1], preds, genes),
+        "maps": _maps_payload(sections[-1], sets[-1], {k: [v[-1][0]] for k, v in preds.items()}, genes),
+        **_bootstrap_note(replicates),
     }
 
 
@@ -343,46 +464,149 @@ def _maps_png(maps: dict[str, Any]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+_COLOURS = {"head": "#1b6ca8", "model": "#1b6ca8", "ridge": "#d1495b", "training_mean": "#7a7a7a"}
+
+
+def _folds_png(result: dict[str, Any], key: str = "top50") -> str:
+    """Top-50 mean r of each method per held-out section and as the mean of sections: a dot at the score, a
+    thin bar for the 95% bootstrap interval over spots, and for the head a thick bar of ± 1 SD over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [(f["section"], f) for f in result["folds"]]
+    if "mean_of_sections" in result and len(columns) > 1:
+        columns.append(("mean of\nsections", result["mean_of_sections"]))
+    methods = list(columns[0][1]["scores"])
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(columns) + 2.5), 3.8), dpi=110)
+    for k, method in enumerate(methods):
+        for c, (_, fold) in enumerate(columns):
+            x = c - 0.4 + width * (k + 0.5)
+            y = fold["scores"][method][key]["mean_r"]
+            lo, hi = fold.get("intervals", {}).get(method, {}).get(key, {}).get("mean_r", [None, None])
+            colour = _COLOURS.get(method, "black")
+            if lo is not None and hi is not None:
+                ax.plot([x, x], [lo, hi], color=colour, lw=1.2, alpha=0.8)
+                ax.plot([x - width / 4, x + width / 4], [lo, lo], color=colour, lw=1.2, alpha=0.8)
+                ax.plot([x - width / 4, x + width / 4], [hi, hi], color=colour, lw=1.2, alpha=0.8)
+            sd = fold.get("sd_over_seeds", {}).get(method, {}).get(key, {}).get("mean_r")
+            if sd is not None:
+                ax.plot([x, x], [y - sd, y + sd], color=colour, lw=5, alpha=0.45, solid_capstyle="butt")
+                # an SD far smaller than the interval hides under the dot: also written out
+                ax.annotate(
+                    f"±{sd:.3f}",
+                    (x, lo if lo is not None else y - sd),
+                    xytext=(0, -9),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=6.5,
+                    color=colour,
+                )
+            ax.plot([x], [y], "o", color=colour, ms=5, label=method.replace("_", " ") if c == 0 else None)
+    if len(columns) > 1 and "mean_of_sections" in result:
+        ax.axvline(len(columns) - 1.5, color="#bbbbbb", lw=0.8, ls="--")
+    ax.axhline(0, color="#dddddd", lw=0.8)
+    ax.set_xticks(range(len(columns)), [name for name, _ in columns])
+    ax.set_xlim(-0.6, len(columns) - 0.4)
+    ax.set_ylabel("mean Pearson r, 50 most variable genes")
+    n_seeds = len(result.get("seeds", []))
+    note = "thin bars: 95% bootstrap interval over spots"
+    if n_seeds > 1:
+        note += f"; thick bars and numbers: ± 1 SD over {n_seeds} seeds (head)"
+    ax.set_title(note, fontsize=8)
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def _noise_note(result: dict[str, Any]) -> str:
+    """What the ± and the brackets mean in this report."""
+    parts = []
+    n_seeds = len(result.get("seeds", []))
+    if n_seeds > 1:
+        parts.append(
+            f"head: mean ± SD over {n_seeds} seeds ({', '.join(map(str, result['seeds']))}); ridge and the training "
+            "mean are deterministic"
+        )
+    if "epoch_rule" in result:
+        parts.append(f"epochs: {result['epoch_rule']}")
+    if "bootstrap" in result:
+        b = result["bootstrap"]
+        parts.append(
+            f"[brackets]: {b['level']:.0%} {b['method']}, {b['replicates']} replicates; ARI: {b['ari']}; "
+            f"SSIM: {b['ssim']}; paired differences use the same resampled spots for both methods"
+        )
+    return "; ".join(parts) + "." if parts else ""
+
+
 def write_html(result: dict[str, Any], path: str | Path) -> Path:
-    """A self-contained HTML report: tables per section and pooled, per-gene r, top genes' maps."""
+    """A self-contained HTML report: at the top a figure of every method per held-out section with its
+    spread over seeds and bootstrap interval; tables (score ± SD over seeds, [95% interval]) per section, as
+    the mean of sections and pooled, paired differences, per-gene r, top genes' maps."""
     rows = []
     esc = html.escape
+    metrics = ("mean_r", "median_r", "n_above_0.3", "mse", "mae", "ssim", "ari")
 
-    def table(title: str, scores: dict[str, Any], key: str) -> str:
+    def cell(block: dict[str, Any], method: str, key: str, metric: str) -> str:
+        v = block["scores"][method][key].get(metric)
+        if v is None:
+            return "<td></td>"
+        text = f"{v:.3f}" if isinstance(v, float) and not float(v).is_integer() else f"{v:g}"
+        sd = block.get("sd_over_seeds", {}).get(method, {}).get(key, {}).get(metric)
+        if sd is not None:
+            text += f" ± {sd:.3f}"
+        lo, hi = block.get("intervals", {}).get(method, {}).get(key, {}).get(metric, [None, None])
+        if lo is not None and hi is not None:
+            text += f"<br><small>[{lo:.3f}, {hi:.3f}]</small>"
+        return f"<td>{text}</td>"
+
+    def table(title: str, block: dict[str, Any], key: str) -> str:
         head = (
             "<tr><th>method</th><th>mean r</th><th>median r</th><th>r&gt;0.3</th><th>MSE</th><th>MAE</th>"
             "<th>SSIM</th><th>ARI</th></tr>"
         )
         body = "".join(
-            f"<tr><td>{esc(m)}</td>"
-            + "".join(
-                f"<td>{v[key].get(k, float('nan')):.3f}</td>"
-                if isinstance(v[key].get(k), float)
-                else f"<td>{v[key].get(k, '')}</td>"
-                for k in ("mean_r", "median_r", "n_above_0.3", "mse", "mae", "ssim", "ari")
-            )
-            + "</tr>"
-            for m, v in scores.items()
+            f"<tr><td>{esc(m)}</td>" + "".join(cell(block, m, key, k) for k in metrics) + "</tr>"
+            for m, v in block["scores"].items()
             if key in v
         )
-        return f"<h3>{esc(title)}</h3><table>{head}{body}</table>"
+        pairs = "".join(
+            f"<tr><td>{esc(name)}</td><td>{d[key]['mean_r']['difference']:+.3f}<br><small>"
+            f"[{_fmt(d[key]['mean_r']['interval'][0])}, {_fmt(d[key]['mean_r']['interval'][1])}]</small></td>"
+            + "<td></td>" * (len(metrics) - 1)
+            + "</tr>"
+            for name, d in block.get("paired", {}).items()
+            if key in d
+        )
+        return f"<h3>{esc(title)}</h3><table>{head}{body}{pairs}</table>"
 
     rows.append(f"{_HTML_MARK}<p>{esc(result['protocol'])}; {len(result['genes'])} genes</p>")
-    for fold in result.get("folds", []):
-        rows.append(
-            table(
-                f"{fold['section']} ({fold['spots']} spots), 50 most variable training genes", fold["scores"], "top50"
-            )
+    if result.get("folds"):
+        rows.append(f"<img src='data:image/png;base64,{_folds_png(result)}'/>")
+    rows.append(f"<p>{esc(_noise_note(result))}</p>")
+    blocks = [(f"{f['section']} ({f['spots']} spots)", f) for f in result.get("folds", [])]
+    if "mean_of_sections" in result and len(blocks) > 1:
+        blocks.insert(
+            0, (f"mean of sections ({', '.join(result['mean_of_sections']['sections'])})", result["mean_of_sections"])
         )
-        rows.append(table(f"{fold['section']}, all genes", fold["scores"], "all_genes"))
+    for title, block in blocks:
+        rows.append(table(f"{title}, 50 most variable training genes", block, "top50"))
+        rows.append(table(f"{title}, all genes", block, "all_genes"))
     if "pooled" in result:
         pooled = {
             m: {"top50": v.get("pooled_top50", {}), "all": v["pooled_all_genes"], "sec": v["mean_of_sections_top50"]}
             for m, v in result["pooled"].items()
         }
-        rows.append(table("pooled over held-out spots, top 50", pooled, "top50"))
-        rows.append(table("mean of per-section scores, top 50", pooled, "sec"))
-        rows.append(table("pooled over held-out spots, all genes", pooled, "all"))
+        rows.append(table("pooled over held-out spots, top 50 (no intervals)", {"scores": pooled}, "top50"))
+        rows.append(table("pooled over held-out spots, all genes (no intervals)", {"scores": pooled}, "all"))
         first = next(iter(result["pooled"]))
         r = np.asarray(result["pooled"][first]["per_gene_r_pooled"], dtype=float)
         order = np.argsort(-np.nan_to_num(r, nan=-1))[:25]

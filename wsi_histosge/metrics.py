@@ -56,28 +56,48 @@ def ssim_per_gene(pred: np.ndarray, true: np.ndarray, array_xy: np.ndarray) -> n
     return out
 
 
-def ari_of_clusters(pred: np.ndarray, true: np.ndarray, *, k: int = 5, seed: int = 0) -> float:
-    """Adjusted Rand index between k-means clusterings (on PCA-20 of standardised expression) of
-    predicted and of measured expression."""
+def cluster_labels(x: np.ndarray, *, k: int = 5, seed: int = 0) -> np.ndarray:
+    """k-means clusters (on PCA-20 of standardised expression) of each spot; one cluster when ``x`` is constant
+    (a constant prediction has no clusters)."""
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
-    from sklearn.metrics import adjusted_rand_score
 
-    def labels(x: np.ndarray) -> np.ndarray:
-        z = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
-        n = min(20, z.shape[0] - 1, z.shape[1])
-        emb = PCA(n_components=n, random_state=seed).fit_transform(z)
-        return np.asarray(KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(emb))
+    if np.ptp(x, axis=0).max(initial=0.0) == 0:
+        return np.zeros(len(x), dtype=np.int64)
+    z = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    n = min(20, z.shape[0] - 1, z.shape[1])
+    emb = PCA(n_components=n, random_state=seed).fit_transform(z)
+    return np.asarray(KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(emb))
+
+
+def ari_of_clusters(
+    pred: np.ndarray,
+    true: np.ndarray,
+    *,
+    k: int = 5,
+    seed: int = 0,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+) -> float:
+    """Adjusted Rand index between k-means clusterings (on PCA-20 of standardised expression) of
+    predicted and of measured expression (``labels``: those clusterings, measured first, when already made)."""
+    from sklearn.metrics import adjusted_rand_score
 
     if np.ptp(pred, axis=0).max(initial=0.0) == 0 or np.ptp(true, axis=0).max(initial=0.0) == 0:
         return 0.0  # a constant prediction has no clusters to compare
-    return float(adjusted_rand_score(labels(true), labels(pred)))
+    true_labels, pred_labels = labels or (cluster_labels(true, k=k, seed=seed), cluster_labels(pred, k=k, seed=seed))
+    return float(adjusted_rand_score(true_labels, pred_labels))
 
 
 def score(
-    pred: np.ndarray, true: np.ndarray, array_xy: np.ndarray | None = None, genes_subset: np.ndarray | None = None
+    pred: np.ndarray,
+    true: np.ndarray,
+    array_xy: np.ndarray | None = None,
+    genes_subset: np.ndarray | None = None,
+    *,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """All scores of one prediction: per-gene r summary, MSE, MAE, SSIM, ARI (on the given gene subset)."""
+    """All scores of one prediction: per-gene r summary, MSE, MAE, SSIM, ARI (on the given gene subset;
+    ``labels``: the measured and predicted clusterings of that subset, when already made)."""
     if genes_subset is not None:
         pred, true = pred[:, genes_subset], true[:, genes_subset]
     r = pearson_per_gene(pred, true)
@@ -89,5 +109,5 @@ def score(
     if array_xy is not None:
         out["ssim"] = float(np.nanmean(ssim_per_gene(pred, true, array_xy)))
         if len(true) >= 10:
-            out["ari"] = ari_of_clusters(pred, true)
+            out["ari"] = ari_of_clusters(pred, true, labels=labels)
     return out
