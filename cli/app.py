@@ -364,7 +364,11 @@ def evaluate(
         Optional[str], typer.Option(help="Encoder for a protocol run (default efficientnet-lite0).")
     ] = None,
     seeds: Annotated[
-        Optional[int], typer.Option(help="Head fits per fold for a protocol run: mean ± SD over seeds (default 5).")
+        Optional[int], typer.Option(help="Head fits per fold for a protocol run: mean ± SD over seeds (default 3).")
+    ] = None,
+    tta: Annotated[
+        Optional[str],
+        typer.Option(help="Feature augmentation for a protocol run: none (default) or rot4 (a MODEL uses its own)."),
     ] = None,
     bootstrap: Annotated[
         Optional[int],
@@ -381,6 +385,7 @@ def evaluate(
     """
     from wsi_histosge import evaluate as ev
     from wsi_histosge import stats
+    from wsi_histosge.encoders import TTA_ROTATIONS
     from wsi_histosge.stdata import read_section
 
     try:
@@ -396,6 +401,12 @@ def evaluate(
             )
         if seeds is not None and protocol is None:
             raise UsageError("--seeds is for --protocol loso/recovery (a trained MODEL has one set of weights)")
+        if tta is not None and protocol is None:
+            raise UsageError(
+                "--tta is for --protocol loso/recovery (a trained MODEL uses the augmentation in its model.json)"
+            )
+        if tta is not None and tta not in TTA_ROTATIONS:
+            raise UsageError(f"--tta must be one of {', '.join(TTA_ROTATIONS)}, got {tta!r}")
         replicates = stats.REPLICATES if bootstrap is None else bootstrap
         for path, flag in ((report, "--report"), (json_out, "--json")):
             if path is not None:
@@ -410,6 +421,7 @@ def evaluate(
                 encoder=encoder,
                 seeds=ev.SEEDS if seeds is None else seeds,
                 replicates=replicates,
+                tta=tta or "none",
             )
         else:
             if model is None:
@@ -435,6 +447,7 @@ def _evaluate_protocol(
     encoder: str | None,
     seeds: int,
     replicates: int,
+    tta: str,
 ) -> dict[str, Any]:
     """Heads trained here under ``loso`` or ``recovery``, next to the baselines."""
     from wsi_histosge import evaluate as ev
@@ -447,10 +460,10 @@ def _evaluate_protocol(
     enc = create_encoder(encoder or DEFAULT_ENCODER)
     gene_list = read_gene_list(genes) if genes else select_genes(secs, n_genes, log=_log)
     if protocol == "recovery":
-        return ev.recovery(secs[0], gene_list, enc, seeds=seeds, replicates=replicates, log=_log)
+        return ev.recovery(secs[0], gene_list, enc, seeds=seeds, replicates=replicates, log=_log, tta=tta)
     if len(secs) < 3:
         raise UsageError("leave-one-section-out needs at least 3 sections")
-    return ev.loso(secs, gene_list, enc, seeds=seeds, replicates=replicates, log=_log)
+    return ev.loso(secs, gene_list, enc, seeds=seeds, replicates=replicates, log=_log, tta=tta)
 
 
 def _evaluate_model(
@@ -483,8 +496,15 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
         out["seeds"] = len(result["seeds"])
     if "epoch_rule" in result:
         out["epoch_rule"] = result["epoch_rule"]
+    if result.get("tta", "none") != "none":
+        out["tta"] = result["tta"]
     for fold in result.get("folds", []):
         out[fold["section"]] = _headline(fold)
+        for gene, methods in fold.get("per_gene", {}).items():
+            out[fold["section"]].setdefault("genes_asked_for", {})[gene] = {
+                m: {"r": e["r"] if e["r"] is None else round(e["r"], 4), "ci95": e.get("interval")}
+                for m, e in methods.items()
+            }
     if "mean_of_sections" in result:
         out["mean_of_sections"] = _headline(result["mean_of_sections"])
     if "pooled" in result:

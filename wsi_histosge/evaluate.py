@@ -161,13 +161,15 @@ def loso(
     head_cfg: HeadConfig | None = None,
     fit: FitConfig | None = None,
     log: Callable[[str], None] = print,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Leave-one-section-out: head (fitted ``seeds`` times) vs ridge vs training mean, per section, pooled and
-    as the mean of sections, with bootstrap intervals over held-out spots (``replicates``; 0: none)."""
+    as the mean of sections, with bootstrap intervals over held-out spots (``replicates``; 0: none); features
+    under the test-time augmentation ``tta``."""
     fit = fit or FitConfig()
     genes = measured_genes(sections, genes, log=log)
     _require_scorable(sections, genes)
-    sets = make_sets(sections, genes, encoder, log=log)
+    sets = make_sets(sections, genes, encoder, log=log, tta=tta)
     head_cfg = head_cfg or HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
     folds: list[dict[str, Any]] = []
     preds: dict[str, list[list[np.ndarray]]] = {"head": [], "ridge": [], "training_mean": []}
@@ -195,6 +197,7 @@ def loso(
     top_all = top_variable(sets)
     return {
         "protocol": "leave-one-section-out",
+        "tta": tta,
         "genes": genes,
         "seeds": seed_list(fit.seed, seeds),
         "epoch_rule": fitted.metrics["epoch_rule"],
@@ -239,13 +242,14 @@ def recovery(
     head_cfg: HeadConfig | None = None,
     fit: FitConfig | None = None,
     log: Callable[[str], None] = print,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """Train on a random half of one section's spots (split by ``seed``), predict the other half; the head is
     fitted ``seeds`` times, with bootstrap intervals over the predicted spots (``replicates``; 0: none)."""
     fit = fit or FitConfig()
     genes = measured_genes([section], genes, log=log)
     _require_scorable([section], genes)
-    full = make_sets([section], genes, encoder, log=log)[0]
+    full = make_sets([section], genes, encoder, log=log, tta=tta)[0]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(full.features))
     half = len(order) // 2
@@ -272,6 +276,7 @@ def recovery(
     log(f"recovery {section.name}: top-50 mean r " + _fold_line(fold))
     return {
         "protocol": "recovery (random half of the spots of one section)",
+        "tta": tta,
         "section": section.name,
         "train_spots": len(tr_idx),
         "test_spots": len(te_idx),
@@ -326,8 +331,10 @@ def evaluate_model(
     _require_scorable(sections, genes)
     position = {g: i for i, g in enumerate(model_genes)}
     cols = np.array([position[g] for g in genes], dtype=np.int64)
-    sets = make_sets(sections, genes, encoder, log=log)
-    train_sets = make_sets(train_sections, genes, encoder, log=log) if train_sections else []
+    tta = model.meta.tta  # the features the model was trained on; the ridge baseline gets the same
+    sets = make_sets(sections, genes, encoder, log=log, tta=tta)
+    train_sets = make_sets(train_sections, genes, encoder, log=log, tta=tta) if train_sections else []
+    named = [g for g in model.meta.training.get("added_genes", []) if g in genes]
     gene_means = model.meta.training.get("gene_means")
     folds, truth, reps = [], [], []
     preds: dict[str, list[list[np.ndarray]]] = {"model": []}
@@ -341,6 +348,8 @@ def evaluate_model(
         top = top_variable(train_sets or [ts])
         scored = score_methods(p, ts, top, replicates=replicates, bootstrap_seed=[stats.SEED, i])
         folds.append({"section": sec.name, "spots": len(ts.targets), **scored.entries})
+        if named:
+            folds[-1]["per_gene"] = per_gene_scores(p, ts, [genes.index(g) for g in named], genes, replicates, i)
         reps.append(scored.replicates)
         log(f"{sec.name}: top-50 mean r " + _fold_line(folds[-1]))
         for k, v in p.items():
@@ -348,6 +357,7 @@ def evaluate_model(
         truth.append(ts.targets)
     return {
         "protocol": f"model {model.meta.name} on held-out sections",
+        "tta": tta,
         "genes": genes,
         "model_genes": len(model_genes),
         "gene_overlap": {
@@ -363,6 +373,45 @@ def evaluate_model(
         "maps": _maps_payload(sections[-1], sets[-1], {k: [v[-1][0]] for k, v in preds.items()}, genes),
         **_bootstrap_note(replicates),
     }
+
+
+def per_gene_scores(
+    preds: dict[str, Any], data: TrainSet, cols: list[int], genes: list[str], replicates: int, fold: int
+) -> dict[str, dict[str, Any]]:
+    """Pearson r of each of the genes ``cols`` per method, with a 95% bootstrap interval over the spots (the
+    same resamples for every method): the scores of genes a user asked for by name (``train --add-genes``)."""
+    weights = stats.spot_weights(len(data.targets), replicates, [stats.SEED, fold, 1]) if replicates else None
+    out: dict[str, dict[str, Any]] = {}
+    for method, pred in preds.items():
+        p = np.mean(pred, axis=0) if isinstance(pred, list) else pred
+        r = pearson_per_gene(p[:, cols], data.targets[:, cols])
+        reps = stats.weighted_pearson(p[:, cols], data.targets[:, cols], weights) if weights is not None else None
+        for k, g in enumerate(cols):
+            entry: dict[str, Any] = {"r": None if np.isnan(r[k]) else float(r[k])}
+            if reps is not None:
+                entry["interval"] = stats.interval(reps[:, k])
+            out.setdefault(genes[g], {})[method] = entry
+    return out
+
+
+def _per_gene_table(fold: dict[str, Any]) -> str:
+    """The genes asked for by name (``train --add-genes``): r per method with its 95% interval."""
+    methods = list(next(iter(fold["per_gene"].values())))
+
+    def cell(e: dict[str, Any]) -> str:
+        if e["r"] is None:
+            return "<td>no variation</td>"
+        lo, hi = e.get("interval", [None, None])
+        return f"<td>{e['r']:.3f}" + ("" if lo is None or hi is None else f" [{lo:.3f}, {hi:.3f}]") + "</td>"
+
+    head = "<tr><th>gene</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods) + "</tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(g)}</td>" + "".join(cell(per[m]) for m in methods) + "</tr>"
+        for g, per in fold["per_gene"].items()
+    )
+    return f"<h3>{html.escape(fold['section'])}: genes added to the model by name, Pearson r [95% interval]</h3>" + (
+        f"<table>{head}{body}</table>"
+    )
 
 
 def _maps_payload(
@@ -600,6 +649,9 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
     for title, block in blocks:
         rows.append(table(f"{title}, 50 most variable training genes", block, "top50"))
         rows.append(table(f"{title}, all genes", block, "all_genes"))
+    for fold in result.get("folds", []):
+        if fold.get("per_gene"):
+            rows.append(_per_gene_table(fold))
     if "pooled" in result:
         pooled = {
             m: {"top50": v.get("pooled_top50", {}), "all": v["pooled_all_genes"], "sec": v["mean_of_sections_top50"]}
