@@ -3,7 +3,9 @@
 Trains the HisToSGE head on HER2ST sections C2-C5 with the offline EfficientNet-Lite0 encoder and
 scores it on the held-out section C6, next to ridge and training-mean baselines on the same features, with
 the library's one training flow (``train.fit_and_score``). The number of epochs is chosen without looking
-at C6: first C2-C4 -> C5 with early stopping, then C2-C5 for that many epochs.
+at C6 (``train.choose_epochs``). Genes: the 785-gene HER2ST benchmark list plus the common breast-cancer
+markers it lacks that every training section measures (``MARKERS``; the others are named and skipped).
+``--tta`` sets the model's feature augmentation (``none`` or ``rot4``).
 
     python examples/train_default_model.py --data ../shared/data/her2st --out wsi_histosge/models/her2st-effnetlite0
 """
@@ -20,7 +22,14 @@ from wsi_histosge.dataset import make_sets, pooled_offsets_um
 from wsi_histosge.encoders import create_encoder
 from wsi_histosge.model import HeadConfig, save_model
 from wsi_histosge.stdata import her2st_section
-from wsi_histosge.train import FitConfig, build_model, fit_and_score
+from wsi_histosge.train import FitConfig, add_genes, build_model, fit_and_score
+
+#: Genes a user of a breast-cancer model asks for first: HER2 amplicon, hormone receptors, proliferation,
+#: basal keratins, luminal and epithelial markers, stroma, immune cells.
+MARKERS = [
+    *("ERBB2", "GRB7", "ESR1", "PGR", "AR", "FOXA1", "GATA3", "MKI67", "KRT5", "KRT14", "KRT17"),
+    *("EPCAM", "COL1A1", "PTPRC", "CD3E", "MS4A1", "CD68"),
+]
 
 
 def main() -> None:
@@ -29,14 +38,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--train", default="C2,C3,C4,C5")
     ap.add_argument("--test", default="C6")
+    ap.add_argument("--tta", default="none", choices=["none", "rot4"])
     args = ap.parse_args()
 
-    genes = [str(g) for g in np.load(args.data / "gene-lists" / "her_hvg_cut_1000.npy", allow_pickle=False)]
+    hvg = [str(g) for g in np.load(args.data / "gene-lists" / "her_hvg_cut_1000.npy", allow_pickle=False)]
     encoder = create_encoder("efficientnet-lite0")
     train_secs = [her2st_section(args.data, n) for n in args.train.split(",")]
     test_secs = [her2st_section(args.data, n) for n in args.test.split(",")]
-    train = make_sets(train_secs, genes, encoder)
-    test = make_sets(test_secs, genes, encoder)
+    every = [*train_secs, *test_secs]
+    measured = [g for g in MARKERS if not any(s.missing([g]) for s in every)]
+    skipped = [g for g in MARKERS if g not in measured]
+    genes = add_genes(hvg, measured, every)
+    print(
+        f"genes: {len(hvg)} listed + {len(genes) - len(hvg)} markers ({', '.join(genes[len(hvg) :])}); "
+        f"not measured in every section: {', '.join(skipped) or 'none'}"
+    )
+    train = make_sets(train_secs, genes, encoder, tta=args.tta)
+    test = make_sets(test_secs, genes, encoder, tta=args.tta)
 
     head_cfg = HeadConfig(in_dim=encoder.cfg.embed_dim, n_genes=len(genes))
     fitted = fit_and_score(head_cfg, train, test, FitConfig(), genes=genes)
@@ -56,14 +74,18 @@ def main() -> None:
             neighbour_offsets_um=pooled_offsets_um(train_secs),
             name="her2st-effnetlite0",
             training={
-                "summary": "HER2ST patient C sections C2-C5 (legacy ST, 100 µm spots), 785-gene HER2ST list",
+                "summary": f"HER2ST patient C sections C2-C5 (legacy ST, 100 µm spots), 785-gene HER2ST list + "
+                f"{len(genes) - len(hvg)} breast-cancer markers",
                 "sections": [s.name for s in train_secs],
                 "spots": int(sum(len(t.features) for t in train)),
                 "targets": "log1p(CP10k)",
                 "encoder": "efficientnet-lite0 (ImageNet, offline)",
+                "added_genes": genes[len(hvg) :],
+                "tta": args.tta,
                 "gene_means": [round(float(v), 5) for v in gene_means],
             },
             metrics=metrics,
+            tta=args.tta,
         )
         save_model(model, args.out, half=True)
         print(f"wrote {args.out}")
