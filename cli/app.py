@@ -502,7 +502,10 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
         out[fold["section"]] = _headline(fold)
         for gene, methods in fold.get("per_gene", {}).items():
             out[fold["section"]].setdefault("genes_asked_for", {})[gene] = {
-                m: {"r": e["r"] if e["r"] is None else round(e["r"], 4), "ci95": e.get("interval")}
+                m: {
+                    "r": e["r"] if e["r"] is None else round(e["r"], 4),
+                    "ci95": [None if v is None else round(v, 4) for v in e.get("interval", [])] or None,
+                }
                 for m, e in methods.items()
             }
     if "mean_of_sections" in result:
