@@ -6,7 +6,7 @@ mean-r curve. From the same curves, three rules pick the epochs (early stopping 
 on a curve), then the head is refitted on all training sections for that many epochs and scored on the
 held-out section (top-50 mean r):
 
-* ``last``: the curve with the last training section held out (the rule before issue 16); ``held-out j``:
+* ``last``: the curve with the last training section held out (the default rule); ``held-out j``:
   the same rule with training section j held out instead;
 * ``pooled``: the mean curve over the inner folds (each training section held out in turn) of that seed;
 * ``pooled-seeds``: the mean curve over inner folds and seeds (one epoch count for all seeds of a fold).
