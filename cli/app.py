@@ -380,8 +380,9 @@ def evaluate(
 ) -> None:
     """Score a model (or the head under a protocol) next to ridge and training-mean baselines.
 
-    Every score comes with a 95% bootstrap interval over the held-out spots; a protocol fits the head with
-    several seeds and reports mean ± SD over them (ridge and the training mean are deterministic).
+    Every score but SSIM comes with a 95% bootstrap interval over the held-out spots (a resample is not a map);
+    a protocol fits the head with several seeds and reports mean ± SD over them (ridge and the training mean
+    are deterministic). Ridge is scored for a MODEL when its training sections are given with --train.
     """
     from wsi_histosge import evaluate as ev
     from wsi_histosge import stats
@@ -391,8 +392,11 @@ def evaluate(
     try:
         if seeds is not None and seeds < 1:
             raise UsageError(f"--seeds must be at least 1, got {seeds}")
-        if bootstrap is not None and bootstrap < 0:
-            raise UsageError(f"--bootstrap must be 0 (no intervals) or more, got {bootstrap}")
+        if bootstrap is not None and (bootstrap < 0 or 0 < bootstrap < stats.MIN_REPLICATES):
+            raise UsageError(
+                f"--bootstrap must be 0 (no intervals) or at least {stats.MIN_REPLICATES} replicates (a 95% interval "
+                f"needs that many), got {bootstrap}"
+            )
         if not data:
             raise UsageError("give the sections to evaluate with --data")
         if protocol is not None and model is not None:
@@ -505,6 +509,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
                 m: {
                     "r": e["r"] if e["r"] is None else round(e["r"], 4),
                     "ci95": [None if v is None else round(v, 4) for v in e.get("interval", [])] or None,
+                    **({"note": e["note"]} if e.get("note") else {}),
                 }
                 for m, e in methods.items()
             }

@@ -77,6 +77,22 @@ def test_a_checkpoint_with_an_unknown_augmentation_is_refused(tiny_model: Path, 
         load_model(_with_tta(tiny_model, tmp_path, value))
 
 
+@pytest.mark.parametrize("value", ["none", "absent"])
+def test_a_checkpoint_whose_augmentation_was_edited_is_refused(tiny_model: Path, tmp_path: Path, value: str) -> None:
+    """model.json's 'tta' must be what training recorded: a removed or edited key would run the model on
+    features it never saw."""
+    model = _with_tta(tiny_model, tmp_path, "rot4")
+    meta = json.loads((model / "model.json").read_text())
+    meta["training"]["tta"] = "rot4"
+    if value == "absent":
+        del meta["tta"]
+    else:
+        meta["tta"] = value
+    (model / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(DataFormatError, match="was trained with tta 'rot4'"):
+        load_model(model)
+
+
 def test_a_checkpoint_without_the_key_has_no_augmentation() -> None:
     meta = json.loads((default_model_path() / "model.json").read_text())
     assert load_model(default_model_path()).meta.tta == meta.get("tta", "none")
@@ -106,7 +122,12 @@ def test_train_with_tta_and_added_genes(tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.mark.parametrize(
     ("extra", "code", "message"),
     [
-        (["--add-genes", "PGR"], 9, "PGR is not measured in section(s) C5"),
+        (["--add-genes", "PGR"], 9, "1 gene(s) not measured in every section: PGR (not in C5)"),
+        (
+            ["--add-genes", "PGR,KRT14,erbb2"],
+            9,
+            "KRT14 (not in C3, C5); erbb2 (not in C3, C5) (names are case-sensitive: ERBB2 for erbb2)",
+        ),
         (["--add-genes", " , "], 2, "--add-genes names no gene"),
         (["--tta", "rot8"], 2, "--tta must be one of none, rot4"),
     ],

@@ -200,7 +200,8 @@ def loso(
         "tta": tta,
         "genes": genes,
         "seeds": seed_list(fit.seed, seeds),
-        "epoch_rule": fitted.metrics["epoch_rule"],
+        "epoch_rule": "each fold: "
+        + fitted.metrics["epoch_rule"].replace(train[-1].name or "the last training set", "its last training section"),
         "folds": folds,
         "mean_of_sections": mean_of_sections(folds, reps),
         "pooled": _pooled(folds, preds, truth, top_all),
@@ -386,9 +387,12 @@ def per_gene_scores(
         p = np.mean(pred, axis=0) if isinstance(pred, list) else pred
         r = pearson_per_gene(p[:, cols], data.targets[:, cols])
         reps = stats.weighted_pearson(p[:, cols], data.targets[:, cols], weights) if weights is not None else None
+        constant = np.ptp(p[:, cols], axis=0) == 0
         for k, g in enumerate(cols):
             entry: dict[str, Any] = {"r": None if np.isnan(r[k]) else float(r[k])}
-            if reps is not None:
+            if constant[k]:  # r is 0 by convention: no signal, and no interval to speak of
+                entry["note"] = "constant prediction"
+            elif reps is not None:
                 entry["interval"] = stats.interval(reps[:, k])
             out.setdefault(genes[g], {})[method] = entry
     return out
@@ -401,6 +405,8 @@ def _per_gene_table(fold: dict[str, Any]) -> str:
     def cell(e: dict[str, Any]) -> str:
         if e["r"] is None:
             return "<td>no variation</td>"
+        if e.get("note"):
+            return f"<td>{e['r']:.3f} ({html.escape(e['note'])})</td>"
         lo, hi = e.get("interval", [None, None])
         return f"<td>{e['r']:.3f}" + ("" if lo is None or hi is None else f" [{lo:.3f}, {hi:.3f}]") + "</td>"
 
@@ -560,10 +566,16 @@ def _folds_png(result: dict[str, Any], key: str = "top50") -> str:
     ax.set_xticks(range(len(columns)), [name for name, _ in columns])
     ax.set_xlim(-0.6, len(columns) - 0.4)
     ax.set_ylabel("mean Pearson r, 50 most variable genes")
+    ax.set_xlabel("held-out section")
     n_seeds = len(result.get("seeds", []))
-    note = "thin bars: 95% bootstrap interval over spots"
+    notes = [
+        "thin bars: 95% bootstrap interval over spots" if "bootstrap" in result else "no intervals (--bootstrap 0)"
+    ]
     if n_seeds > 1:
-        note += f"; thick bars and numbers: ± 1 SD over {n_seeds} seeds (head)"
+        notes.append(f"thick bars and numbers: ± 1 SD over {n_seeds} seeds (head)")
+    elif n_seeds == 1:
+        notes.append("one seed: no spread over seeds")
+    note = "; ".join(notes)
     ax.set_title(note, fontsize=8)
     ax.legend(fontsize=8, frameon=False, loc="best")
     buf = io.BytesIO()

@@ -363,6 +363,16 @@ def _gene_means_problem(training: dict[str, Any], n_genes: int) -> _Problem:
     return None
 
 
+def _tta_problem(raw: dict[str, Any]) -> _Problem:
+    """The augmentation a model runs with must be the one it was trained with, when training recorded it: a
+    checkpoint whose 'tta' was removed or edited would otherwise run on features it never saw."""
+    trained = raw.get("training", {}).get("tta")
+    if isinstance(trained, str) and trained != raw.get("tta", "none"):
+        found = f"is {raw['tta']!r}" if "tta" in raw else "is missing"
+        return "tta", f"{found} but the model was trained with tta {trained!r} (training.tta)"
+    return None
+
+
 def _check_meta(raw: dict[str, Any], meta_path: Path) -> None:
     """Types and values of a checkpoint's JSON; anything malformed is a :class:`DataFormatError` naming the key."""
     missing = [k for k in ("format", *_REQUIRED_META) if k not in raw]
@@ -374,6 +384,7 @@ def _check_meta(raw: dict[str, Any], meta_path: Path) -> None:
         or _first_broken_rule(raw, _META_RULES)
         or _head_problem(raw["head"], len(genes))
         or _gene_means_problem(raw.get("training", {}), len(genes))
+        or _tta_problem(raw)
     )
     if problem:
         key, what = problem

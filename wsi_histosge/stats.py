@@ -29,6 +29,8 @@ import numpy as np
 
 #: Bootstrap replicates per section (``evaluate`` default).
 REPLICATES = 1000
+#: Fewer replicates than this give no usable 95% percentile interval (its tails are 2.5% each).
+MIN_REPLICATES = 100
 #: Two-sided coverage of every interval.
 LEVEL = 0.95
 #: Seed of the spot resampling (combined with the fold's index, so sections resample independently).

@@ -212,7 +212,8 @@ def read_gene_list(path: Path) -> list[str]:
     except (OSError, ValueError, EOFError) as exc:  # a pickled/object .npy is a ValueError: never unpickled
         detail = " ".join(str(exc).split())[:200]
         raise DataFormatError(
-            f"{path}: not a gene list ({detail}); give one name per line (.txt) or a .npy of strings"
+            f"{path}: not a gene list ({detail}); give one name per line (.txt) or a .npy of fixed-width strings "
+            "(object arrays, as pandas writes, are never unpickled: np.save(f, np.array(names, dtype=str)))"
         ) from exc
     genes = list(dict.fromkeys(g for g in names if g))
     if not genes:
@@ -605,14 +606,24 @@ def parse_gene_names(text: str | Sequence[str], flag: str = "--add-genes") -> li
 def add_genes(gene_list: list[str], extra: Sequence[str], sections: Sequence[STSection]) -> list[str]:
     """``gene_list`` followed by the ``extra`` genes it lacks; a gene some section does not measure is refused
     by name (it would be learnt as zero expression)."""
-    for name in extra:
-        lacking = [s.name for s in sections if s.missing([name])]
-        if lacking:
-            raise DataFormatError(
-                f"--add-genes: {name} is not measured in section(s) {', '.join(lacking)}; remove it, or train on "
-                "sections that measure it"
-            )
+    missing = {name: [s.name for s in sections if s.missing([name])] for name in extra}
+    missing = {name: where for name, where in missing.items() if where}
+    if missing:
+        named = "; ".join(f"{g} (not in {', '.join(where)})" for g, where in list(missing.items())[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        cased = _case_hint(list(missing), sections)
+        raise DataFormatError(
+            f"--add-genes: {len(missing)} gene(s) not measured in every section: {named}{more}{cased}; remove them, "
+            "or train on sections that measure them"
+        )
     return [*gene_list, *(g for g in extra if g not in gene_list)]
+
+
+def _case_hint(names: list[str], sections: Sequence[STSection]) -> str:
+    """' (names are case-sensitive: ERBB2 for erbb2)' when a missing name matches a measured one but for case."""
+    measured = {g.upper(): g for g in sections[0].genes}
+    pairs = [f"{measured[n.upper()]} for {n}" for n in names if n.upper() in measured and measured[n.upper()] != n]
+    return f" (names are case-sensitive: {', '.join(pairs[:5])})" if pairs else ""
 
 
 def _training_genes(
