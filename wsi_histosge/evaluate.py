@@ -128,27 +128,37 @@ def mean_of_sections(folds: list[dict[str, Any]], replicates: list[dict[str, Any
             for key, per_key in keys.items()
         }
     if all("sd_over_seeds" in f for f in folds):
-        sd: dict[str, Any] = {}
-        for method in folds[0]["sd_over_seeds"]:
-            sd[method] = {}
-            for key, per_key in folds[0]["seeds"][method].items():
-                sd[method][key] = {
-                    m: float(np.std(np.mean([f["seeds"][method][key][m] for f in folds], axis=0), ddof=1))
-                    for m in per_key
-                }
-        out["sd_over_seeds"] = sd
+        out["sd_over_seeds"] = _sd_of_section_means(folds)
     if replicates and all(replicates):
-        averaged = {
-            method: {
-                key: {m: np.mean([r[method][key][m] for r in replicates], axis=0) for m in per_key}
-                for key, per_key in keys.items()
-            }
-            for method, keys in replicates[0].items()
-        }
+        averaged = _average_replicates(replicates)
         out["intervals"] = stats.intervals_of(averaged)
         pairs = folds[0].get("paired", {})
         out["paired"] = {name: stats.paired(averaged, out["scores"], *name.split("-", 1)) for name in pairs}
     return out
+
+
+def _sd_of_section_means(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """SD over seeds of the mean over sections, per method, gene set and metric (seed k of every fold together)."""
+    return {
+        method: {
+            key: {
+                m: float(np.std(np.mean([f["seeds"][method][key][m] for f in folds], axis=0), ddof=1)) for m in per_key
+            }
+            for key, per_key in folds[0]["seeds"][method].items()
+        }
+        for method in folds[0]["sd_over_seeds"]
+    }
+
+
+def _average_replicates(replicates: list[dict[str, Any]]) -> dict[str, Any]:
+    """Bootstrap replicates of the mean over sections: replicate b of each section's statistic, averaged."""
+    return {
+        method: {
+            key: {m: np.mean([r[method][key][m] for r in replicates], axis=0) for m in per_key}
+            for key, per_key in keys.items()
+        }
+        for method, keys in replicates[0].items()
+    }
 
 
 def loso(
@@ -292,22 +302,11 @@ def recovery(
     }
 
 
-def evaluate_model(
-    model: Model,
-    sections: Sequence[STSection],
-    encoder: Any,
-    *,
-    train_sections: Sequence[STSection] = (),
-    replicates: int = stats.REPLICATES,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """A trained model on held-out sections, next to the training mean (from the checkpoint) and, when
-    training sections are given, a ridge regression trained on them; with bootstrap intervals over the spots
-    of each section (``replicates``; 0: none) and the paired model-minus-ridge difference.
-
-    Only the model's genes that every section measures are scored, and a section that measures too few of
-    them is refused (``OVERLAP_RULE``); the overlap is logged and reported under ``gene_overlap``.
-    """
+def _scored_genes(
+    model: Model, sections: Sequence[STSection], train_sections: Sequence[STSection], log: Callable[[str], None]
+) -> tuple[list[str], dict[str, int], int]:
+    """The model's genes every section measures, each section's overlap, and the overlap required
+    (``OVERLAP_RULE``); a section (or the set of them) measuring too few is refused."""
     model_genes = list(model.meta.genes)
     need = required_overlap(len(model_genes))
     overlap: dict[str, int] = {}
@@ -328,6 +327,41 @@ def evaluate_model(
             f"{len(model_genes)} genes of model {model.meta.name} are measured in all of them (at least {need} "
             "needed); evaluate the sections separately"
         )
+    return genes, overlap, need
+
+
+def _model_and_baselines(
+    model: Model, data: TrainSet, cols: np.ndarray, gene_means: Any, train_sets: list[TrainSet]
+) -> dict[str, np.ndarray | list[np.ndarray]]:
+    """Predictions of the model (its columns ``cols``), the training mean it recorded and, with training sets,
+    ridge on the same features."""
+    p: dict[str, np.ndarray | list[np.ndarray]] = {"model": predict_set(model.head, data)[:, cols]}
+    if gene_means is not None:
+        means = np.asarray(gene_means, dtype=np.float32)[cols]
+        p["training_mean"] = np.repeat(means[None], len(data.features), axis=0)
+    if train_sets:
+        p["ridge"] = ridge_baseline(train_sets, data)
+    return p
+
+
+def evaluate_model(
+    model: Model,
+    sections: Sequence[STSection],
+    encoder: Any,
+    *,
+    train_sections: Sequence[STSection] = (),
+    replicates: int = stats.REPLICATES,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """A trained model on held-out sections, next to the training mean (from the checkpoint) and, when
+    training sections are given, a ridge regression trained on them; with bootstrap intervals over the spots
+    of each section (``replicates``; 0: none) and the paired model-minus-ridge difference.
+
+    Only the model's genes that every section measures are scored, and a section that measures too few of
+    them is refused (``OVERLAP_RULE``); the overlap is logged and reported under ``gene_overlap``.
+    """
+    model_genes = list(model.meta.genes)
+    genes, overlap, need = _scored_genes(model, sections, train_sections, log)
     log(f"scoring {len(genes)} of the model's {len(model_genes)} genes (measured in every section)")
     _require_scorable(sections, genes)
     position = {g: i for i, g in enumerate(model_genes)}
@@ -340,12 +374,7 @@ def evaluate_model(
     folds, truth, reps = [], [], []
     preds: dict[str, list[list[np.ndarray]]] = {"model": []}
     for i, (sec, ts) in enumerate(zip(sections, sets, strict=True)):
-        p: dict[str, np.ndarray | list[np.ndarray]] = {"model": predict_set(model.head, ts)[:, cols]}
-        if gene_means is not None:
-            means = np.asarray(gene_means, dtype=np.float32)[cols]
-            p["training_mean"] = np.repeat(means[None], len(ts.features), axis=0)
-        if train_sets:
-            p["ridge"] = ridge_baseline(train_sets, ts)
+        p = _model_and_baselines(model, ts, cols, gene_means, train_sets)
         top = top_variable(train_sets or [ts])
         scored = score_methods(p, ts, top, replicates=replicates, bootstrap_seed=[stats.SEED, i])
         folds.append({"section": sec.name, "spots": len(ts.targets), **scored.entries})
@@ -522,6 +551,31 @@ def _maps_png(maps: dict[str, Any]) -> str:
 _COLOURS = {"head": "#1b6ca8", "model": "#1b6ca8", "ridge": "#d1495b", "training_mean": "#7a7a7a"}
 
 
+def _draw_score(ax: Any, x: float, width: float, fold: dict[str, Any], method: str, key: str, *, label: bool) -> None:
+    """One method's top-50 mean r in one column: the dot, its interval (thin) and its SD over seeds (thick)."""
+    y = fold["scores"][method][key]["mean_r"]
+    lo, hi = fold.get("intervals", {}).get(method, {}).get(key, {}).get("mean_r", [None, None])
+    colour = _COLOURS.get(method, "black")
+    if lo is not None and hi is not None:
+        ax.plot([x, x], [lo, hi], color=colour, lw=1.2, alpha=0.8)
+        ax.plot([x - width / 4, x + width / 4], [lo, lo], color=colour, lw=1.2, alpha=0.8)
+        ax.plot([x - width / 4, x + width / 4], [hi, hi], color=colour, lw=1.2, alpha=0.8)
+    sd = fold.get("sd_over_seeds", {}).get(method, {}).get(key, {}).get("mean_r")
+    if sd is not None:
+        ax.plot([x, x], [y - sd, y + sd], color=colour, lw=5, alpha=0.45, solid_capstyle="butt")
+        # an SD far smaller than the interval hides under the dot: also written out
+        ax.annotate(
+            f"±{sd:.3f}",
+            (x, lo if lo is not None else y - sd),
+            xytext=(0, -9),
+            textcoords="offset points",
+            ha="center",
+            fontsize=6.5,
+            color=colour,
+        )
+    ax.plot([x], [y], "o", color=colour, ms=5, label=method.replace("_", " ") if label else None)
+
+
 def _folds_png(result: dict[str, Any], key: str = "top50") -> str:
     """Top-50 mean r of each method per held-out section and as the mean of sections: a dot at the score, a
     thin bar for the 95% bootstrap interval over spots, and for the head a thick bar of ± 1 SD over seeds."""
@@ -538,28 +592,7 @@ def _folds_png(result: dict[str, Any], key: str = "top50") -> str:
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(columns) + 2.5), 3.8), dpi=110)
     for k, method in enumerate(methods):
         for c, (_, fold) in enumerate(columns):
-            x = c - 0.4 + width * (k + 0.5)
-            y = fold["scores"][method][key]["mean_r"]
-            lo, hi = fold.get("intervals", {}).get(method, {}).get(key, {}).get("mean_r", [None, None])
-            colour = _COLOURS.get(method, "black")
-            if lo is not None and hi is not None:
-                ax.plot([x, x], [lo, hi], color=colour, lw=1.2, alpha=0.8)
-                ax.plot([x - width / 4, x + width / 4], [lo, lo], color=colour, lw=1.2, alpha=0.8)
-                ax.plot([x - width / 4, x + width / 4], [hi, hi], color=colour, lw=1.2, alpha=0.8)
-            sd = fold.get("sd_over_seeds", {}).get(method, {}).get(key, {}).get("mean_r")
-            if sd is not None:
-                ax.plot([x, x], [y - sd, y + sd], color=colour, lw=5, alpha=0.45, solid_capstyle="butt")
-                # an SD far smaller than the interval hides under the dot: also written out
-                ax.annotate(
-                    f"±{sd:.3f}",
-                    (x, lo if lo is not None else y - sd),
-                    xytext=(0, -9),
-                    textcoords="offset points",
-                    ha="center",
-                    fontsize=6.5,
-                    color=colour,
-                )
-            ax.plot([x], [y], "o", color=colour, ms=5, label=method.replace("_", " ") if c == 0 else None)
+            _draw_score(ax, c - 0.4 + width * (k + 0.5), width, fold, method, key, label=c == 0)
     if len(columns) > 1 and "mean_of_sections" in result:
         ax.axvline(len(columns) - 1.5, color="#bbbbbb", lw=0.8, ls="--")
     ax.axhline(0, color="#dddddd", lw=0.8)
