@@ -94,4 +94,4 @@ def test_doctor_passes_offline() -> None:
     res = runner.invoke(app, ["doctor", "--json"])
     assert res.exit_code == 0, res.output
     rows = {r["check"]: r for r in json.loads(res.stdout)}
-    assert rows["built-in model"]["ok"] and "785 genes" in rows["built-in model"]["detail"]
+    assert rows["built-in model"]["ok"] and "795 genes" in rows["built-in model"]["detail"]

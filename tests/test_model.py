@@ -112,7 +112,7 @@ def test_default_model_ships_and_fits_its_encoder() -> None:
     enc = create_encoder(m.meta.encoder)
     assert enc.cfg.embed_dim == m.head.cfg.in_dim
     assert enc.weights_hash == m.meta.encoder_weights_sha256
-    assert len(m.meta.genes) == 785 and "FN1" in m.meta.genes
+    assert len(m.meta.genes) == 795 and "FN1" in m.meta.genes and m.meta.genes[-10:][0] == "ERBB2"
     (fold,) = m.meta.metrics["folds"]  # scores recomputed by test_train_eval::test_the_built_in_model_is_what...
     assert fold["section"] == "C6" and set(fold["scores"]) == {"head", "ridge", "training_mean"}
     assert (default_model_path() / "model.safetensors").stat().st_size < 5 * 2**20
