@@ -224,7 +224,7 @@ def _legacy_spots(spots: pd.DataFrame, where: Path) -> pd.DataFrame:
     if not need.issubset(spots.columns):
         raise DataFormatError(f"{where}: needs columns {sorted(need)}, has {list(spots.columns)[:10]}")
     if "selected" in spots.columns:
-        spots = spots[pd.to_numeric(spots["selected"], errors="coerce") == 1]
+        spots = spots[pd.to_numeric(spots["selected"], errors="coerce") == 1].copy()
     for column in ("x", "y"):
         spots[column] = _numeric_column(spots, column, where, integer=True).astype(np.int64)
     for column in ("pixel_x", "pixel_y", *(c for c in ("new_x", "new_y") if c in spots.columns)):
@@ -263,6 +263,7 @@ def read_legacy_st(
     values = check_counts(counts.to_numpy(np.float32), counts_tsv, shared, list(counts.columns))
     px = spots[["pixel_x", "pixel_y"]].to_numpy(np.float64)
     axy = spots[["x", "y"]].to_numpy(np.int64)
+    _require_unit_lattice(axy, spots_tsv)
     source = "given"
     if mpp is None:
         mpp = _mpp_from_lattice(px, spots, pitch_um, spots_tsv)
@@ -282,6 +283,27 @@ def read_legacy_st(
     )
 
 
+#: At least this share of a legacy-ST section's spots must have a spot one array step away in x or y.
+MIN_UNIT_NEIGHBOUR_SHARE = 0.5
+#: Pixel coordinates may scale differently in x and y by at most this fraction (HER2ST: under 1%).
+MAX_ANISOTROPY = 0.05
+
+
+def _require_unit_lattice(axy: np.ndarray, where: Path) -> None:
+    """The legacy-ST layout this reader knows: one array step (x or y) is one lattice pitch, so most spots
+    have a spot one step away. A layout whose spots sit only on (odd, odd) and (even, even) positions (nearest
+    spots diagonal) would get a pixel size off by the step and attention groups with no neighbours."""
+    keys = {(int(x), int(y)) for x, y in axy}
+    steps = ((1, 0), (-1, 0), (0, 1), (0, -1))
+    share = np.mean([any((x + dx, y + dy) in keys for dx, dy in steps) for x, y in keys])
+    if len(keys) > 1 and share < MIN_UNIT_NEIGHBOUR_SHARE:
+        raise DataFormatError(
+            f"{where}: only {share:.0%} of the spots have a spot one array step away in x or y (the array "
+            "coordinates form a checkerboard: nearest spots are diagonal); this is not the legacy-ST layout the "
+            "reader knows (one array step = one 200 µm pitch), and its pixel size and neighbours would be wrong"
+        )
+
+
 def _mpp_from_lattice(px: np.ndarray, spots: pd.DataFrame, pitch_um: float, where: Path) -> float:
     """µm/px from a least-squares fit of pixel position on (adjusted) array position."""
     ax = spots["new_x"].to_numpy(np.float64) if "new_x" in spots else spots["x"].to_numpy(np.float64)
@@ -290,6 +312,12 @@ def _mpp_from_lattice(px: np.ndarray, spots: pd.DataFrame, pitch_um: float, wher
         raise DataFormatError(f"{where}: the spots span one array row or column; the pixel size cannot be derived")
     sx = np.polyfit(ax, px[:, 0], 1)[0]
     sy = np.polyfit(ay, px[:, 1], 1)[0]
+    if abs(abs(sx) / max(abs(sy), 1e-12) - 1.0) > MAX_ANISOTROPY:
+        raise DataFormatError(
+            f"{where}: pixel_x/pixel_y give {abs(sx):.3g} px per array step in x but {abs(sy):.3g} in y; the image "
+            "was resized unevenly or the coordinates belong to another image; give the image the spot coordinates "
+            "were made on"
+        )
     px_per_step = (abs(sx) + abs(sy)) / 2.0
     mpp = pitch_um / px_per_step if np.isfinite(px_per_step) and px_per_step > 0 else float("nan")
     lo, hi = config.MPP_PLAUSIBLE
