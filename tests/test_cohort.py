@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -94,6 +95,9 @@ def test_local_cluster_cohort_with_bad_slides(tiny_model: Path, tmp_path: Path) 
     assert status["corrupt"]["status"] == "failed" and "corrupt.svs" in status["corrupt"]["error"]
     assert status["missing"]["status"] == "failed" and "no such file" in status["missing"]["error"]
     assert (out / "summary.csv").read_text().count("\n") == 5
+    written = {r["id"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert written["corrupt"]["output"] == "" and not (out / "corrupt.zarr").exists()  # nothing claimed
+    assert written["cmu"]["output"] and Path(written["cmu"]["output"]).exists()
     assert {s["id"] for s in read_states(out)} == {"cmu", "cmu-ome", "corrupt", "missing"}
     # a rerun skips the done slides and does not retry failures unless asked
     again = run_batch(jobs, _cfg(out, tiny_model, stride_um=50.0))

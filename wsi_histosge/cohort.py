@@ -756,6 +756,14 @@ SUMMARY_FIELDS = [
 ]
 
 
+def _as_written(row: dict[str, Any]) -> dict[str, Any]:
+    """A summary row as the CSV shows it: a failed slide's planned output is named only if it exists."""
+    output = row.get("output")
+    if row.get("status") == "failed" and output and not Path(str(output)).exists():
+        return {**row, "output": ""}
+    return row
+
+
 def _finish(out: Path, rows: list[dict[str, Any]], t0: float, code: int) -> BatchSummary:
     summary = BatchSummary(rows, time.time() - t0, code)
     extra = sorted(
@@ -768,7 +776,7 @@ def _finish(out: Path, rows: list[dict[str, Any]], t0: float, code: int) -> Batc
         w = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS + extra, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow(_as_written(r))
     os.replace(tmp, out / "summary.csv")
     _atomic_json(
         out / "summary.json", {"exit_code": code, "seconds": summary.seconds, "counts": summary.counts, "slides": rows}
