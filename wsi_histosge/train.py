@@ -419,11 +419,11 @@ def score_methods(
                 score(p, true, test.array_xy, labels=None if labels is None else (labels[0], labels[1][k]))
                 for k, p in enumerate(parts)
             ]
-            scores[method][key] = {m: float(np.mean([e[m] for e in each])) for m in each[0]}
+            # one prediction keeps metrics.score's own values (counts stay integers); several: the mean over seeds
+            scores[method][key] = (
+                dict(each[0]) if len(each) == 1 else {m: float(np.mean([e[m] for e in each])) for m in each[0]}
+            )
             if isinstance(given, list):
-                for m in ("n_above_0.3", "n_genes"):
-                    if len(each) == 1:
-                        scores[method][key][m] = int(each[0][m])
                 per_seed.setdefault(method, {})[key] = {m: [e[m] for e in each] for m in each[0]}
             if weights is not None:
                 reps[method][key] = stats.resampled_metrics(parts, true, weights, labels=labels)
@@ -488,7 +488,8 @@ def fit_and_score(
     heads: list[HisToSGEHead] = []
     infos: list[dict[str, Any]] = []
     chosen: list[int] = []
-    if epochs is None and not (select_on_test and test):
+    on_test = epochs is None and select_on_test and bool(test)
+    if epochs is None and not on_test:
         rule = describe_epoch_rule(train, seed_values)
         if EPOCH_RULE == "pooled inner folds":
             # once per fold with the first seed: on pooled inner folds the choice barely moves with the seed
@@ -502,7 +503,7 @@ def fit_and_score(
         rule = "early stopping on the held-out sections (their scores are optimistic)"
     for seed in seed_values:
         fit_s = replace(fit, seed=seed)
-        if rule.startswith("early stopping on the held-out"):
+        if on_test:
             head, info = fit_head(head_cfg, train, list(test), fit_s, on_epoch=on_epoch)
             chosen.append(int(info["best_epoch"]))
         else:
