@@ -181,3 +181,20 @@ def test_kill_then_resume_gives_the_identical_cube(tiny_model: Path, tmp_path: P
     np.testing.assert_array_equal(e_ref, e_out)
     leftovers = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
     assert not leftovers
+
+
+def test_a_rerun_removes_temporary_files_a_killed_write_left(
+    pyramid_slide: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A SIGKILL between zarr's write of ``<key>.<uuid>.partial`` and its rename leaves the temporary file; the
+    run that resumes (it holds the lock) removes it, and the cube's values are untouched."""
+    out = tmp_path / "a.zarr"
+    infer_slide(pyramid_slide, out, _opts(tiny_model))
+    before, _ = _cube(out)
+    stray = out / "chunk_done" / "c" / "0" / "1.31eaf1c3e04f45aa83de708e59763bcd.partial"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"\x01")
+    infer_slide(pyramid_slide, out, _opts(tiny_model))
+    assert not stray.exists()
+    after, _ = _cube(out)
+    np.testing.assert_array_equal(before, after)

@@ -162,6 +162,7 @@ class CubeStore:
             if previous == fingerprint and not creating:
                 group = zarr.open_group(str(path), mode="r+", use_consolidated=False)
                 store = cls(path, group)
+                store._remove_stray_writes()
                 store._unmark_missing_chunks()
                 completed = store.group.attrs.get("completed")
                 if isinstance(completed, dict) and completed.get("run_fingerprint") == fingerprint:
@@ -225,6 +226,13 @@ class CubeStore:
         )
         group.attrs.update({ATTR_KEY: meta})  # replaces the whole entry: the "creating" state is gone
         return cls(path, group)
+
+    def _remove_stray_writes(self) -> None:
+        """Temporary files of writes a killed run left half done (zarr's ``<key>.<uuid hex>.partial``, ours
+        ``.<name>.<pid>.partial``): the run that resumes holds the cube's lock, so no writer owns them."""
+        for stray in Path(self.path).rglob("*.partial"):
+            if stray.is_file():
+                stray.unlink(missing_ok=True)
 
     def _unmark_missing_chunks(self) -> None:
         """Chunks marked done whose data is gone (deleted, lost) become work again; the marker goes first."""
