@@ -116,6 +116,13 @@ def infer(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the encoder.")] = False,
     on_bad_tile: Annotated[str, typer.Option(help="fail, or skip: mask corrupt tiles and count their spots.")] = "fail",
     overwrite: Annotated[bool, typer.Option(help="Replace an output made with other parameters.")] = False,
+    novelty_threshold: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Flag cells more unlike the training tissue than this percentile of held-out training spots "
+            "(default 95; flagged cells are kept)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run report as JSON.")] = False,
 ) -> None:
     """Predict a slide's expression cube (Zarr v3). Reruns resume; a complete output is left alone."""
@@ -139,6 +146,7 @@ def infer(
         compile=compile,
         overwrite=overwrite,
         on_bad_tile=on_bad_tile,
+        novelty_threshold=novelty_threshold,
     )
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -201,9 +209,28 @@ def infer(
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else escape(str(value)))
     for level, why in report.get("skipped_levels", {}).items():
         table.add_row(f"level {level} not used", escape(why))
+    for key, value in _trust_rows(report.get("trust", {})):
+        table.add_row(key, value)
     for key, value in report["timings_s"].items():
         table.add_row(f"time {key} (s)", f"{value:.2f}")
     console.print(table)
+
+
+def _trust_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The run report's flag counts as table rows."""
+    if not summary:
+        return []
+    cells = max(int(summary["cells"]), 1)
+    rows = [
+        (f"flagged {k.replace('_', ' ')}", f"{summary[k]} ({summary[k] / cells:.1%})")
+        for k in ("pen_ink", "out_of_focus")
+    ]
+    if "unlike_training" in summary:
+        label = f"unlike training (> p{summary['novelty_threshold_percentile']:g})"
+        rows.append((label, f"{summary['unlike_training']} ({summary['unlike_training_share']:.1%})"))
+        if summary.get("uncertainty_median") is not None:
+            rows.append(("uncertainty median (RMSE)", f"{summary['uncertainty_median']:.3f}"))
+    return rows
 
 
 @app.command()
@@ -638,13 +665,22 @@ def batch(
     mpp: Annotated[Optional[float], typer.Option(help="µm/px for slides without one (a manifest column wins).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda.")] = None,
     slide_workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per slide.")] = None,
+    novelty_threshold: Annotated[
+        Optional[float], typer.Option(help="Flag cells above this training percentile of novelty (default 95).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Run a cohort: resumable, one slide's failure never stops the others. Exit 0 all done, 10 some failed,
     11 all failed, 12 no slides, 15 none failed but some are locked by another run, 130 interrupted."""
     from wsi_histosge.cohort import EXIT_INTERRUPTED, RunConfig, collect_jobs, run_batch, validate_run
 
-    given = {"stride_um": stride_um, "mpp": mpp, "device": device, "num_workers": slide_workers}
+    given = {
+        "stride_um": stride_um,
+        "mpp": mpp,
+        "device": device,
+        "num_workers": slide_workers,
+        "novelty_threshold": novelty_threshold,
+    }
     options = {k: v for k, v in {"model": str(model) if model else None, **given}.items() if v is not None}
     cfg = RunConfig(
         out=out, options=options, retry_failed=retry_failed, state_dir=str(state_dir) if state_dir else None

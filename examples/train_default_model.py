@@ -22,7 +22,7 @@ from wsi_histosge.dataset import make_sets, pooled_offsets_um
 from wsi_histosge.encoders import create_encoder
 from wsi_histosge.model import HeadConfig, save_model
 from wsi_histosge.stdata import her2st_section
-from wsi_histosge.train import FitConfig, add_genes, build_model, fit_and_score
+from wsi_histosge.train import FitConfig, add_genes, build_model, fit_and_score, fit_model_trust
 
 #: Genes a user of a breast-cancer model asks for first: HER2 amplicon, hormone receptors, proliferation,
 #: basal keratins, luminal and epithelial markers, stroma, immune cells.
@@ -86,6 +86,10 @@ def main() -> None:
             },
             metrics=metrics,
             tta=args.tta,
+        )
+        # novelty reference + uncertainty model, fitted leave-one-section-out over the training sections
+        model.trust = fit_model_trust(
+            train, train_secs, fitted.head, head_cfg, genes, int(fitted.metrics["epochs"]), print
         )
         save_model(model, args.out, half=True)
         print(f"wrote {args.out}")

@@ -414,6 +414,7 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
             "tiles": result.tiles,
             "tissue_area_mm2": result.tissue_area_mm2,
             "spots_per_s": result.spots_per_s,
+            **_flag_counts(result.trust),
             "seconds": time.time() - started,
             "error": "",
         }
@@ -750,10 +751,24 @@ SUMMARY_FIELDS = [
     "tiles",
     "tissue_area_mm2",
     "spots_per_s",
+    "unlike_training_share",
+    "pen_ink_cells",
+    "out_of_focus_cells",
+    "uncertainty_median",
     "seconds",
     "output",
     "error",
 ]
+
+
+def _flag_counts(trust: dict[str, Any]) -> dict[str, Any]:
+    """The run report's trust summary as summary columns (blank where the model has no trust part)."""
+    return {
+        "unlike_training_share": trust.get("unlike_training_share", ""),
+        "pen_ink_cells": trust.get("pen_ink", ""),
+        "out_of_focus_cells": trust.get("out_of_focus", ""),
+        "uncertainty_median": trust.get("uncertainty_median", ""),
+    }
 
 
 def _as_written(row: dict[str, Any]) -> dict[str, Any]:

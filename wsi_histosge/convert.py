@@ -42,8 +42,9 @@ from .errors import (
     SlideNotFoundError,
     UsageError,
 )
+from .qc import QC_BLUR, QC_PEN
 from .slide import open_slide
-from .store import ATTR_KEY, Cube, read_cube
+from .store import ATTR_KEY, Cube, read_cells, read_cube
 
 HIRES_MAX_PX = 2000
 LOWRES_MAX_PX = 600
@@ -365,6 +366,45 @@ def _bins_to_write(
     return by, bx
 
 
+def _bin_mean(values: np.ndarray, f: int, by: np.ndarray, bx: np.ndarray) -> np.ndarray:
+    """Mean over the finite cells of each ``f`` x ``f`` bin (by, bx); NaN where a bin has none."""
+    ny, nx = values.shape
+    pad = np.full((-(-ny // f) * f, -(-nx // f) * f), np.nan, dtype=np.float64)
+    pad[:ny, :nx] = values
+    blocks = pad.reshape(pad.shape[0] // f, f, pad.shape[1] // f, f)
+    finite = np.isfinite(blocks)
+    total = np.where(finite, blocks, 0.0).sum(axis=(1, 3))
+    count = finite.sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (total / count)[by, bx].astype(np.float32)
+
+
+def _cell_columns(c: Cube, f: int, by: np.ndarray, bx: np.ndarray) -> dict[str, np.ndarray]:
+    """obs columns from the cube's per-cell arrays: mean novelty and its training percentile, uncertainty (root
+    of the mean squared cell RMSE), and the fraction of each bin's cells carrying each quality flag."""
+    from .trust import QC_NOVEL, percentile_of
+
+    out: dict[str, np.ndarray] = {}
+    novelty = read_cells(c, "novelty")
+    if novelty is not None:
+        out["novelty"] = _bin_mean(novelty, f, by, bx)
+        calibration = c.attrs.get("trust", {}).get("novelty", {}).get("calibration")
+        if isinstance(calibration, list) and len(calibration) > 1:
+            out["novelty_percentile"] = percentile_of(out["novelty"], np.asarray(calibration, dtype=np.float64))
+    uncertainty = read_cells(c, "uncertainty")
+    if uncertainty is not None:
+        out["uncertainty"] = np.sqrt(_bin_mean(uncertainty.astype(np.float64) ** 2, f, by, bx))
+    qc = read_cells(c, "qc")
+    if qc is not None:
+        usable = c.usable_cells()
+        for name, bit in (("pen_ink", QC_PEN), ("out_of_focus", QC_BLUR), ("unlike_training", QC_NOVEL)):
+            if bit == QC_NOVEL and novelty is None:
+                continue
+            flagged = np.where(usable, ((qc & bit) > 0).astype(np.float32), np.nan)
+            out[f"{name}_fraction"] = _bin_mean(flagged, f, by, bx)
+    return out
+
+
 def _anndata_without_x(
     ad: Any,
     c: Cube,
@@ -401,6 +441,8 @@ def _anndata_without_x(
         },
         index=pd.Index([f"bin_{r}_{col}" for r, col in zip(by, bx, strict=True)], name="bin"),
     )
+    for column, values in _cell_columns(c, f, by, bx).items():
+        obs[column] = values
     genes = c.genes
     var = pd.DataFrame({"gene_ids": genes}, index=pd.Index(genes, name="gene"))
     library_id = library_id or Path(meta["slide"]["path"]).stem

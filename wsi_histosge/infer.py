@@ -23,9 +23,11 @@ from .halo import FeatureRing
 from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
 from .lock import OutputLock
 from .model import Model, default_model_path, load_model
+from .qc import QC_BLUR, QC_PEN, cell_flags
 from .slide import Slide, open_slide
 from .store import ATTR_KEY, CubeStore, is_url, run_fingerprint, sidecar, write_text_atomic
 from .tissue import TissueMask, detect_tissue, load_tissue_mask, mask_to_geojson, require_tissue
+from .trust import DEFAULT_NOVELTY_PERCENTILE, QC_NOVEL
 
 
 @dataclass
@@ -53,6 +55,9 @@ class InferOptions:
     #: Each cell encoded once, its features reused by neighbouring blocks (False: every block encodes its
     #: whole halo'd range again, as earlier versions did; for comparisons).
     reuse_features: bool = True
+    #: Cells whose novelty exceeds this percentile of the training calibration get the QC_NOVEL flag (models
+    #: with a trust part; None: ``trust.DEFAULT_NOVELTY_PERCENTILE``). Flagged cells are kept and predicted.
+    novelty_threshold: float | None = None
 
 
 @dataclass
@@ -79,6 +84,9 @@ class InferResult:
     patches_encoded: int = 0  # patches through the encoder: the spots, each once (more with reuse off)
     tta: str = "none"  # the model's test-time augmentation of features
     encoder_passes: int = 0  # encoder forward passes: patches_encoded x the augmentation's passes per patch
+    #: Cells predicted and how many carry each quality flag (the cube's ``qc`` array), the novelty threshold
+    #: (training percentile) and the median uncertainty; empty for an interrupted run.
+    trust: dict[str, Any] = field(default_factory=dict)
     skipped_levels: dict[int, str] = field(default_factory=dict)  # pyramid levels not used, and why
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +127,7 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "min_tissue_fraction": (0.0, 1.0),
     "batch_size": (1, 65_536),
     "num_workers": (0, 64),
+    "novelty_threshold": (0.0, 100.0),
 }
 #: Option names as the user types them.
 OPTION_FLAGS = {"num_workers": "--workers"}
@@ -140,7 +149,7 @@ def validate_options(options: InferOptions, *, flags: dict[str, str] | None = No
 
     ``flags``: option names as the calling command spells them (``batch`` says --slide-workers)."""
     flags = flags or {}
-    for name in ("mpp", "stride_um", "spot_um", "context_um", "min_tissue_fraction"):
+    for name in ("mpp", "stride_um", "spot_um", "context_um", "min_tissue_fraction", "novelty_threshold"):
         value = getattr(options, name)
         if value is not None:
             check_number(name, value, flag=flags.get(name))
@@ -220,8 +229,11 @@ def predict_block(
     block: Block,
     offsets: np.ndarray,
     device: torch.device,
-) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """Head predictions for the block's core kept cells, using neighbours from the halo'd range."""
+    n_features: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
+    """Head predictions for the block's core kept cells, using neighbours from the halo'd range, and the
+    columns of ``feats`` after the first ``n_features`` (per-cell values carried with the features) of those
+    cells."""
     hh, hw = block.hy1 - block.hy0, block.hx1 - block.hx0
     dim = feats.shape[1]
     dense = torch.zeros(hh * hw + 1, dim, device=device)  # last row: padding for absent neighbours
@@ -240,30 +252,42 @@ def predict_block(
         pos = np.stack([nx_, ny_], axis=-1).astype(np.float32)
     else:
         pos = (offsets[None, :, :] * grid.stride_um).astype(np.float32).repeat(len(cy), axis=0)
+    d = dim if n_features is None else n_features
     with torch.inference_mode():
+        gathered = dense[torch.as_tensor(nlin, device=device)]
         preds = model.head(
-            dense[torch.as_tensor(nlin, device=device)],
+            gathered[..., :d],
             torch.as_tensor(pos, device=device),
             torch.as_tensor(valid, device=device),
         )
-    return cy, cx, preds
+    return cy, cx, preds, gathered[:, 0, d:]
+
+
+#: What the writer gets per block: chunk keys, core cells (y, x), predictions (n, genes), per-cell values
+#: (n, len(cell_arrays)) in the order of the cube's cell arrays.
+_BlockOut = tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 class _ChunkWriter(threading.Thread):
     """Collects block predictions into whole chunks and writes each once complete."""
 
     def __init__(
-        self, store: CubeStore, n_genes: int, shape: tuple[int, int], blocks_per_chunk: dict[tuple[int, int], int]
+        self,
+        store: CubeStore,
+        n_genes: int,
+        shape: tuple[int, int],
+        blocks_per_chunk: dict[tuple[int, int], int],
+        cell_arrays: tuple[tuple[str, str], ...] = (),
     ):
         super().__init__(daemon=True, name="wsi-histosge-writer")
         self.store = store
         self.n_genes = n_genes
         self.shape = shape
         self.pending = dict(blocks_per_chunk)
+        self.cell_arrays = cell_arrays
         self.buffers: dict[tuple[int, int], np.ndarray] = {}
-        self.q: queue.Queue[tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray] | None] = queue.Queue(
-            maxsize=8
-        )
+        self.cell_buffers: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self.q: queue.Queue[_BlockOut | None] = queue.Queue(maxsize=8)
         self.error: BaseException | None = None
         self.chunks_written = 0
         self.write_s = 0.0
@@ -275,7 +299,7 @@ class _ChunkWriter(threading.Thread):
                 item = self.q.get()
                 if item is None:
                     return
-                keys, cy, cx, preds = item
+                keys, cy, cx, preds, cells = item
                 for key in keys:
                     if key not in self.pending:  # written by an earlier run: keep it as it is
                         continue
@@ -285,12 +309,19 @@ class _ChunkWriter(threading.Thread):
                         w = min(c, self.shape[1] - key[1] * c)
                         buf = np.full((self.n_genes, h, w), np.nan, dtype=config.EXPRESSION_DTYPE)
                         self.buffers[key] = buf
+                        self.cell_buffers[key] = {
+                            name: np.full((h, w), np.nan if np.dtype(dt).kind == "f" else 0, dtype=dt)
+                            for name, dt in self.cell_arrays
+                        }
                     inside = (cy // c == key[0]) & (cx // c == key[1])
-                    buf[:, cy[inside] - key[0] * c, cx[inside] - key[1] * c] = preds[inside].T
+                    ry, rx = cy[inside] - key[0] * c, cx[inside] - key[1] * c
+                    buf[:, ry, rx] = preds[inside].T
+                    for j, (name, _dt) in enumerate(self.cell_arrays):
+                        self.cell_buffers[key][name][ry, rx] = cells[inside, j]
                     self.pending[key] -= 1
                     if self.pending[key] == 0:
                         t0 = time.perf_counter()
-                        self.store.write_chunk(key[0], key[1], self.buffers.pop(key))
+                        self.store.write_chunk(key[0], key[1], self.buffers.pop(key), self.cell_buffers.pop(key))
                         self.write_s += time.perf_counter() - t0
                         self.chunks_written += 1
         except BaseException as exc:
@@ -302,7 +333,7 @@ class _ChunkWriter(threading.Thread):
                 except queue.Empty:
                     time.sleep(0.01)
 
-    def put(self, item: tuple[list[tuple[int, int]], np.ndarray, np.ndarray, np.ndarray]) -> None:
+    def put(self, item: _BlockOut) -> None:
         if self.error is not None:
             raise self.error
         self.q.put(item)
@@ -403,15 +434,74 @@ def _infer_slide(
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     fingerprint = run_fingerprint(_fingerprint_parts(slide, model, encoder, grid, tissue, options, precision))
     attrs = _cube_attributes(slide, model, encoder, grid, tissue, fingerprint, precision)
+    threshold = None
+    if model.trust is not None:
+        threshold = model.trust.threshold(_novelty_percentile(options))
+    attrs["trust"] = trust_attributes(model, _novelty_percentile(options), threshold)
     lock = None if is_url(out) else OutputLock(sidecar(out, ".lock"))
     if lock is not None:
         lock.acquire_or_raise(str(out))
     try:
-        plan = _Plan(slide, model, encoder, grid, tissue, offsets, fingerprint, attrs, device, dtype, precision)
+        plan = _Plan(
+            slide, model, encoder, grid, tissue, offsets, fingerprint, attrs, device, dtype, precision, threshold
+        )
         return _run(plan, out, options, progress=progress, say=say, timings=timings, t_start=t_start)
     finally:
         if lock is not None:
             lock.release()
+
+
+#: Changes when the quality flags' rules change (a cube resumes only under the same rules).
+QC_VERSION = "qc/1"
+
+
+def trust_summary(group: Any) -> dict[str, Any]:
+    """Cells predicted, how many carry each quality flag, and (trust models) the novelty threshold and the
+    median uncertainty, from a cube's per-cell arrays (whole cube: right after a resume too)."""
+    if "qc" not in group:
+        return {}
+    tissue = np.asarray(group["tissue"][:], dtype=bool)
+    flags = np.asarray(group["qc"][:])[tissue]
+    out: dict[str, Any] = {
+        "cells": int(tissue.sum()),
+        "pen_ink": int(((flags & QC_PEN) > 0).sum()),
+        "out_of_focus": int(((flags & QC_BLUR) > 0).sum()),
+    }
+    if "novelty" in group:
+        unc = np.asarray(group["uncertainty"][:])[tissue]
+        novelty = group.attrs.get("trust", {}).get("novelty", {})
+        out["unlike_training"] = int(((flags & QC_NOVEL) > 0).sum())
+        out["unlike_training_share"] = out["unlike_training"] / max(out["cells"], 1)
+        out["novelty_threshold_percentile"] = novelty.get("threshold_percentile")
+        finite = unc[np.isfinite(unc)]
+        out["uncertainty_median"] = float(np.median(finite)) if finite.size else None
+    return out
+
+
+def _novelty_percentile(options: InferOptions) -> float:
+    p = options.novelty_threshold
+    return DEFAULT_NOVELTY_PERCENTILE if p is None else float(p)
+
+
+def trust_attributes(model: Model, percentile: float, threshold: float | None) -> dict[str, Any]:
+    """What the cube's per-cell arrays mean, stored with it."""
+    attrs: dict[str, Any] = {
+        "qc": {
+            "bits": {str(QC_PEN): "pen ink", str(QC_BLUR): "out of focus", str(QC_NOVEL): "unlike the training tissue"},
+            "version": QC_VERSION,
+            "note": "flagged cells are predicted and kept; a cell's flags are the sum of its bits",
+        }
+    }
+    if model.trust is not None:
+        attrs["novelty"] = {
+            "meaning": model.trust.meta()["novelty"]["score"],
+            "threshold_percentile": percentile,
+            "threshold": threshold,
+            "calibration": model.trust.meta()["novelty"]["calibration"],
+            "calibration_percentiles": "0 to 100 in steps of 0.5 of held-out training sections' scores",
+        }
+        attrs["uncertainty"] = {"meaning": model.trust.meta()["uncertainty"]["score"], "units": model.meta.units}
+    return attrs
 
 
 def _fingerprint_parts(
@@ -438,6 +528,8 @@ def _fingerprint_parts(
         "precision": precision,
         "genes": len(model.meta.genes),
         "on_bad_tile": options.on_bad_tile,
+        "novelty_threshold": _novelty_percentile(options) if model.trust is not None else None,
+        "qc": QC_VERSION,
     }
 
 
@@ -456,6 +548,36 @@ class _Plan:
     device: torch.device
     dtype: torch.dtype
     precision: str
+    novelty_threshold: float | None = None  # the novelty score above which a cell is flagged (QC_NOVEL)
+
+    @property
+    def cell_arrays(self) -> tuple[tuple[str, str], ...]:
+        return cell_arrays_of(self.model)
+
+
+def cell_arrays_of(model: Model) -> tuple[tuple[str, str], ...]:
+    """The per-cell arrays a cube of ``model`` holds besides the expression: novelty and uncertainty when the
+    model has a trust part, and the quality flags."""
+    trust = (("novelty", "float32"), ("uncertainty", "float32")) if model.trust is not None else ()
+    return (*trust, ("qc", "uint8"))
+
+
+def _cell_values(plan: _Plan, feats: torch.Tensor, tile: torch.Tensor, geom: Any, centres: np.ndarray) -> torch.Tensor:
+    """(N, len(cell_arrays)) float32 on the features' device: each encoded cell's novelty and uncertainty
+    (models with a trust part) and its quality flags (``qc``)."""
+    cols = []
+    flags = torch.as_tensor(
+        cell_flags(tile, geom, centres, plan.grid.mpp, plan.grid.stride_um), device=feats.device
+    ).to(torch.int32)
+    trust = plan.model.trust
+    if trust is not None:
+        with torch.inference_mode():
+            scores = trust.scores(feats, plan.model.head.standardise(feats.float()))
+        cols += [scores[:, 0], scores[:, 1]]
+        if plan.novelty_threshold is not None:
+            flags = flags | (scores[:, 0] > plan.novelty_threshold).to(torch.int32) * QC_NOVEL
+    cols.append(flags.float())
+    return torch.stack(cols, 1).float()
 
 
 @dataclass
@@ -491,13 +613,16 @@ def _run(
         tissue=grid.keep,
         tissue_fraction=grid.tissue_fraction,
         overwrite=options.overwrite,
+        cell_arrays=plan.cell_arrays,
     )
     base = _report_base(plan, out)
     for level, why in base["skipped_levels"].items():
         say(f"{slide.path}: pyramid level {level} not used ({why}); finer levels are read instead")
     if state.status == "complete":
         say(f"{out}: already complete for this slide, model and parameters; nothing to do")
-        return InferResult(status="already-complete", tiles=0, chunks_written=0, **base)
+        return InferResult(
+            status="already-complete", tiles=0, chunks_written=0, trust=trust_summary(store.group), **base
+        )
     if state.status == "resume":
         say(f"{out}: resuming ({state.chunks_done} chunks already written)")
     if options.write_geojson:
@@ -514,7 +639,11 @@ def _run(
         if (int(cy), int(cx)) not in blocks_per_chunk:
             store.write_chunk(int(cy), int(cx), None)
     writer = _ChunkWriter(
-        store, plan.model.n_genes, grid.shape, {k: v for k, v in blocks_per_chunk.items() if not done[k]}
+        store,
+        plan.model.n_genes,
+        grid.shape,
+        {k: v for k, v in blocks_per_chunk.items() if not done[k]},
+        plan.cell_arrays,
     )
     counts = _run_blocks(plan, todo, writer, options, progress)
     timings.update(
@@ -532,6 +661,7 @@ def _run(
         spots_skipped_bad_tiles=counts.skipped_spots,
         patches_encoded=counts.patches,
         encoder_passes=counts.patches * encoder_passes(plan.model.meta.tta),
+        trust=trust_summary(store.group),
         **base,
     )
     store.mark_complete(
@@ -579,6 +709,8 @@ def _run_blocks(
     level = slide.best_level_for_mpp(plan.encoder.cfg.mpp)
     encoder = plan.encoder.to(device)
     model.head.to(device)
+    if model.trust is not None:
+        model.trust.to(device)
     enc_module: Any = torch.compile(encoder) if options.compile else encoder
     batch = options.batch_size if options.batch_size is not None else auto_batch_size(encoder, device)
     dataset = BlockDataset(
@@ -615,16 +747,20 @@ def _run_blocks(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
+            if plan.cell_arrays:  # per-cell values travel with the features (the ring reuses both)
+                feats = torch.cat([feats.float(), _cell_values(plan, feats, item.tile, item.geom, centres)], 1)
             ry, rx, rfeats = ring.gather(block)
             ring.advance(item.index, iy, ix, last_use, feats)
             if rfeats is not None:
                 iy, ix, feats = np.concatenate([iy, ry]), np.concatenate([ix, rx]), torch.cat([feats, rfeats])
-            core_y, core_x, preds = predict_block(model, grid, feats, iy, ix, block, plan.offsets, device)
+            core_y, core_x, preds, cells = predict_block(
+                model, grid, feats, iy, ix, block, plan.offsets, device, n_features=plan.encoder.cfg.embed_dim
+            )
             counts.skipped_spots += int(grid.keep[block.y0 : block.y1, block.x0 : block.x1].sum()) - len(core_y)
             preds_np = preds.float().cpu().numpy()
             counts.t_enc += t2 - t1
             counts.t_head += time.perf_counter() - t2
-            writer.put((block.chunk_keys, core_y, core_x, preds_np))
+            writer.put((block.chunk_keys, core_y, core_x, preds_np, cells.float().cpu().numpy()))
             counts.spots_done += len(core_y)
             if progress:
                 progress("advance", len(core_y), todo_spots)

@@ -32,6 +32,7 @@ from torch import nn
 
 from .encoders import TTA_ROTATIONS
 from .errors import DataFormatError, InputNotFoundError, ModelError
+from .trust import TENSOR_PREFIX, Trust, trust_from_checkpoint
 
 CHECKPOINT_FORMAT = "wsi-histosge-checkpoint/1"
 POSITION_MODES = ("relative-um", "absolute")
@@ -176,6 +177,7 @@ class ModelMeta:
     units: str = "log1p(counts per 10k)"
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    trust: dict[str, Any] = field(default_factory=dict)  # novelty/uncertainty (trust.Trust.meta); {}: none
     software_version: str = ""
     name: str = "model"
     format: str = CHECKPOINT_FORMAT
@@ -187,6 +189,7 @@ class Model:
     head: HisToSGEHead
     source: str = ""
     sha256: str = ""
+    trust: Trust | None = None  # novelty and uncertainty of each cell; None for models trained without
 
     @property
     def n_genes(self) -> int:
@@ -215,6 +218,9 @@ def save_model(model: Model, path: str | Path, *, half: bool = False) -> Path:
         tensors = {
             k: (v.half() if v.is_floating_point() and not k.startswith("feature_") else v) for k, v in tensors.items()
         }
+    if model.trust is not None:
+        tensors.update(model.trust.tensors())
+        model.meta.trust = model.trust.meta()
     model.meta.software_version = __version__
     save_file(tensors, str(weights_path), metadata={"format": CHECKPOINT_FORMAT})
     meta = asdict(model.meta)
@@ -279,7 +285,7 @@ _META_RULES: tuple[_Rule, ...] = (
         (k, _is_str, "must be a string, got {type}")
         for k in ("encoder", "encoder_weights_sha256", "name", "units", "software_version")
     ),
-    *((k, _is_object, "must be an object, got {type}") for k in ("normalisation", "training", "metrics")),
+    *((k, _is_object, "must be an object, got {type}") for k in ("normalisation", "training", "metrics", "trust")),
     ("neighbour_offsets_um", _is_offset_list, "must be a non-empty list of finite (x, y) offset pairs in µm"),
     (
         "neighbour_offsets_um",
@@ -502,11 +508,16 @@ def load_model(path: str | Path) -> Model:
         )
     meta = ModelMeta(**{k: v for k, v in raw.items() if k in ModelMeta.__dataclass_fields__})
     tensors = _load_tensors(weights_path)
-    head = _build_head(HeadConfig(**meta.head), tensors, weights_path, meta_path)
+    trust_tensors = {k: tensors.pop(k) for k in list(tensors) if k.startswith(TENSOR_PREFIX)}
+    cfg = HeadConfig(**meta.head)
+    head = _build_head(cfg, tensors, weights_path, meta_path)
+    trust = None
+    if meta.trust or trust_tensors:
+        trust = trust_from_checkpoint(meta.trust, trust_tensors, cfg.in_dim, str(meta_path))
     # The model's identity covers its weights and everything in its JSON that shapes predictions
     # (genes, neighbour offsets, geometry, encoder): a changed JSON is a different model.
     identity = hashlib.sha256((actual + json.dumps(raw, sort_keys=True)).encode()).hexdigest()
-    return Model(meta, head, source=str(path), sha256=identity)
+    return Model(meta, head, source=str(path), sha256=identity, trust=trust)
 
 
 def default_model_path() -> Path:

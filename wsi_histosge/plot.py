@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from .errors import SlideNotFoundError, UsageError, check_range
+from .qc import QC_BLUR, QC_PEN
 from .slide import Slide, open_slide
-from .store import ATTR_KEY, read_cube
+from .store import ATTR_KEY, read_cells, read_cube
+from .trust import QC_NOVEL
 
 
 def _setup() -> Any:
@@ -122,6 +124,68 @@ class _Canvas:
         self.scalebar(ax)
         return im
 
+    def cells(self, name: str) -> np.ndarray | None:
+        """The cube's per-cell array ``name`` (novelty, uncertainty, qc), None when it has none."""
+        return read_cells(self.cube, name)
+
+    @property
+    def has_reliability(self) -> bool:
+        return "uncertainty" in self.cube.group or "qc" in self.cube.group
+
+    def flag_counts(self) -> dict[str, int]:
+        flags = self.cells("qc")
+        if flags is None:
+            return {}
+        return {name: int(((flags & bit) > 0).sum()) for name, bit in FLAG_NAMES.items()}
+
+    def draw_flags(self, ax: Any, *, legend: bool = True) -> list[Any]:
+        """Flagged cells tinted by flag (pen ink over out of focus over unlike training); their legend entries."""
+        from matplotlib.colors import to_rgba
+        from matplotlib.patches import Patch
+
+        flags = self.cells("qc")
+        if flags is None or not flags.any():
+            return []
+        overlay = np.zeros((*flags.shape, 4), dtype=np.float32)
+        handles = []
+        for name, bit in reversed(FLAG_NAMES.items()):
+            hit = (flags & bit) > 0
+            if hit.any():
+                overlay[hit] = to_rgba(FLAG_COLOURS[name], 0.55)
+                handles.append(Patch(color=FLAG_COLOURS[name], alpha=0.55, label=f"{name} ({int(hit.sum())})"))
+        ax.imshow(overlay, extent=self.extent, interpolation="nearest")
+        if legend:
+            ax.legend(handles=handles[::-1], loc="upper right", fontsize=7)
+        return handles[::-1]
+
+    def draw_reliability(self, ax: Any) -> Any:
+        """The expected error of every cell (models with a trust part) with the flagged cells outlined; the
+        flags alone for cubes without uncertainty."""
+        ax.imshow(self.thumb)
+        unc = self.cells("uncertainty")
+        im = None
+        if unc is not None:
+            vals = unc[np.isfinite(unc)]
+            vmin, vmax = np.percentile(vals, [1, 99]) if vals.size else (0.0, 1.0)
+            im = ax.imshow(
+                np.ma.masked_invalid(unc),
+                cmap="viridis",
+                alpha=0.75,
+                extent=self.extent,
+                interpolation="nearest",
+                vmin=vmin,
+                vmax=vmax,
+            )
+        self.draw_flags(ax)
+        ax.set_title("reliability: expected error" if unc is not None else "reliability: quality flags")
+        ax.set_axis_off()
+        return im
+
+
+#: Quality flags as the pictures name and colour them.
+FLAG_NAMES = {"pen ink": QC_PEN, "out of focus": QC_BLUR, "unlike training": QC_NOVEL}
+FLAG_COLOURS = {"pen ink": "tab:blue", "out of focus": "tab:orange", "unlike training": "red"}
+
 
 def _save(fig: Any, path: Path) -> None:
     """PNG via a temporary and a rename: a failed write never leaves a truncated picture under ``path``."""
@@ -159,10 +223,15 @@ def plot_genes(
     units = canvas.attrs["units"]
     written = []
     aspect = canvas.thumb.shape[0] / canvas.thumb.shape[1]
+    panels = 2 if canvas.has_reliability else 1
     for gene in genes:
-        fig, ax = plt.subplots(figsize=(8, 8 * aspect + 0.6), dpi=150)
-        im = canvas.draw_gene(ax, gene, cmap, alpha)
-        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label=f"{gene}, {units}")
+        fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 8 * aspect + 0.6), dpi=150, squeeze=False)
+        im = canvas.draw_gene(axes[0, 0], gene, cmap, alpha)
+        fig.colorbar(im, ax=axes[0, 0], fraction=0.04, pad=0.02, label=f"{gene}, {units}")
+        if panels == 2:
+            rel = canvas.draw_reliability(axes[0, 1])
+            if rel is not None:
+                fig.colorbar(rel, ax=axes[0, 1], fraction=0.04, pad=0.02, label=f"expected RMSE, {units}")
         path = out_dir / f"{gene}.png"
         _save(fig, path)
         plt.close(fig)
@@ -223,9 +292,11 @@ def plot_qc(
     xs = ox / canvas.thumb_mpp + np.arange(nx) * s
     ys = oy / canvas.thumb_mpp + np.arange(ny) * s
     ax.contour(xs, ys, canvas.tissue.astype(float), levels=[0.5], colors="tab:blue", linewidths=1.0)
+    flag_handles = canvas.draw_flags(ax, legend=False)
     canvas.scalebar(ax)
     ax.set_axis_off()
-    ax.legend(loc="upper right", fontsize=8)
+    handles, _labels = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + flag_handles, loc="upper right", fontsize=8)
     area = _fact(meta, "tissue", "area_mm2")
     area_text = f"{area:.2f}" if isinstance(area, (int, float)) else "?"
     facts = (

@@ -149,6 +149,7 @@ class CubeStore:
         tissue_fraction: np.ndarray,
         overwrite: bool = False,
         compressor: str = "zstd",
+        cell_arrays: tuple[tuple[str, str], ...] = (),
     ) -> tuple[CubeStore, OpenState]:
         """Open the cube for writing: new, resumed (same fingerprint), or already complete.
 
@@ -175,7 +176,8 @@ class CubeStore:
                 )
             fs, root = filesystem(path)
             fs.rm(root, recursive=True)
-        return cls._create(path, fingerprint, shape, attrs, tissue, tissue_fraction, compressor), OpenState("new")
+        store = cls._create(path, fingerprint, shape, attrs, tissue, tissue_fraction, compressor, cell_arrays)
+        return store, OpenState("new")
 
     @classmethod
     def _create(
@@ -187,6 +189,7 @@ class CubeStore:
         tissue: np.ndarray,
         tissue_fraction: np.ndarray,
         compressor: str,
+        cell_arrays: tuple[tuple[str, str], ...] = (),
     ) -> CubeStore:
         n_genes, ny, nx = shape
         c = config.CHUNK_CELLS
@@ -220,6 +223,16 @@ class CubeStore:
                 dimension_names=["y", "x"],
             )
             arr[:] = values.astype(dtype)
+        for name, dtype in cell_arrays:  # one value per cell (trust), chunked like the expression
+            group.create_array(
+                name,
+                shape=(ny, nx),
+                chunks=(c, c),
+                dtype=dtype,
+                fill_value=np.nan if np.dtype(dtype).kind == "f" else 0,
+                compressors=[ZstdCodec(level=3)],
+                dimension_names=["y", "x"],
+            )
         ncy, ncx = -(-ny // c), -(-nx // c)
         group.create_array(
             "chunk_done", shape=(ncy, ncx), chunks=(1, 1), dtype="uint8", fill_value=0, dimension_names=["cy", "cx"]
@@ -254,9 +267,14 @@ class CubeStore:
     def chunks_done(self) -> int:
         return int(self.done_marks().sum())
 
-    def write_chunk(self, cy: int, cx: int, data: np.ndarray | None) -> None:
-        """Write one whole expression chunk (or nothing for an empty one), then its done mark."""
+    def write_chunk(
+        self, cy: int, cx: int, data: np.ndarray | None, cells: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Write one whole expression chunk (or nothing for an empty one) and its per-cell arrays, then its
+        done mark."""
         c = config.CHUNK_CELLS
+        for name, values in (cells or {}).items():
+            self.group[name][cy * c : cy * c + values.shape[0], cx * c : cx * c + values.shape[1]] = values  # type: ignore[index]
         if data is not None:
             self.expression[:, cy * c : cy * c + data.shape[1], cx * c : cx * c + data.shape[2]] = data
         self.done[cy, cx] = 1
@@ -410,6 +428,28 @@ class Cube:
             ) from exc
         data[..., ~self.tissue[y0:y1, x0:x1]] = np.nan
         return data
+
+
+#: Per-cell arrays a cube may hold besides the expression (``infer.cell_arrays_of``) and their data kinds.
+CELL_ARRAYS = {"novelty": "f", "uncertainty": "f", "qc": "u"}
+
+
+def read_cells(c: Cube, name: str) -> np.ndarray | None:
+    """The cube's per-cell array ``name`` (y, x), or None when the cube has none (older cubes, models without
+    trust). Cells that are not usable (no tissue, chunk unwritten or missing) read NaN (float) or 0."""
+    if name not in c.group:
+        return None
+    arr = c.group[name]
+    if tuple(arr.shape) != c.tissue.shape or np.dtype(arr.dtype).kind != CELL_ARRAYS.get(name, "?"):
+        raise DataFormatError(
+            f"{c.path}/{name}: shape {tuple(arr.shape)} / dtype {arr.dtype} do not fit the cube "
+            f"({c.tissue.shape}); the cube is damaged, rerun `wsi-histosge infer` with --overwrite"
+        )
+    values = np.asarray(arr[:])
+    usable = c.usable_cells()
+    if values.dtype.kind == "f":
+        return np.where(usable, values, np.nan).astype(np.float32)
+    return np.where(usable, values, 0).astype(values.dtype)
 
 
 def read_cube(path: str | Path) -> Cube:

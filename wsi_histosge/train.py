@@ -27,6 +27,7 @@ from .errors import DataFormatError, InputNotFoundError, UsageError
 from .metrics import pearson_per_gene, score
 from .model import HeadConfig, HisToSGEHead, Model, ModelMeta
 from .stdata import STSection
+from .trust import Trust
 
 
 @dataclass
@@ -730,6 +731,9 @@ def train_sections(
         "tta": tta,
         "gene_means": [round(float(v), 5) for v in np.concatenate([t.targets for t in train_sets]).mean(0)],
     }
+    trust = fit_model_trust(
+        train_sets, train_secs, fitted.head, head_cfg, gene_list, int(fitted.metrics["epochs"]), log
+    )
     model = build_model(
         fitted.head,
         gene_list,
@@ -742,6 +746,37 @@ def train_sections(
         metrics=metrics,
         tta=tta,
     )
+    model.trust = trust
     save_model(model, out)
     log(f"wrote {out}")
     return metrics
+
+
+def fit_model_trust(
+    train_sets: list[TrainSet],
+    sections: Sequence[STSection],
+    head: HisToSGEHead,
+    head_cfg: HeadConfig,
+    genes: list[str],
+    epochs: int,
+    log: Callable[[str], None],
+) -> Trust | None:
+    """The model's novelty reference and uncertainty model (``trust.fit_trust``); None with one section."""
+    from . import trust
+
+    if len(train_sets) < 2:
+        log(
+            "trust: one training section, so nothing to calibrate novelty and uncertainty on; this model's "
+            "cubes will have no novelty or uncertainty (train on two or more sections for them)"
+        )
+        return None
+
+    def fold_predict(inner: list[TrainSet], held: TrainSet) -> tuple[np.ndarray, np.ndarray]:
+        fitted = fit_and_score(head_cfg, inner, [held], FitConfig(epochs=epochs), genes=genes, epochs=epochs)
+        return fitted.head_predictions[0][0], top_variable(inner)
+
+    libs = [trust.log_library_size(s.counts) for s in sections]
+    fitted = trust.fit_trust(train_sets, libs, head, fold_predict, log=log)
+    rho = fitted.info["held_out_spearman_with_error"]
+    log(f"trust: uncertainty vs held-out error, Spearman per training section {rho}")
+    return fitted
