@@ -618,6 +618,52 @@ def to_anndata_cmd(
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
+@app.command("to-qupath")
+def to_qupath_cmd(
+    cube: Annotated[str, typer.Argument(help="Cube written by `infer` (path or URL).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .geojson (or .json, or .zip to compress).")],
+    genes: Annotated[Optional[str], typer.Option(help="Comma-separated genes to export as measurements.")] = None,
+    all_genes: Annotated[bool, typer.Option("--all-genes", help="Export every gene of the model.")] = False,
+    resolution: Annotated[Optional[str], typer.Option(help="native or spot (default native).")] = None,
+    bin_um: Annotated[Optional[float], typer.Option(help="Bin size in µm (a multiple of the stride).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an export written earlier by this command.")] = False,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Export what an incomplete cube holds (marked partial) instead of refusing.")
+    ] = False,
+) -> None:
+    """Predicted bins as QuPath detections (GeoJSON) with one measurement per gene: File > Import objects,
+    then Measure > Show measurement maps."""
+    from wsi_histosge.qupath import to_qupath
+
+    if bin_um is not None and resolution is not None:
+        _fail(UsageError("give --bin-um or --resolution, not both"))
+    res: str | float = bin_um if bin_um is not None else (resolution or "native")
+    if isinstance(res, str) and res not in ("native", "spot"):
+        _fail(UsageError(f"--resolution must be native or spot, got {res!r} (use --bin-um for µm)"))
+    names = [g.strip() for g in genes.split(",") if g.strip()] if genes is not None else None
+    try:
+        result = to_qupath(
+            cube,
+            out,
+            genes=names,
+            all_genes=all_genes,
+            resolution=res,
+            overwrite=overwrite,
+            allow_incomplete=allow_incomplete,
+        )
+    except BaseException as exc:
+        _fail(exc)
+        return
+    console.print(
+        f"wrote {escape(str(result.path))}: {result.detections} detections ({result.bin_um:g} µm bins) x "
+        f"{len(result.genes)} gene{'s' if len(result.genes) != 1 else ''}"
+        + (" (partial cube)" if result.partial else "")
+        + "; QuPath: File > Import objects, then Measure > Show measurement maps",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 @app.command()
 def plot(
     cube: Annotated[str, typer.Argument(help="Cube written by `infer` (path or URL).")],
@@ -668,9 +714,17 @@ def batch(
     novelty_threshold: Annotated[
         Optional[float], typer.Option(help="Flag cells above this training percentile of novelty (default 95).")
     ] = None,
+    report_genes: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Genes mapped in report.html, comma-separated (default: ERBB2,EPCAM,COL1A1 when the model has "
+            'them, else its first 3; "" for none).'
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Run a cohort: resumable, one slide's failure never stops the others. Exit 0 all done, 10 some failed,
+    """Run a cohort: resumable, one slide's failure never stops the others; writes summary.csv, summary.json and
+    report.html (one row per slide, failed first). Exit 0 all done, 10 some failed,
     11 all failed, 12 no slides, 15 none failed but some are locked by another run, 130 interrupted."""
     from wsi_histosge.cohort import EXIT_INTERRUPTED, RunConfig, collect_jobs, run_batch, validate_run
 
@@ -685,8 +739,13 @@ def batch(
     cfg = RunConfig(
         out=out, options=options, retry_failed=retry_failed, state_dir=str(state_dir) if state_dir else None
     )
+    from wsi_histosge.report import check_report_genes, parse_report_genes
+
     try:
         validate_run(cfg, workers=workers, retries=retries)
+        genes = parse_report_genes(report_genes) if report_genes is not None else None
+        if genes:
+            check_report_genes(genes, model)
         jobs = collect_jobs(inputs, slides_under=slides_under or [])
     except BaseException as exc:
         _fail(exc)
@@ -695,7 +754,15 @@ def batch(
     live = _BatchTable(len(jobs), out, transient=as_json)
     try:
         try:
-            summary = run_batch(jobs, cfg, workers=workers, scheduler=scheduler, retries=retries, on_update=live.update)
+            summary = run_batch(
+                jobs,
+                cfg,
+                workers=workers,
+                scheduler=scheduler,
+                retries=retries,
+                on_update=live.update,
+                report_genes=genes,
+            )
         finally:
             live.stop(newline=not as_json)
     except KeyboardInterrupt:
@@ -749,7 +816,11 @@ def _print_batch_summary(summary: Any, cfg: Any, as_json: bool) -> None:
         out_console.print_json(json.dumps({**payload, "slides": summary.rows}, default=str))
         return
     counts = ", ".join(f"{k}: {v}" for k, v in summary.counts.items())
-    _log(f"{counts} in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}")
+    report = cfg.run_dir() / "report.html"
+    _log(
+        f"{counts} in {summary.seconds:.1f} s; summary: {cfg.run_dir() / 'summary.csv'}"
+        + (f"; report: {report}" if report.is_file() else "")
+    )
     locked = [r for r in summary.rows if r.get("status") == "locked"]
     if locked:
         _log(

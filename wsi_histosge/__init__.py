@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "infer_slide": "infer",
     "verify_cube": "store",
     "to_anndata": "convert",
+    "to_qupath": "qupath",
     "plot_genes": "plot",
     "plot_qc": "plot",
     # models and encoders
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "SlideJob": "cohort",
     "collect_jobs": "cohort",
     "run_batch": "cohort",
+    "write_report": "report",
     # errors (each also subclasses a builtin) and their exit codes
     "EXIT_CODES": "errors",
     "HistoSGEError": "errors",
@@ -96,7 +98,9 @@ __all__ = [
     "plot_qc",
     "run_batch",
     "to_anndata",
+    "to_qupath",
     "verify_cube",
+    "write_report",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does the importing
@@ -124,6 +128,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does th
     from .infer import InferOptions, InferResult, infer_slide
     from .model import default_model_path, load_model
     from .plot import plot_genes, plot_qc
+    from .qupath import to_qupath
+    from .report import write_report
     from .slide import Slide, open_slide
     from .store import verify_cube
 

@@ -547,8 +547,11 @@ def run_batch(
     retries: int = 2,
     isolate: bool = True,
     on_update: Callable[[dict[str, Any]], None] | None = None,
+    report: bool = True,
+    report_genes: list[str] | None = None,
 ) -> BatchSummary:
-    """Run every job; write summary.csv and summary.json in ``cfg.out``; return the summary.
+    """Run every job; write summary.csv, summary.json and (unless not ``report``) report.html with maps of
+    ``report_genes`` (see :mod:`.report`) in ``cfg.out``; return the summary.
 
     Options are checked (UsageError) before anything is created."""
     validate_run(cfg, workers=workers, retries=retries)
@@ -556,13 +559,28 @@ def run_batch(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run_all(
+        summary = _run_all(
             jobs, cfg, out, workers=workers, scheduler=scheduler, retries=retries, isolate=isolate, on_update=on_update
         )
     except HistoSGEError:
         if created and not any(out.iterdir()):  # e.g. the scheduler is unreachable: leave no empty folder
             out.rmdir()
         raise
+    if report and summary.rows:
+        from .report import write_batch_report
+
+        write_batch_report(
+            out,
+            summary.rows,
+            genes=report_genes,
+            seconds=summary.seconds,
+            exit_code=summary.exit_code,
+            mpp=cfg.options.get("mpp"),
+            isolate=isolate,
+        )
+        if "://" in cfg.out and (out / "report.html").is_file():
+            _copy_summaries(out, cfg.out, names=("report.html",))
+    return summary
 
 
 def _run_all(
@@ -607,10 +625,10 @@ def _run_in_process(
     return rows
 
 
-def _copy_summaries(run_dir: Path, out_url: str) -> None:
+def _copy_summaries(run_dir: Path, out_url: str, names: tuple[str, ...] = ("summary.json", "summary.csv")) -> None:
     from .store import write_text_atomic
 
-    for name in ("summary.json", "summary.csv"):
+    for name in names:
         write_text_atomic(f"{out_url.rstrip('/')}/{name}", (run_dir / name).read_text())
 
 
