@@ -311,3 +311,19 @@ def test_every_bin_size_gets_a_file_or_a_one_line_refusal(sample_cube: Path, tmp
         assert list(tmp_path.iterdir()) == []
 
     run()
+
+
+def test_the_tissue_outline_geojson_has_a_classification_qupath_parses() -> None:
+    """`infer` writes <out>.tissue.geojson for QuPath: its classification object needs a colour, or QuPath's
+    PathClass reader throws on import."""
+    import numpy as np
+
+    from wsi_histosge.tissue import TissueMask, mask_to_geojson
+
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 4:12] = True
+    doc = mask_to_geojson(TissueMask(mask, 8.0, 16.0, "test"))
+    assert doc["features"]
+    for feature in doc["features"]:
+        assert feature["properties"]["objectType"] == "annotation"
+        assert _classification(feature["properties"]["classification"]) == "Tissue"

@@ -136,7 +136,10 @@ def mask_to_geojson(mask: TissueMask) -> dict[str, Any]:
             {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": "Tissue", "color": [80, 160, 80]},
+                },
             }
         )
     return {"type": "FeatureCollection", "features": features}
