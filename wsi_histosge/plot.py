@@ -139,7 +139,8 @@ class _Canvas:
         return {name: int(((flags & bit) > 0).sum()) for name, bit in FLAG_NAMES.items()}
 
     def draw_flags(self, ax: Any, *, legend: bool = True) -> list[Any]:
-        """Flagged cells tinted by flag (pen ink over out of focus over unlike training); their legend entries."""
+        """Artefact flags as tints (pen ink over out of focus), cells unlike the training tissue hatched (so the
+        map below stays readable); their legend entries."""
         from matplotlib.colors import to_rgba
         from matplotlib.patches import Patch
 
@@ -148,15 +149,29 @@ class _Canvas:
             return []
         overlay = np.zeros((*flags.shape, 4), dtype=np.float32)
         handles = []
-        for name, bit in reversed(FLAG_NAMES.items()):
-            hit = (flags & bit) > 0
+        for name in ("out of focus", "pen ink"):
+            hit = (flags & FLAG_NAMES[name]) > 0
             if hit.any():
-                overlay[hit] = to_rgba(FLAG_COLOURS[name], 0.55)
-                handles.append(Patch(color=FLAG_COLOURS[name], alpha=0.55, label=f"{name} ({int(hit.sum())})"))
-        ax.imshow(overlay, extent=self.extent, interpolation="nearest")
+                overlay[hit] = to_rgba(FLAG_COLOURS[name], 0.6)
+                handles.append(Patch(color=FLAG_COLOURS[name], alpha=0.6, label=f"{name} ({int(hit.sum())})"))
+        if overlay[..., 3].any():
+            ax.imshow(overlay, extent=self.extent, interpolation="nearest")
+        novel = (flags & QC_NOVEL) > 0
+        if novel.any():
+            ox, oy = self.attrs["origin_um"]
+            s = self.stride / self.thumb_mpp
+            ny, nx = novel.shape
+            # cell edges in thumbnail px: a step function, so the hatched area is exactly the flagged cells
+            xs = ox / self.thumb_mpp + (np.arange(nx * 2) // 2 + np.tile([-0.5, 0.5], nx)) * s
+            ys = oy / self.thumb_mpp + (np.arange(ny * 2) // 2 + np.tile([-0.5, 0.5], ny)) * s
+            z = np.repeat(np.repeat(novel.astype(float), 2, axis=0), 2, axis=1)
+            ax.contourf(xs, ys, z, levels=[0.5, 1.5], colors="none", hatches=["///"])
+            ax.contour(xs, ys, z, levels=[0.5], colors=FLAG_COLOURS["unlike training"], linewidths=0.8)
+            label = f"unlike training ({int(novel.sum())})"
+            handles.append(Patch(facecolor="none", edgecolor=FLAG_COLOURS["unlike training"], hatch="///", label=label))
         if legend:
-            ax.legend(handles=handles[::-1], loc="upper right", fontsize=7)
-        return handles[::-1]
+            ax.legend(handles=handles, loc="upper right", fontsize=7)
+        return handles
 
     def draw_reliability(self, ax: Any) -> Any:
         """The expected error of every cell (models with a trust part) with the flagged cells outlined; the
