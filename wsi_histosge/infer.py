@@ -732,9 +732,10 @@ def _run_blocks(
                 iy, ix, centres, last_use = iy[clear], ix[clear], centres[clear], last_use[clear]
             counts.patches += len(centres)
             t1 = time.perf_counter()
+            tile = item.tile.to(device, non_blocking=True)  # once: the encoder and the quality flags read it there
             feats = encode_tile(
                 enc_module,
-                item.tile,
+                tile,
                 item.geom,
                 centres,
                 grid.mpp,
@@ -748,7 +749,7 @@ def _run_blocks(
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
             if plan.cell_arrays:  # per-cell values travel with the features (the ring reuses both)
-                feats = torch.cat([feats.float(), _cell_values(plan, feats, item.tile, item.geom, centres)], 1)
+                feats = torch.cat([feats.float(), _cell_values(plan, feats, tile, item.geom, centres)], 1)
             ry, rx, rfeats = ring.gather(block)
             ring.advance(item.index, iy, ix, last_use, feats)
             if rfeats is not None:
