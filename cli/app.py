@@ -586,7 +586,18 @@ def to_anndata_cmd(
     cube: Annotated[str, typer.Argument(help="Cube written by `infer` (path or URL).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .h5ad file.")],
     resolution: Annotated[Optional[str], typer.Option(help="native or spot (default native).")] = None,
-    bin_um: Annotated[Optional[float], typer.Option(help="Bin size in µm (a multiple of the stride).")] = None,
+    bin_um: Annotated[
+        Optional[float],
+        typer.Option(help="Bin size in µm, at least the stride (other than a multiple: area-weighted)."),
+    ] = None,
+    layout: Annotated[
+        Optional[str],
+        typer.Option(help="grid (square bins, default) or visium (55 µm spots, 100 µm hexagonal pitch)."),
+    ] = None,
+    visium_positions: Annotated[
+        Optional[Path],
+        typer.Option(help="Space Ranger's tissue_positions.csv of a run on this slide: its spots (implies visium)."),
+    ] = None,
     library_id: Annotated[Optional[str], typer.Option(help="Key in uns['spatial'] (default: slide name).")] = None,
     slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing .h5ad.")] = False,
@@ -597,16 +608,82 @@ def to_anndata_cmd(
     """Convert a cube to AnnData (.h5ad) for scanpy/squidpy, binned in linear space."""
     from wsi_histosge.convert import to_anndata
 
-    if bin_um is not None and resolution is not None:
-        _fail(UsageError("give --bin-um or --resolution, not both"))
-    res: str | float = bin_um if bin_um is not None else (resolution or "native")
-    if isinstance(res, str) and res not in ("native", "spot"):
-        _fail(UsageError(f"--resolution must be native or spot, got {res!r} (use --bin-um for µm)"))
+    res = _resolution(resolution, bin_um)
     try:
         path = to_anndata(
             cube,
             out,
             resolution=res,
+            layout=_layout(layout, visium_positions),
+            visium_positions=visium_positions,
+            library_id=library_id,
+            slide=slide,
+            overwrite=overwrite,
+            allow_incomplete=allow_incomplete,
+        )
+    except BaseException as exc:
+        _fail(exc)
+        return
+    console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
+
+
+def _layout(layout: str | None, positions: Path | None) -> str:
+    if positions is not None and layout not in (None, "visium"):
+        _fail(UsageError(f"--visium-positions places Visium spots; leave out --layout {layout}"))
+    return "visium" if positions is not None else (layout or "grid")
+
+
+def _resolution(resolution: str | None, bin_um: float | None) -> str | float:
+    if bin_um is not None and resolution is not None:
+        _fail(UsageError("give --bin-um or --resolution, not both"))
+    res: str | float = bin_um if bin_um is not None else (resolution or "native")
+    if isinstance(res, str) and res not in ("native", "spot"):
+        _fail(UsageError(f"--resolution must be native or spot, got {res!r} (use --bin-um for µm)"))
+    return res
+
+
+@app.command("to-spatialdata")
+def to_spatialdata_cmd(
+    cube: Annotated[str, typer.Argument(help="Cube written by `infer` (path or URL).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output SpatialData store (a .zarr folder).")],
+    resolution: Annotated[Optional[str], typer.Option(help="native or spot (default native).")] = None,
+    bin_um: Annotated[
+        Optional[float],
+        typer.Option(help="Bin size in µm, at least the stride (other than a multiple: area-weighted)."),
+    ] = None,
+    layout: Annotated[
+        Optional[str],
+        typer.Option(help="grid (square bins, default) or visium (55 µm spots, 100 µm hexagonal pitch)."),
+    ] = None,
+    visium_positions: Annotated[
+        Optional[Path],
+        typer.Option(help="Space Ranger's tissue_positions.csv of a run on this slide: its spots (implies visium)."),
+    ] = None,
+    image_mpp: Annotated[
+        Optional[float], typer.Option(help="Finest image level written, in µm/px (default: level 0, the full slide).")
+    ] = None,
+    library_id: Annotated[
+        Optional[str], typer.Option(help="Library id recorded in the table (default: slide name).")
+    ] = None,
+    slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a store written earlier by this command.")] = False,
+    allow_incomplete: Annotated[
+        bool, typer.Option(help="Convert what an incomplete cube holds (marked partial) instead of refusing.")
+    ] = False,
+) -> None:
+    """Slide image (multiscale), bins as shapes and their AnnData table as one SpatialData Zarr store
+    (spatialdata.read_zarr, napari-spatialdata, spatialdata-plot)."""
+    from wsi_histosge.sdata import to_spatialdata
+
+    res = _resolution(resolution, bin_um)
+    try:
+        path = to_spatialdata(
+            cube,
+            out,
+            resolution=res,
+            layout=_layout(layout, visium_positions),
+            visium_positions=visium_positions,
+            image_mpp=image_mpp,
             library_id=library_id,
             slide=slide,
             overwrite=overwrite,

@@ -58,8 +58,8 @@ def test_binning_averages_in_linear_space(cmu_cube: Path, tmp_path: Path) -> Non
     np.testing.assert_allclose(a.X[i], expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(expected, cells[:, keep].mean(axis=1))  # not the log-space mean
     assert a.uns["spatial"][next(iter(a.uns["spatial"]))]["scalefactors"]["bin_size_um"] == 100.0
-    with pytest.raises(UsageError, match="multiple"):
-        to_anndata(cmu_cube, tmp_path / "c.h5ad", resolution=75.0)
+    with pytest.raises(UsageError, match="finer"):  # 75 µm (1.5 strides) is area-weighted now: tests/test_bins.py
+        to_anndata(cmu_cube, tmp_path / "c.h5ad", resolution=25.0)
 
 
 @pytest.mark.realdata

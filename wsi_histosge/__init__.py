@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "verify_cube": "store",
     "to_anndata": "convert",
     "to_qupath": "qupath",
+    "to_spatialdata": "sdata",
     "plot_genes": "plot",
     "plot_qc": "plot",
     # models and encoders
@@ -99,6 +100,7 @@ __all__ = [
     "run_batch",
     "to_anndata",
     "to_qupath",
+    "to_spatialdata",
     "verify_cube",
     "write_report",
 ]
@@ -130,6 +132,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does th
     from .plot import plot_genes, plot_qc
     from .qupath import to_qupath
     from .report import write_report
+    from .sdata import to_spatialdata
     from .slide import Slide, open_slide
     from .store import verify_cube
 

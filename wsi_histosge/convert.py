@@ -4,6 +4,8 @@ Binning: ``f x f`` lattice cells per bin (``f = bin_um / stride_um``, an integer
 space: ``log1p(mean(expm1(x)))`` over the predicted cells of the bin, so a bin's value is the log of the
 expression a bigger spot would have measured. Only bins holding at least one predicted value are kept:
 a bin that would be all NaN (its cells unreadable or skipped) is never written as data.
+Bin sizes that are not a multiple of the stride, and the Visium layout (``layout="visium"``), weight each
+cell by the area the bin shares with it (:mod:`wsi_histosge.bins`), streamed the same way.
 Conversion streams the cube window by window (chunk-aligned reads, per-bin running sums) and writes
 ``X`` into the HDF5 file as it goes: peak memory is bounded by ``band_mb`` plus one chunk and the obs
 table, whatever the cube's size and whatever the bin size.
@@ -15,7 +17,8 @@ says the result is partial and which chunks were lacking. The .h5ad appears only
 
 The result follows the Space Ranger / scanpy conventions: ``obsm['spatial']`` in level-0 px of the
 slide, ``uns['spatial'][library_id]`` with 'hires'/'lowres' images and their scale factors, and
-``spot_diameter_fullres`` = the bin's side in level-0 px.
+``spot_diameter_fullres`` = the bin's side in level-0 px (for Visium spots, Space Ranger's theoretical 65 µm
+spot, as Space Ranger writes it).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,31 +54,79 @@ HIRES_MAX_PX = 2000
 LOWRES_MAX_PX = 600
 
 
+def _requested_bin_um(attrs: dict[str, Any], resolution: str | float) -> float:
+    """The bin size ``resolution`` asks for, in µm: "native" (the stride), "spot", or a finite size > 0."""
+    if resolution == "native":
+        return float(attrs["stride_um"])
+    if resolution == "spot":
+        return float(attrs["spot_um"])
+    try:
+        bin_um = float(resolution)
+    except (TypeError, ValueError):
+        raise UsageError(f"--resolution must be native or spot, or give --bin-um in µm; got {resolution!r}") from None
+    if isinstance(resolution, bool) or not math.isfinite(bin_um) or bin_um <= 0:
+        raise UsageError(f"--bin-um must be a positive, finite size in µm; got {resolution!r}")
+    return bin_um
+
+
+def _whole_factor(f: float) -> int | None:
+    """``f`` (bin size in strides) as a whole number of cells, or None when it is not one."""
+    if f < 1 - 1e-6 or abs(f - round(f)) > 1e-3:
+        return None
+    return round(f)
+
+
 def bin_factor(attrs: dict[str, Any], resolution: str | float) -> int:
-    """Cells per bin side for ``resolution``: "native", "spot", or a bin size in µm (finite, > 0)."""
+    """Cells per bin side for ``resolution``: "native", "spot", or a bin size in µm (finite, > 0), a whole
+    multiple of the stride (`to-qupath`; `to-anndata` also takes other sizes, see :func:`bin_plan`)."""
     stride = float(attrs["stride_um"])
     if resolution == "native":
         return 1
-    if resolution == "spot":
-        bin_um = float(attrs["spot_um"])
-    else:
-        try:
-            bin_um = float(resolution)
-        except (TypeError, ValueError):
-            raise UsageError(
-                f"--resolution must be native or spot, or give --bin-um in µm; got {resolution!r}"
-            ) from None
-        if isinstance(resolution, bool) or not math.isfinite(bin_um) or bin_um <= 0:
-            raise UsageError(f"--bin-um must be a positive, finite size in µm; got {resolution!r}")
+    bin_um = _requested_bin_um(attrs, resolution)
     f = bin_um / stride
-    if f < 1 - 1e-6 or abs(f - round(f)) > 1e-3:
+    whole = _whole_factor(f)
+    if whole is None:
         sizes = sorted({max(1, math.floor(f)) * stride, max(1, math.ceil(f)) * stride})
         what = f"the spot size ({bin_um:g} µm)" if resolution == "spot" else f"--bin-um {bin_um:g}"
         raise UsageError(
             f"{what} is not a whole multiple of the cube's {stride:g} µm stride; use --bin-um "
             + " or ".join(f"{v:g}" for v in sizes)
         )
-    return round(f)
+    return whole
+
+
+LAYOUTS = ("grid", "visium")
+
+
+def bin_plan(attrs: dict[str, Any], resolution: str | float, layout: str = "grid") -> tuple[int | None, float]:
+    """(cells per bin side, bin size in µm) for `to-anndata`.
+
+    The cell count is None where the bins are not whole blocks of cells: a ``grid`` bin size that is not a
+    multiple of the stride, or the ``visium`` layout (its spot diameter is returned); those bins are averaged
+    with area weights (:mod:`wsi_histosge.bins`). A bin finer than the stride is refused: the cube holds
+    nothing finer than its cells."""
+    if layout not in LAYOUTS:
+        raise UsageError(f"--layout must be grid or visium; got {layout!r}")
+    if layout == "visium":
+        if resolution != "native":
+            raise UsageError(
+                "--layout visium places its own spots (55 µm on a 100 µm pitch); leave out --bin-um and --resolution"
+            )
+        from .bins import VISIUM_SPOT_UM
+
+        return None, VISIUM_SPOT_UM
+    stride = float(attrs["stride_um"])
+    bin_um = _requested_bin_um(attrs, resolution)
+    whole = _whole_factor(bin_um / stride)
+    if whole is not None:
+        return whole, whole * stride
+    if bin_um < stride:
+        what = f"the spot size ({bin_um:g} µm)" if resolution == "spot" else f"--bin-um {bin_um:g}"
+        raise UsageError(
+            f"{what} is finer than the cube's {stride:g} µm stride, which is the finest it holds; use --bin-um "
+            f"{stride:g} or more (or rerun `wsi-histosge infer` with a smaller --stride-um)"
+        )
+    return None, bin_um
 
 
 def _slide_images(
@@ -279,14 +331,22 @@ def to_anndata(
     slide: str | Path | None = None,
     overwrite: bool = False,
     allow_incomplete: bool = False,
+    layout: str = "grid",
+    visium_positions: str | Path | None = None,
     band_cells: int = 64,
     band_mb: float = 128.0,
 ) -> Path:
     """Write ``out`` (.h5ad) from the cube at ``cube``; see the module docstring.
 
+    ``layout``: "grid" (square bins of ``resolution``) or "visium" (55 µm spots on a 100 µm hexagonal pitch,
+    Space Ranger's indices and scale factors; ``resolution`` stays "native"). ``visium_positions``: Space
+    Ranger's ``tissue_positions.csv`` of a run on this slide's full-resolution image: its spots, barcodes and
+    indices instead of a generated lattice (implies the visium layout). Bins that are not whole blocks of cells
+    are averaged with area weights (:mod:`wsi_histosge.bins`).
+
     Raises InputNotFoundError (no cube, or its slide moved: pass ``slide``), DataFormatError (not a cube
     of this tool, malformed or unsafe), CubeIncompleteError (incomplete cube and not ``allow_incomplete``),
-    UsageError (bad ``resolution``), OutputExistsError (``out`` exists and not ``overwrite``) and
+    UsageError (bad ``resolution`` or ``layout``), OutputExistsError (``out`` exists and not ``overwrite``) and
     OutputWriteError (disk full, read-only): ``out`` is then left as it was."""
     import anndata as ad
     import h5py
@@ -300,28 +360,55 @@ def to_anndata(
     if not allow_incomplete:
         c.require_complete()
     meta = c.attrs[ATTR_KEY]
-    f = bin_factor(c.attrs, resolution)
+    if visium_positions is not None:
+        layout = "visium"
+    f, bin_um = bin_plan(c.attrs, resolution, layout)
     lacking = c.lacking()
-    by, bx = _bins_to_write(c, cube, f, band_cells, lacking)
+    if f is not None:
+        by, bx = _bins_to_write(c, cube, f, band_cells, lacking)
+        n_candidates = len(by)
+    else:
+        shaped, candidates = _layout_to_write(c, cube, layout, bin_um, lacking, band_mb, visium_positions)
+        n_candidates = len(candidates)
     slide_path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
     if not slide_path.exists():  # a file, or a DICOM series folder
         raise SlideNotFoundError(f"{slide_path}: the cube's slide is not there (moved?); pass --slide PATH")
     images, scales = _slide_images(slide_path, float(meta["mpp"]["x"]), tuple(meta["slide"]["dimensions"]))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _require_space(out, len(by) * len(c.genes) * 4 + sum(int(im.nbytes) for im in images.values()))
+    _require_space(out, n_candidates * len(c.genes) * 4 + sum(int(im.nbytes) for im in images.values()))
     tmp = out.with_name(out.name + ".partial")
     try:
         with _h5_handle_errors() as late_errors:
             h5 = h5py.File(tmp, "w")
             try:
-                n_valued = _write_x(h5, c, f, by, bx, band_cells=band_cells, band_mb=band_mb)
+                if f is not None:
+                    n_valued = _write_x(h5, c, f, by, bx, band_cells=band_cells, band_mb=band_mb)
+                else:
+                    n_valued, area = _write_x_weighted(h5, c, shaped, candidates, band_mb=band_mb)
                 keep = n_valued > 0
                 if not keep.any():
                     raise UsageError(f"{cube}: every predicted cell is NaN (all tiles skipped?); nothing to convert")
-                adata = _anndata_without_x(
-                    ad, c, cube, f, by[keep], bx[keep], n_valued[keep], images, scales, library_id, resolution, lacking
-                )
+                if f is not None:
+                    adata = _anndata_without_x(
+                        ad,
+                        c,
+                        cube,
+                        f,
+                        by[keep],
+                        bx[keep],
+                        n_valued[keep],
+                        images,
+                        scales,
+                        library_id,
+                        resolution,
+                        lacking,
+                    )
+                else:
+                    bins = _weighted_bins(
+                        c, shaped, layout, bin_um, candidates[keep], n_valued[keep], area[keep], band_mb
+                    )
+                    adata = _bins_anndata(ad, c, cube, bins, images, scales, library_id, resolution, lacking)
                 adata.uns["wsi_histosge"]["bins_without_values"] = int((~keep).sum())
                 _write_elements(h5, adata)
                 h5.close()
@@ -379,21 +466,23 @@ def _bin_mean(values: np.ndarray, f: int, by: np.ndarray, bx: np.ndarray) -> np.
         return (total / count)[by, bx].astype(np.float32)
 
 
-def _cell_columns(c: Cube, f: int, by: np.ndarray, bx: np.ndarray) -> dict[str, np.ndarray]:
+def _cell_columns(c: Cube, mean: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
     """obs columns from the cube's per-cell arrays: mean novelty and its training percentile, uncertainty (root
-    of the mean squared cell RMSE), and the fraction of each bin's cells carrying each quality flag."""
+    of the mean squared cell RMSE), and the fraction of each bin's cells carrying each quality flag.
+
+    ``mean``: a per-cell array (y, x; NaN where a cell has no value) -> its mean over each bin."""
     from .trust import QC_NOVEL, percentile_of
 
     out: dict[str, np.ndarray] = {}
     novelty = read_cells(c, "novelty")
     if novelty is not None:
-        out["novelty"] = _bin_mean(novelty, f, by, bx)
+        out["novelty"] = mean(novelty)
         calibration = c.attrs.get("trust", {}).get("novelty", {}).get("calibration")
         if isinstance(calibration, list) and len(calibration) > 1:
             out["novelty_percentile"] = percentile_of(out["novelty"], np.asarray(calibration, dtype=np.float64))
     uncertainty = read_cells(c, "uncertainty")
     if uncertainty is not None:
-        out["uncertainty"] = np.sqrt(_bin_mean(uncertainty.astype(np.float64) ** 2, f, by, bx))
+        out["uncertainty"] = np.sqrt(mean(uncertainty.astype(np.float64) ** 2))
     qc = read_cells(c, "qc")
     if qc is not None:
         usable = c.usable_cells()
@@ -401,8 +490,26 @@ def _cell_columns(c: Cube, f: int, by: np.ndarray, bx: np.ndarray) -> dict[str, 
             if bit == QC_NOVEL and novelty is None:
                 continue
             flagged = np.where(usable, ((qc & bit) > 0).astype(np.float32), np.nan)
-            out[f"{name}_fraction"] = _bin_mean(flagged, f, by, bx)
+            out[f"{name}_fraction"] = mean(flagged)
     return out
+
+
+@dataclass
+class _Bins:
+    """The kept bins of a conversion, for obs, obsm and uns (X is streamed separately)."""
+
+    centre_ix: np.ndarray  # bin centres in cell units (cell (0, 0)'s centre is (0, 0))
+    centre_iy: np.ndarray
+    array_row: np.ndarray
+    array_col: np.ndarray
+    index: list[str]
+    index_name: str
+    n_cells: np.ndarray  # cells with a value the bin averaged (overlapped, for area weights)
+    tissue_fraction: np.ndarray  # area of those cells (within the bin) / the bin's area
+    cell_columns: dict[str, np.ndarray]
+    scalefactors: dict[str, float]  # besides the images': spot_diameter_fullres, ...
+    uns: dict[str, Any]  # extra uns['wsi_histosge'] entries
+    in_tissue: np.ndarray | None = None  # Space Ranger's flags, for spots of a run; else 1 (bins with predictions)
 
 
 def _anndata_without_x(
@@ -419,40 +526,70 @@ def _anndata_without_x(
     resolution: str | float,
     lacking: list[tuple[int, int]],
 ) -> Any:
+    """obs, var, obsm and uns of the kept ``f`` x ``f`` bins (X is streamed separately)."""
+    bin_um = f * float(c.attrs["stride_um"])
+    bins = _Bins(
+        centre_ix=bx * f + (f - 1) / 2.0,
+        centre_iy=by * f + (f - 1) / 2.0,
+        array_row=by,
+        array_col=bx,
+        index=[f"bin_{r}_{col}" for r, col in zip(by, bx, strict=True)],
+        index_name="bin",
+        n_cells=n_cells,
+        tissue_fraction=n_cells / float(f * f),
+        cell_columns=_cell_columns(c, lambda values: _bin_mean(values, f, by, bx)),
+        scalefactors=_square_scalefactors(c, bin_um),
+        uns={
+            "bin_um": bin_um,
+            "bin_cells": f,
+            "aggregation": "log1p(mean(expm1(x))) over predicted cells of each bin",
+        },
+    )
+    return _bins_anndata(ad, c, cube, bins, images, scales, library_id, resolution, lacking)
+
+
+def _square_scalefactors(c: Cube, bin_um: float) -> dict[str, float]:
+    """Scale factors of square bins: scanpy draws each as a circle of the bin's side."""
+    side_px = bin_um / float(c.attrs[ATTR_KEY]["mpp"]["x"])
+    return {"spot_diameter_fullres": side_px, "bin_size_um": bin_um, "fiducial_diameter_fullres": side_px}
+
+
+def _bins_anndata(
+    ad: Any,
+    c: Cube,
+    cube: str | Path,
+    bins: _Bins,
+    images: dict[str, np.ndarray],
+    scales: dict[str, float],
+    library_id: str | None,
+    resolution: str | float,
+    lacking: list[tuple[int, int]],
+) -> Any:
     """obs, var, obsm and uns of the kept bins (X is streamed separately)."""
     attrs, meta = c.attrs, c.attrs[ATTR_KEY]
     stride = float(attrs["stride_um"])
     affine = np.asarray(attrs["affine_level0"], dtype=np.float64)
-    n_bins = len(by)
-    centre_ix = bx * f + (f - 1) / 2.0
-    centre_iy = by * f + (f - 1) / 2.0
-    xy = (affine @ np.stack([centre_ix, centre_iy, np.ones(n_bins)]))[:2].T
-    mpp_x = float(meta["mpp"]["x"])
+    n_bins = len(bins.index)
+    xy = (affine @ np.stack([bins.centre_ix, bins.centre_iy, np.ones(n_bins)]))[:2].T
     origin = attrs["origin_um"]
     obs = pd.DataFrame(
         {
-            "in_tissue": np.ones(n_bins, dtype=np.int8),
-            "array_row": by.astype(np.int32),
-            "array_col": bx.astype(np.int32),
-            "n_cells": n_cells.astype(np.int32),
-            "tissue_fraction": (n_cells / float(f * f)).astype(np.float32),
-            "x_um": (origin[0] + centre_ix * stride).astype(np.float32),
-            "y_um": (origin[1] + centre_iy * stride).astype(np.float32),
+            "in_tissue": np.ones(n_bins, dtype=np.int8) if bins.in_tissue is None else bins.in_tissue,
+            "array_row": np.asarray(bins.array_row).astype(np.int32),
+            "array_col": np.asarray(bins.array_col).astype(np.int32),
+            "n_cells": np.asarray(bins.n_cells).astype(np.int32),
+            "tissue_fraction": np.asarray(bins.tissue_fraction).astype(np.float32),
+            "x_um": (origin[0] + bins.centre_ix * stride).astype(np.float32),
+            "y_um": (origin[1] + bins.centre_iy * stride).astype(np.float32),
         },
-        index=pd.Index([f"bin_{r}_{col}" for r, col in zip(by, bx, strict=True)], name="bin"),
+        index=pd.Index(bins.index, name=bins.index_name),
     )
-    for column, values in _cell_columns(c, f, by, bx).items():
+    for column, values in bins.cell_columns.items():
         obs[column] = values
     genes = c.genes
     var = pd.DataFrame({"gene_ids": genes}, index=pd.Index(genes, name="gene"))
     library_id = library_id or Path(meta["slide"]["path"]).stem
-    bin_um = f * stride
-    scalefactors = {
-        **scales,
-        "spot_diameter_fullres": bin_um / mpp_x,
-        "bin_size_um": bin_um,
-        "fiducial_diameter_fullres": bin_um / mpp_x,
-    }
+    scalefactors = {**scales, **bins.scalefactors}
     partial = bool(lacking) or not c.completed
     uns = {
         "spatial": {
@@ -465,9 +602,7 @@ def _anndata_without_x(
         "wsi_histosge": {
             "cube": str(cube) if "://" in str(cube) else str(Path(cube).resolve()),
             "resolution": str(resolution),
-            "bin_um": bin_um,
-            "bin_cells": f,
-            "aggregation": "log1p(mean(expm1(x))) over predicted cells of each bin",
+            **bins.uns,
             "units": attrs["units"],
             "stride_um": stride,
             "spot_um": attrs["spot_um"],
@@ -482,3 +617,139 @@ def _anndata_without_x(
         },
     }
     return ad.AnnData(obs=obs, var=var, obsm={"spatial": xy.astype(np.float64)}, uns=uns)
+
+
+# -- bins that are not whole blocks of cells: area weights (bins.py) ---------------------------------------
+def _layout_to_write(
+    c: Cube,
+    cube: str | Path,
+    layout: str,
+    bin_um: float,
+    lacking: list[Any],
+    band_mb: float,
+    positions: str | Path | None = None,
+) -> tuple[Any, np.ndarray]:
+    """The layout's bins and which of them overlap a usable cell; refuses a bin larger than the cube and a cube
+    with nothing to convert."""
+    from .bins import covered, square_bins, visium_from_positions, visium_spots
+
+    stride = float(c.attrs["stride_um"])
+    ny, nx = c.tissue.shape
+    if positions is not None:
+        shaped = visium_from_positions(positions, c.attrs, (ny, nx))
+    elif layout == "visium":
+        shaped = visium_spots((ny, nx), stride)
+    else:
+        if bin_um > max(ny, nx) * stride:
+            raise UsageError(
+                f"--bin-um {bin_um:g} is larger than the whole cube ({nx * stride:g} x {ny * stride:g} µm); use at "
+                f"most --bin-um {max(ny, nx) * stride:g} (one bin)"
+            )
+        shaped = square_bins((ny, nx), bin_um / stride)
+    candidates = covered(shaped, c.usable_cells(), band_mb * 2**20 / 4)
+    if len(candidates) == 0:
+        if lacking:
+            raise CubeIncompleteError(
+                f"{cube}: no chunk with tissue is written yet ({len(lacking)} lacking); rerun `wsi-histosge infer` "
+                "with the same options to finish the cube"
+            )
+        if positions is not None:
+            raise UsageError(f"{positions}: no spot of the run overlaps a predicted cell of {cube}")
+        raise UsageError(f"{cube}: no predicted cells in the cube")
+    return shaped, candidates
+
+
+def _write_x_weighted(
+    h5: Any, c: Cube, shaped: Any, candidates: np.ndarray, *, band_mb: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stream the area-weighted means of ``candidates`` into ``h5['X']`` (rows: the bins that get a value, in
+    raster order). Returns, per candidate, how many cells with a value it overlaps and their overlap area."""
+    from .bins import stream_means
+
+    n_genes = len(c.genes)
+    n_cand = len(candidates)
+    x = h5.create_dataset(
+        "X",
+        shape=(n_cand, n_genes),
+        maxshape=(None, n_genes),
+        dtype="float32",
+        chunks=(min(n_cand, 1024), n_genes),
+        compression="lzf",
+    )
+    x.attrs["encoding-type"] = "array"
+    x.attrs["encoding-version"] = "0.2.0"
+    n_valued = np.zeros(n_cand, dtype=np.int64)
+    area = np.zeros(n_cand, dtype=np.float64)
+    written = done = 0
+    for band in stream_means(c, shaped, candidates, band_mb=band_mb):
+        n = len(band.bins)
+        n_valued[done : done + n] = band.valued_cells
+        area[done : done + n] = band.valued_area
+        keep = band.valued_cells > 0
+        n_keep = int(keep.sum())
+        if n_keep:
+            x[written : written + n_keep] = band.means[keep]
+            written += n_keep
+        done += n
+    if written < n_cand:
+        x.resize((written, n_genes))
+    return n_valued, area
+
+
+def _weighted_bins(
+    c: Cube,
+    shaped: Any,
+    layout: str,
+    bin_um: float,
+    kept: np.ndarray,
+    n_cells: np.ndarray,
+    area: np.ndarray,
+    band_mb: float,
+) -> _Bins:
+    from .bins import VISIUM_PITCH_UM, VISIUM_SPOT_UM, weighted_mean
+
+    stride = float(c.attrs["stride_um"])
+    visium = layout == "visium"
+    uns: dict[str, Any] = {
+        "layout": layout,
+        "bin_cells": bin_um / stride,
+        "aggregation": (
+            "log1p(sum(a * expm1(x)) / sum(a)) over the cells holding a value, a = the area the "
+            + ("spot's disc" if visium else "bin")
+            + " shares with each cell"
+        ),
+    }
+    if visium:
+        uns |= {"spot_diameter_um": VISIUM_SPOT_UM, "spot_pitch_um": VISIUM_PITCH_UM}
+        if shaped.names is not None:
+            uns["spots"] = "a Space Ranger run's tissue positions (barcodes, array_row/col, in_tissue as given)"
+        # Space Ranger's spot_diameter_fullres spans a theoretical 65 µm spot (stdata.SPACERANGER_DIAMETER_UM):
+        # written the same way, scanpy draws these spots as it draws a real run, and readers that take a pixel
+        # size from it (this tool's FILE.h5ad sections) get the slide's.
+        from .stdata import SPACERANGER_DIAMETER_UM
+
+        mpp_x = float(c.attrs[ATTR_KEY]["mpp"]["x"])
+        scalefactors = {
+            "spot_diameter_fullres": SPACERANGER_DIAMETER_UM / mpp_x,
+            "spot_diameter_um": VISIUM_SPOT_UM,
+            "spot_pitch_um": VISIUM_PITCH_UM,
+        }
+    else:
+        uns["bin_um"] = bin_um
+        scalefactors = _square_scalefactors(c, bin_um)
+    return _Bins(
+        centre_ix=shaped.cx[kept],
+        centre_iy=shaped.cy[kept],
+        array_row=shaped.array_row[kept],
+        array_col=shaped.array_col[kept],
+        index=shaped.ids("spot" if visium else "bin", kept),
+        index_name="barcode" if visium else "bin",
+        n_cells=n_cells,
+        tissue_fraction=area / shaped.area,
+        in_tissue=None if shaped.in_tissue is None else shaped.in_tissue[kept],
+        cell_columns=_cell_columns(
+            c, lambda values: weighted_mean(shaped, values, kept, band_mb * 2**20 / 4).astype(np.float32)
+        ),
+        scalefactors=scalefactors,
+        uns=uns,
+    )
