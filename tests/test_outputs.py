@@ -164,6 +164,8 @@ def _check_map_on_the_slide(png_path: Path, cube: Path, gene: str) -> None:
 
     png = np.asarray(Image.open(png_path).convert("RGB")).astype(np.float64)
     g = zarr.open_group(str(cube), mode="r")
+    if "qc" in g or "uncertainty" in g:  # the reliability panel sits to the right: the gene map is the left half
+        png = png[:, : png.shape[1] // 2]
     meta = g.attrs["wsi_histosge"]
     slide = open_slide(meta["slide"]["path"], mpp=float(meta["mpp"]["x"]))
     w0, h0 = slide.dimensions

@@ -187,7 +187,8 @@ def test_ordinary_tissue_of_the_packaged_crop_is_not_flagged() -> None:
 @pytest.mark.realdata
 def test_pen_fixture_precision_recall() -> None:
     """The DICOM sample's marker against the hand-drawn fixture, 100 µm boxes at an assumed 4 µm/px: precision
-    >= 0.95 (0.988 measured), recall >= 0.90 (0.940); no flag in the clearly clean rectangles (0 of 6975);
+    >= 0.95 (0.990 measured), recall >= 0.80 (0.832: the colour rule that keeps HER2ST haematoxylin out of ink
+    misses the faintest teal stroke edges); no flag in the clearly clean rectangles (0 of 6975);
     the slide is too coarse to judge focus, so nothing is flagged blurred."""
     slide = open_slide(need_shared("wsi-samples", "pathml_small_dicom.dcm"), mpp=4.0)
     w, h = slide.dimensions
@@ -203,7 +204,7 @@ def test_pen_fixture_precision_recall() -> None:
     tp, fp, fn = (flagged & pos).sum(), (flagged & neg).sum(), (~flagged & pos).sum()
     assert pos.sum() > 1000 and clean.sum() > 5000
     assert tp / (tp + fp) >= 0.95
-    assert tp / (tp + fn) >= 0.90
+    assert tp / (tp + fn) >= 0.80
     assert not flagged[clean].any()
     assert np.isnan(m.sharpness).all() and not (flags & qc.QC_BLUR).any()
 
@@ -297,3 +298,19 @@ def test_cuda_tile_gives_the_cpu_flags() -> None:
     np.testing.assert_allclose(cpu.ink_fraction, gpu.ink_fraction, atol=0.02)
     np.testing.assert_allclose(cpu.sharpness, gpu.sharpness, rtol=0.02, atol=1e-3)
     assert (cpu.flags() != gpu.flags()).mean() <= 0.02
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("section", ["C2", "C6"])
+def test_haematoxylin_of_the_training_sections_is_not_ink(section: str) -> None:
+    """HER2ST's deep blue-purple nuclei are not marker ink: under 1% of a clean section's pixels pass the rule
+    (an earlier rule called 45% of them blue ink and flagged 93-98% of a section's cells)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+    path = next((need_shared("her2st", "ST-imgs", "C", section)).glob("*.jpg"))
+    with Image.open(path) as im:
+        w, h = im.size
+        crop = np.asarray(im.convert("RGB").crop((w // 2 - 600, h // 2 - 600, w // 2 + 600, h // 2 + 600)))
+    rgb = torch.from_numpy(crop.copy()).permute(2, 0, 1)[None].float()
+    assert float(qc.ink_mask(rgb).float().mean()) < 0.01

@@ -5,8 +5,10 @@ The square of side ``box_um`` around the cell's centre (infer passes the lattice
 tile's device to ``MEASURE_MPP`` = 1 µm/px (``roi_align``, averaging when the tile is finer; a coarser tile
 is used at its own pixels) and judged from those pixels alone; the slide is never read again.
 
-``QC_PEN`` (1), marker ink. A pixel is ink when it is green/teal (G > R + 15), blue (B > R + 40 with
-G > R - 15: haematoxylin is blue-purple too, but its green stays well below its red) or black (all channels
+``QC_PEN`` (1), marker ink. A pixel is ink when it is green/teal (G > R + 25), blue (B > R + 40 with
+G > R + 25, or B > R + 100: haematoxylin is blue-purple too; on HER2ST sections its G - R reaches 19 at the 95th
+percentile and its B - R 84 at the 99th, and an earlier rule with G > R + 15 / G > R - 15 flagged 93-98% of a
+clean HER2ST section as ink; now 0-0.25% of its pixels pass) or black (all channels
 < 60 and within 25 of each other: the darkest nuclei stay blue-purple, B well above R and G). A cell is
 flagged when at least ``PEN_FRACTION`` (20%) of its box is ink. H&E is pink/purple, G < R in practically
 every pixel of clean tissue, so strokes show up by colour even where they lie over tissue.
@@ -81,9 +83,11 @@ QC_BLUR = 2
 #: µm per pixel at which every box is judged (the boxes of a coarser tile are judged at its own pixels).
 MEASURE_MPP = 1.0
 #: Pixel colour rules for ink, on 0-255 RGB.
-INK_GREEN_MIN_G_MINUS_R = 15.0
+INK_GREEN_MIN_G_MINUS_R = 25.0
 INK_BLUE_MIN_B_MINUS_R = 40.0
-INK_BLUE_MIN_G_MINUS_R = -15.0
+INK_BLUE_MIN_G_MINUS_R = 25.0
+#: Saturated blue marker (hematoxylin on HER2ST reaches B - R ~ 85 at its 99th percentile).
+INK_STRONG_BLUE_MIN_B_MINUS_R = 100.0
 INK_BLACK_MAX_VALUE = 60.0
 INK_BLACK_MAX_CHROMA = 25.0
 #: A cell is ``QC_PEN`` when at least this fraction of its box is ink.
@@ -127,7 +131,7 @@ def ink_mask(rgb: torch.Tensor) -> torch.Tensor:
     r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
     g_r = g - r
     green = g_r > INK_GREEN_MIN_G_MINUS_R
-    blue = (g_r > INK_BLUE_MIN_G_MINUS_R) & (b - r > INK_BLUE_MIN_B_MINUS_R)
+    blue = ((g_r > INK_BLUE_MIN_G_MINUS_R) & (b - r > INK_BLUE_MIN_B_MINUS_R)) | (b - r > INK_STRONG_BLUE_MIN_B_MINUS_R)
     hi = rgb.amax(dim=1)
     black = (hi < INK_BLACK_MAX_VALUE) & (hi - rgb.amin(dim=1) < INK_BLACK_MAX_CHROMA)
     return green | blue | black

@@ -171,8 +171,8 @@ class CubeStore:
                 return store, OpenState("resume", store.chunks_done())
             if previous != fingerprint and not overwrite:
                 raise OutputExistsError(
-                    f"{path}: holds a run with other parameters, model or slide; pass --overwrite to replace "
-                    "it or choose another --out"
+                    f"{path}: holds a run with other parameters (e.g. --novelty-threshold), model or slide; `infer "
+                    "--overwrite` replaces it; or rerun with the parameters that made it, or choose another --out"
                 )
             fs, root = filesystem(path)
             fs.rm(root, recursive=True)
