@@ -267,3 +267,38 @@ def test_to_anndata_and_plot_carry_the_trust_arrays(trust_model: Path, pyramid_s
     with Image.open(tmp_path / "png" / "G0.png") as im:
         w, h = im.size
     assert w > 1.6 * h  # two panels side by side: the gene and its reliability
+
+
+@pytest.mark.parametrize("damage", ["no-novelty", "no-qc", "inf-uncertainty", "reversed-calibration"])
+def test_a_cube_with_damaged_trust_arrays_is_refused_not_read_as_unflagged(
+    trust_model: Path, pyramid_slide: Path, tmp_path: Path, damage: str
+) -> None:
+    """A deleted novelty/qc array, infinite uncertainty or an edited calibration: to-anndata and plot refuse
+    (exit 9, naming the array or attribute) instead of writing a table or picture without the flags."""
+    import json as _json
+
+    import zarr
+
+    from wsi_histosge.cli.app import app
+    from wsi_histosge.infer import InferOptions, infer_slide
+
+    cube = tmp_path / "c.zarr"
+    infer_slide(pyramid_slide, cube, InferOptions(model=str(trust_model), num_workers=0))
+    if damage == "no-novelty":
+        shutil.rmtree(cube / "novelty")
+    elif damage == "no-qc":
+        shutil.rmtree(cube / "qc")
+    elif damage == "inf-uncertainty":
+        g = zarr.open_group(str(cube), mode="r+")
+        g["uncertainty"][:] = np.inf
+    else:
+        meta = _json.loads((cube / "zarr.json").read_text())
+        meta["attributes"]["trust"]["novelty"]["calibration"].reverse()
+        (cube / "zarr.json").write_text(_json.dumps(meta))
+    name = {"no-novelty": "novelty", "no-qc": "qc", "inf-uncertainty": "uncertainty"}.get(damage, "calibration")
+    res = CliRunner().invoke(app, ["to-anndata", str(cube), "--out", str(tmp_path / "c.h5ad")])
+    assert res.exit_code == 9, res.output
+    assert name in res.output and not (tmp_path / "c.h5ad").exists()
+    if damage in ("no-qc", "inf-uncertainty"):  # plot draws the flags from qc; it reads neither novelty nor calibration
+        res = CliRunner().invoke(app, ["plot", str(cube), "--out", str(tmp_path / "png"), "--genes", "G0"])
+        assert res.exit_code == 9, res.output

@@ -40,6 +40,7 @@ import pandas as pd
 
 from .errors import (
     CubeIncompleteError,
+    DataFormatError,
     HistoSGEError,
     OutputExistsError,
     OutputWriteError,
@@ -466,20 +467,36 @@ def _bin_mean(values: np.ndarray, f: int, by: np.ndarray, bx: np.ndarray) -> np.
         return (total / count)[by, bx].astype(np.float32)
 
 
+def _is_calibration(values: Any) -> bool:
+    """The novelty calibration as infer stores it: one finite number per percentile, non-decreasing."""
+    from .trust import CALIBRATION_PERCENTILES
+
+    if not isinstance(values, list) or len(values) != len(CALIBRATION_PERCENTILES):
+        return False
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return False
+    return bool(np.all(np.diff(np.asarray(values, dtype=np.float64)) >= 0))
+
+
 def _cell_columns(c: Cube, mean: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
     """obs columns from the cube's per-cell arrays: mean novelty and its training percentile, uncertainty (root
     of the mean squared cell RMSE), and the fraction of each bin's cells carrying each quality flag.
 
     ``mean``: a per-cell array (y, x; NaN where a cell has no value) -> its mean over each bin."""
-    from .trust import QC_NOVEL, percentile_of
+    from .trust import CALIBRATION_PERCENTILES, QC_NOVEL, percentile_of
 
     out: dict[str, np.ndarray] = {}
     novelty = read_cells(c, "novelty")
     if novelty is not None:
         out["novelty"] = mean(novelty)
         calibration = c.attrs.get("trust", {}).get("novelty", {}).get("calibration")
-        if isinstance(calibration, list) and len(calibration) > 1:
-            out["novelty_percentile"] = percentile_of(out["novelty"], np.asarray(calibration, dtype=np.float64))
+        if not _is_calibration(calibration):
+            raise DataFormatError(
+                f"{c.path}: attribute trust.novelty.calibration is not the {len(CALIBRATION_PERCENTILES)} "
+                "non-decreasing finite numbers infer writes; the cube is damaged, rerun `wsi-histosge infer` with "
+                "--overwrite"
+            )
+        out["novelty_percentile"] = percentile_of(out["novelty"], np.asarray(calibration, dtype=np.float64))
     uncertainty = read_cells(c, "uncertainty")
     if uncertainty is not None:
         out["uncertainty"] = np.sqrt(mean(uncertainty.astype(np.float64) ** 2))

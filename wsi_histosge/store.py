@@ -437,7 +437,14 @@ CELL_ARRAYS = {"novelty": "f", "uncertainty": "f", "qc": "u"}
 def read_cells(c: Cube, name: str) -> np.ndarray | None:
     """The cube's per-cell array ``name`` (y, x), or None when the cube has none (older cubes, models without
     trust). Cells that are not usable (no tissue, chunk unwritten or missing) read NaN (float) or 0."""
+    declared = c.attrs.get("trust", {})
     if name not in c.group:
+        # a cube whose attributes describe the array but lacks it was damaged: never read as "no flags"
+        if isinstance(declared, dict) and (name in declared or (name == "uncertainty" and "novelty" in declared)):
+            raise DataFormatError(
+                f"{c.path}/{name}: missing, though the cube's attributes describe it; the cube is damaged, rerun "
+                "`wsi-histosge infer` with --overwrite"
+            )
         return None
     arr = c.group[name]
     if tuple(arr.shape) != c.tissue.shape or np.dtype(arr.dtype).kind != CELL_ARRAYS.get(name, "?"):
@@ -447,6 +454,10 @@ def read_cells(c: Cube, name: str) -> np.ndarray | None:
         )
     values = np.asarray(arr[:])
     usable = c.usable_cells()
+    if values.dtype.kind == "f" and np.isinf(values[usable]).any():
+        raise DataFormatError(
+            f"{c.path}/{name}: holds infinite values; the cube is damaged, rerun `wsi-histosge infer` with --overwrite"
+        )
     if values.dtype.kind == "f":
         return np.where(usable, values, np.nan).astype(np.float32)
     return np.where(usable, values, 0).astype(values.dtype)
