@@ -179,6 +179,32 @@ def _candidate_counts(cells: np.ndarray, f: int, band_rows: int) -> np.ndarray:
     return counts
 
 
+def _create_x(h5: Any, n_rows: int, n_genes: int) -> Any:
+    """The AnnData ``X`` dataset (float32, resizable rows, lzf) with its encoding attributes."""
+    x = h5.create_dataset(
+        "X",
+        shape=(n_rows, n_genes),
+        maxshape=(None, n_genes),
+        dtype="float32",
+        chunks=(min(n_rows, 1024), n_genes),
+        compression="lzf",
+    )
+    x.attrs["encoding-type"] = "array"
+    x.attrs["encoding-version"] = "0.2.0"
+    return x
+
+
+def write_failed(exc: OSError, out: Path) -> BaseException:
+    """What an export raises for an OSError while writing ``out``: the error itself when it is not a write
+    failure (or already ours), else a one-line OutputWriteError (exit 14)."""
+    if isinstance(exc, HistoSGEError) or exc.errno not in _WRITE_ERRNOS:
+        return exc
+    return OutputWriteError(
+        f"{out}: writing failed ({os.strerror(exc.errno)}); free space or fix permissions, then rerun the "
+        f"command (nothing was written to {out.name})"
+    )
+
+
 def _write_x(
     h5: Any, cube: Cube, f: int, by: np.ndarray, bx: np.ndarray, *, band_cells: int, band_mb: float
 ) -> np.ndarray:
@@ -197,16 +223,7 @@ def _write_x(
     tile_bins = max(1, min(nbx, int(budget / 4 // max(1, band_bins * n_genes * 12))))
     window_cols = max(cw, int(budget / 4 // (n_genes * 16 * ch)) // cw * cw)
     n_cand = len(by)
-    x = h5.create_dataset(
-        "X",
-        shape=(n_cand, n_genes),
-        maxshape=(None, n_genes),
-        dtype="float32",
-        chunks=(min(n_cand, 1024), n_genes),
-        compression="lzf",
-    )
-    x.attrs["encoding-type"] = "array"
-    x.attrs["encoding-version"] = "0.2.0"
+    x = _create_x(h5, n_cand, n_genes)
     n_valued = np.zeros(n_cand, dtype=np.int64)
     written = 0
     for b0 in range(0, nby, band_bins):
@@ -420,12 +437,7 @@ def to_anndata(
                 raise
         os.replace(tmp, out)
     except OSError as exc:
-        if isinstance(exc, HistoSGEError) or exc.errno not in _WRITE_ERRNOS:
-            raise
-        raise OutputWriteError(
-            f"{out}: writing failed ({os.strerror(exc.errno)}); free space or fix permissions, then rerun the "
-            f"command (nothing was written to {out.name})"
-        ) from None
+        raise write_failed(exc, out) from None
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -685,16 +697,7 @@ def _write_x_weighted(
 
     n_genes = len(c.genes)
     n_cand = len(candidates)
-    x = h5.create_dataset(
-        "X",
-        shape=(n_cand, n_genes),
-        maxshape=(None, n_genes),
-        dtype="float32",
-        chunks=(min(n_cand, 1024), n_genes),
-        compression="lzf",
-    )
-    x.attrs["encoding-type"] = "array"
-    x.attrs["encoding-version"] = "0.2.0"
+    x = _create_x(h5, n_cand, n_genes)
     n_valued = np.zeros(n_cand, dtype=np.int64)
     area = np.zeros(n_cand, dtype=np.float64)
     written = done = 0

@@ -38,8 +38,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from .convert import _WRITE_ERRNOS, _bin_sum, _bins_to_write, _spans, bin_factor
-from .errors import HistoSGEError, OutputExistsError, OutputWriteError, UsageError
+from .convert import _bin_sum, _bins_to_write, _spans, bin_factor, write_failed
+from .errors import OutputExistsError, UsageError
 from .store import ATTR_KEY, Cube, read_cube
 
 #: Endings of the files QuPath's File > Import objects reads.
@@ -306,12 +306,7 @@ def to_qupath(
             raise UsageError(f"{cube}: every predicted cell is NaN (all tiles skipped?); nothing to export")
         os.replace(tmp, out)
     except OSError as exc:
-        if isinstance(exc, HistoSGEError) or exc.errno not in _WRITE_ERRNOS:
-            raise
-        raise OutputWriteError(
-            f"{out}: writing failed ({os.strerror(exc.errno)}); free space or fix permissions, then rerun the "
-            f"command (nothing was written to {out.name})"
-        ) from None
+        raise write_failed(exc, out) from None
     finally:
         tmp.unlink(missing_ok=True)
     return QuPathExport(out, n, names, f * float(c.attrs["stride_um"]), partial)

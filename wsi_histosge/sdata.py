@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import HistoSGEError, OutputExistsError, OutputWriteError, UsageError
+from .errors import OutputExistsError, UsageError
 from .slide import Slide, open_slide
 
 THUMB_MAX_PX = 2048
@@ -271,7 +271,7 @@ def to_spatialdata(
     import h5py
 
     from . import __version__
-    from .convert import _WRITE_ERRNOS, to_anndata
+    from .convert import to_anndata, write_failed
     from .store import ATTR_KEY, read_cube
 
     out = Path(out)
@@ -347,12 +347,7 @@ def to_spatialdata(
             os.replace(out, work / "replaced")
         os.replace(work / "store.zarr", out)
     except OSError as exc:
-        if isinstance(exc, HistoSGEError) or exc.errno not in _WRITE_ERRNOS:
-            raise
-        raise OutputWriteError(
-            f"{out}: writing failed ({os.strerror(exc.errno)}); free space or fix permissions, then rerun the "
-            f"command (nothing was written to {out.name})"
-        ) from None
+        raise write_failed(exc, out) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
