@@ -209,6 +209,8 @@ def infer(
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else escape(str(value)))
     for level, why in report.get("skipped_levels", {}).items():
         table.add_row(f"level {level} not used", escape(why))
+    if report.get("ink_excluded_mm2"):
+        table.add_row("pen ink left out of tissue (mm²)", f"{report['ink_excluded_mm2']:.3f}")
     for key, value in _trust_rows(report.get("trust", {})):
         table.add_row(key, value)
     for key, value in report["timings_s"].items():

@@ -88,6 +88,9 @@ class InferResult:
     #: (training percentile) and the median uncertainty; empty for an interrupted run.
     trust: dict[str, Any] = field(default_factory=dict)
     skipped_levels: dict[int, str] = field(default_factory=dict)  # pyramid levels not used, and why
+    #: Marker ink on the slide left out of detected tissue (mm²; 0 with a --tissue-mask): cells under it
+    #: are not predicted unless the ink lies inside tissue.
+    ink_excluded_mm2: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -687,6 +690,7 @@ def _report_base(plan: _Plan, out: str | Path) -> dict[str, Any]:
         grid_shape=grid.shape,
         stride_um=grid.stride_um,
         tissue_area_mm2=plan.tissue.area_um2 / 1e6,
+        ink_excluded_mm2=plan.tissue.ink_excluded_um2 / 1e6,
         mpp=mpp.mean,
         mpp_source=mpp.source,
         model=plan.model.meta.name,

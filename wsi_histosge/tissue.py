@@ -1,8 +1,8 @@
 """Tissue detection on a thumbnail, and tissue masks as GeoJSON polygons in level-0 pixels.
 
-Detection: Otsu threshold on HSV saturation (H&E stains are saturated, glass and pen-free
-background are not), excluding near-black scanner borders, then closing, hole filling and removal of
-specks smaller than a minimum area. The mask lives at thumbnail resolution with its own µm/px.
+Detection: Otsu threshold on HSV saturation (H&E stains are saturated, glass is not), excluding
+near-black scanner borders and marker ink (qc.py's colour rules), then closing, hole filling and removal
+of specks smaller than a minimum area. The mask lives at thumbnail resolution with its own µm/px.
 
 User masks: GeoJSON polygons in level-0 px (QuPath export; holes honoured, partly outside the slide is
 clipped, entirely outside is a usage error that gives the polygons' bounding box), or a mask image covering
@@ -34,6 +34,8 @@ class TissueMask:
     mpp: float  # µm per mask pixel
     level0_per_px: float  # level-0 pixels per mask pixel
     source: str
+    #: Marker ink (µm²) seen on the thumbnail and left out of the mask where it is not enclosed by tissue.
+    ink_excluded_um2: float = 0.0
 
     @property
     def area_um2(self) -> float:
@@ -75,7 +77,10 @@ def detect_tissue(slide: Slide, *, mpp: float | None = None, min_area_um2: float
     cmax = thumb.max(axis=2)
     cmin = thumb.min(axis=2)
     sat = (cmax - cmin).astype(np.float32) / np.maximum(cmax, 1).astype(np.float32)
-    valid = cmax > 25  # scanner borders and black padding are not tissue
+    ink = thumbnail_ink(thumb)
+    # Scanner borders, black padding and marker ink are not tissue (ink is saturated: left in, thick strokes
+    # pull the threshold up until only the ink remains). Ink lying inside tissue is filled back with the holes.
+    valid = (cmax > 25) & ~ink
     thr = max(_otsu(sat[valid]) if valid.any() else 1.0, 0.05)
     mask = (sat > thr) & valid
     radius = max(1, round(20.0 / thumb_mpp))
@@ -90,7 +95,18 @@ def detect_tissue(slide: Slide, *, mpp: float | None = None, min_area_um2: float
         keep[1:] = sizes >= min(min_area_um2, sizes.max())
         mask = keep[labels]
     level0_per_px = thumb_mpp / slide.mpp.x
-    return TissueMask(mask.astype(bool), thumb_mpp, level0_per_px, f"otsu-saturation@{thumb_mpp:.2f}um/px")
+    ink_out = float((ink & ~mask).sum()) * thumb_mpp * thumb_mpp
+    return TissueMask(mask.astype(bool), thumb_mpp, level0_per_px, f"otsu-saturation@{thumb_mpp:.2f}um/px", ink_out)
+
+
+def thumbnail_ink(thumb: np.ndarray) -> np.ndarray:
+    """Marker-ink pixels of an RGB uint8 thumbnail, by the colour rules of :func:`wsi_histosge.qc.ink_mask`."""
+    import torch
+
+    from .qc import ink_mask
+
+    rgb = torch.from_numpy(np.ascontiguousarray(thumb[..., :3].transpose(2, 0, 1))).float()[None]
+    return ink_mask(rgb)[0].numpy()
 
 
 def effective_tissue_mpp(slide: Slide, mpp: float | None = None) -> float:
