@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -12,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from wsi_histosge.errors import EXIT_CODES, HistoSGEError, UsageError
+from wsi_histosge.errors import EXIT_CODES, HistoSGEError, OutputWriteError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -25,9 +27,42 @@ out_console = Console()
 _DEBUG = {"on": False}
 
 
-def _fail(exc: BaseException) -> None:
-    if _DEBUG["on"]:
+#: OSError numbers that only writing gives (EACCES also reading: a write failure only under the output).
+_WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def where_under(filename: Any, out: str | os.PathLike[str]) -> bool:
+    """Whether ``filename`` lies in the folder that holds ``out`` (the output, its temporaries, its contents)."""
+    where = Path(os.path.abspath(os.fspath(filename)))
+    return where.is_relative_to(Path(os.path.abspath(os.fspath(out))).parent)
+
+
+def _write_failure(exc: BaseException, out: str | os.PathLike[str] | None) -> HistoSGEError | None:
+    """An OSError raised while writing ``out`` (disk full, read-only, quota, permissions) as OutputWriteError."""
+    if out is None or not isinstance(exc, OSError) or isinstance(exc, HistoSGEError) or exc.errno is None:
+        return None
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and "://" not in os.fspath(out):
+        for folder in Path(os.fspath(out)).parents:
+            if folder.exists() and not folder.is_dir():
+                return UsageError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
+    if exc.errno not in _WRITE_ONLY_ERRNOS:
+        if exc.errno not in (errno.EACCES, errno.EPERM) or exc.filename is None:
+            return None
+        if not where_under(exc.filename, out):
+            return None
+    name = os.fspath(out)  # the output, not the temporary beside it that the failing write was making
+    if exc.filename is not None and not where_under(exc.filename, out):
+        name = os.fspath(exc.filename)
+    return OutputWriteError(
+        f"{name}: writing failed ({os.strerror(exc.errno)}); free space or fix permissions (or choose another "
+        "--out), then rerun the command"
+    )
+
+
+def _fail(exc: BaseException, out: str | os.PathLike[str] | None = None) -> None:
+    if _DEBUG["on"] or isinstance(exc, typer.Exit):
         raise exc
+    exc = _write_failure(exc, out) or exc
     if isinstance(exc, HistoSGEError):
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
@@ -178,7 +213,7 @@ def infer(
     except BaseException as exc:
         if task:
             progress.stop()
-        _fail(exc)
+        _fail(exc, out)
         return
     if task:
         progress.stop()
@@ -370,7 +405,7 @@ def train(
             **defaults,
         )
     except BaseException as exc:
-        _fail(exc)
+        _fail(exc, out)
         return
     from wsi_histosge.evaluate import _jsonable
 
@@ -624,12 +659,14 @@ def to_anndata_cmd(
             allow_incomplete=allow_incomplete,
         )
     except BaseException as exc:
-        _fail(exc)
+        _fail(exc, out)
         return
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 def _layout(layout: str | None, positions: Path | None) -> str:
+    if layout is not None and layout not in ("grid", "visium"):
+        _fail(UsageError(f"--layout must be grid or visium, got {layout!r}"))
     if positions is not None and layout not in (None, "visium"):
         _fail(UsageError(f"--visium-positions places Visium spots; leave out --layout {layout}"))
     return "visium" if positions is not None else (layout or "grid")
@@ -692,7 +729,7 @@ def to_spatialdata_cmd(
             allow_incomplete=allow_incomplete,
         )
     except BaseException as exc:
-        _fail(exc)
+        _fail(exc, out)
         return
     console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
 
@@ -731,7 +768,7 @@ def to_qupath_cmd(
             allow_incomplete=allow_incomplete,
         )
     except BaseException as exc:
-        _fail(exc)
+        _fail(exc, out)
         return
     console.print(
         f"wrote {escape(str(result.path))}: {result.detections} detections ({result.bin_um:g} µm bins) x "
@@ -758,6 +795,9 @@ def plot(
     """Gene maps over the slide (colour bar, units, scale bar) and a QC overview, as PNG."""
     from wsi_histosge.plot import plot_genes, plot_qc
 
+    if not qc and not (genes and genes.strip(", ")):
+        _fail(UsageError("nothing to draw: give --genes A,B (gene maps) or leave out --no-qc (the QC overview)"))
+    made_out = not out.exists()
     try:
         written = []
         if genes:
@@ -766,7 +806,9 @@ def plot(
         if qc:
             written.append(plot_qc(cube, out / "qc.png", slide=slide, max_px=max_px, allow_incomplete=allow_incomplete))
     except BaseException as exc:
-        _fail(exc)
+        if made_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # the folder this command made, left empty: no output that looks like a result
+        _fail(exc, out)
         return
     for path in written:
         console.print(f"wrote {escape(str(path))}", highlight=False, soft_wrap=True)
@@ -848,7 +890,7 @@ def batch(
         console.print("[yellow]interrupted[/yellow]: state is saved; rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BaseException as exc:
-        _fail(exc)
+        _fail(exc, out)
         return
     _print_batch_summary(summary, cfg, as_json)
     raise typer.Exit(summary.exit_code)

@@ -142,6 +142,12 @@ def test_report_rows_failed_first_and_self_contained(cohort: Path) -> None:
     done = page.rows[2]
     assert done["cells"][4].strip() == summary["sample"]["spots"] == "154"
     assert float(done["cells"][6]) == pytest.approx(float(summary["sample"]["seconds"]), abs=0.06)
+    # how far to trust it: the breast model finds the skin sample unlike its training tissue (154 of 154)
+    assert page.header[7] == "trust (cells)"
+    share = float(summary["sample"]["unlike_training_share"])
+    assert f"unlike training {share * 100:.1f}%" in done["cells"][7] and share > 0.9
+    assert f"pen ink {summary['sample']['pen_ink_cells']}" in done["cells"][7]
+    assert page.rows[0]["cells"][7].strip() == "-"  # a failed slide has no trust figures
     thumb, *maps = [_image(img["src"]) for img in done["images"]]
     assert len(maps) == 3 and max(thumb.shape[:2]) <= 256 and all(max(m.shape[:2]) <= 192 for m in maps)
     outline = (np.abs(thumb.astype(int) - (20, 200, 60)).sum(axis=2) < 90).sum()

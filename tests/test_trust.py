@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from tests.conftest import need_shared
 from wsi_histosge import trust
-from wsi_histosge.errors import ModelError
 from wsi_histosge.model import load_model, save_model
 
 
@@ -104,6 +103,7 @@ def _damaged(src: Path, dst: Path, edit: object) -> Path:
         ("decreasing", lambda m: m["trust"]["novelty"]["calibration"].reverse(), "non-decreasing"),
         ("short", lambda m: m["trust"]["novelty"].update(calibration=[0.1, 0.2]), "novelty.calibration"),
         ("nan", lambda m: m["trust"]["uncertainty"]["coefficients"].update(novelty=float("nan")), "coefficients"),
+        ("huge", lambda m: m["trust"]["uncertainty"]["coefficients"].update(novelty=1e6), "within ±100"),
         ("k", lambda m: m["trust"]["novelty"].update(k=0), "novelty.k"),
         ("k-bool", lambda m: m["trust"]["novelty"].update(k=True), "novelty.k"),
         ("gone", lambda m: m.pop("trust"), "'trust' must hold"),
@@ -116,7 +116,8 @@ def test_a_damaged_trust_part_is_refused_by_name(
     from wsi_histosge.errors import DataFormatError
 
     bad = _damaged(trust_model, tmp_path / name, edit)
-    with pytest.raises((ModelError, DataFormatError), match=message.replace("(", r"\(")):
+    # model.json is JSON a user can edit: malformed fields are exit 9, as the README's table says
+    with pytest.raises(DataFormatError, match=message.replace("(", r"\(")):
         load_model(bad)
 
 

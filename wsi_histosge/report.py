@@ -402,6 +402,7 @@ tr.done .status{color:#070}
 .path{color:#666;font-size:11px;word-break:break-all;max-width:260px}
 td.num{text-align:right;white-space:nowrap}
 img.pic{display:block}
+.warn{color:#a40;font-weight:bold}
 """
 
 
@@ -412,6 +413,26 @@ def _cell(value: Any, fmt: str = "{}") -> str:
         return html.escape(fmt.format(float(value)) if fmt != "{}" else str(value))
     except (TypeError, ValueError):
         return html.escape(str(value))
+
+
+def _trust_cell(row: dict[str, Any]) -> str:
+    """How far to trust the slide's cells (summary.csv's trust columns): share unlike the training tissue,
+    cells flagged pen ink / out of focus, median expected error; '-' where the slide has none."""
+    lines = []
+    share = row.get("unlike_training_share")
+    if share not in (None, ""):
+        try:
+            value = float(share)
+        except (TypeError, ValueError):
+            value = math.nan
+        cls = " class=warn" if value > 0.5 else ""
+        lines.append(f"<div{cls}>unlike training {_cell(value * 100, '{:.1f}')}%</div>")
+    for key, label in (("pen_ink_cells", "pen ink"), ("out_of_focus_cells", "out of focus")):
+        if row.get(key) not in (None, ""):
+            lines.append(f"<div>{label} {_cell(row.get(key))}</div>")
+    if row.get("uncertainty_median") not in (None, ""):
+        lines.append(f"<div>error ~{_cell(row.get('uncertainty_median'), '{:.2f}')}</div>")
+    return "".join(lines) or "-"
 
 
 def _row_html(n: int, row: dict[str, Any], res: dict[str, Any], genes: list[str], maps: dict[str, bytes]) -> str:
@@ -441,6 +462,7 @@ def _row_html(n: int, row: dict[str, Any], res: dict[str, Any], genes: list[str]
     parts.append(f"<td class=num>{_cell(row.get('spots'))}</td>")
     parts.append(f"<td class=num>{_cell(row.get('tissue_area_mm2'), '{:.2f}')}</td>")
     parts.append(f"<td class=num>{_cell(row.get('seconds'), '{:.1f}')}</td>")
+    parts.append(f"<td>{_trust_cell(row)}</td>")
     for gene in genes:
         if gene in maps:
             alt = f"{html.escape(gene)} on {html.escape(str(row.get('id', '')))}"
@@ -552,7 +574,7 @@ def _write_page(
         f"<p class=facts>{html.escape(facts)}</p>\n"
         + (f"<div class=legend>{''.join(legend)}</div>\n" if legend else "")
         + "<table>\n<thead><tr><th>#</th><th>slide</th><th>status and reason</th><th>thumbnail, tissue outline</th>"
-        "<th>spots</th><th>tissue mm²</th><th>time s</th>"
+        "<th>spots</th><th>tissue mm²</th><th>time s</th><th>trust (cells)</th>"
         + "".join(f"<th>{html.escape(g)}</th>" for g in genes)
         + "</tr></thead>\n<tbody>\n"
     )

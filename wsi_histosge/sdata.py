@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OutputExistsError, UsageError
+from .errors import OutputExistsError, OutputWriteError, UsageError
 from .slide import Slide, open_slide
 
 THUMB_MAX_PX = 2048
@@ -346,6 +346,9 @@ def to_spatialdata(
         if out.exists():  # --overwrite, checked above: a store this command wrote
             os.replace(out, work / "replaced")
         os.replace(work / "store.zarr", out)
+    except OutputWriteError as exc:  # the table, written in the temporary folder: name what the user asked for
+        message = str(exc).replace(str(work / "table.h5ad"), str(out)).replace(str(work), str(out.parent))
+        raise OutputWriteError(message) from None
     except OSError as exc:
         raise write_failed(exc, out) from None
     finally:

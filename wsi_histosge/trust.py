@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ModelError
+from .errors import DataFormatError, HistoSGEError, ModelError
 
 #: Neighbours averaged by the novelty score.
 NOVELTY_K = 5
@@ -100,6 +100,9 @@ def auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
 
 
 # -- the model's trust part ------------------------------------------------------------------------
+#: Largest |coefficient| of the error model a checkpoint may hold (fitted ones are single digits; the log
+#: mean squared error is clamped to ±30 anyway, but a larger one is an edit, not a fit).
+MAX_ERROR_COEF = 100.0
 #: Inputs of the uncertainty model, in the order of its coefficients.
 UNCERTAINTY_INPUTS = ("predicted_log_library_size", "novelty")
 #: Tensor names in the checkpoint (next to the head's).
@@ -178,10 +181,11 @@ def _finite_list(values: Any, n: int | None = None) -> bool:
 
 
 def trust_from_checkpoint(meta: dict[str, Any], tensors: dict[str, torch.Tensor], in_dim: int, where: str) -> Trust:
-    """The trust part of a checkpoint, checked: any malformed field or tensor is a ModelError naming it."""
+    """The trust part of a checkpoint, checked: a malformed field of model.json is a DataFormatError (exit 9,
+    like any malformed model JSON), a missing or damaged tensor a ModelError (exit 8), each naming it."""
 
-    def bad(what: str) -> ModelError:
-        return ModelError(
+    def bad(what: str, error: type[HistoSGEError] = DataFormatError) -> HistoSGEError:
+        return error(
             f"{where}: 'trust' {what}; the file is corrupt or was edited by hand (restore the files written by `train`)"
         )
 
@@ -199,16 +203,20 @@ def trust_from_checkpoint(meta: dict[str, Any], tensors: dict[str, torch.Tensor]
         not isinstance(coef, dict)
         or set(coef) != {"intercept", *UNCERTAINTY_INPUTS}
         or not _finite_list(list(coef.values()))
+        or max(abs(float(v)) for v in coef.values()) > MAX_ERROR_COEF
     ):
-        raise bad(f"uncertainty.coefficients must be finite numbers for intercept, {', '.join(UNCERTAINTY_INPUTS)}")
+        raise bad(
+            f"uncertainty.coefficients must be finite numbers within ±{MAX_ERROR_COEF:g} for intercept, "
+            f"{', '.join(UNCERTAINTY_INPUTS)}"
+        )
     ref, w, b = tensors.get(_REFERENCE), tensors.get(_LIB_W), tensors.get(_LIB_B)
     if ref is None or w is None or b is None:
-        raise bad(f"tensors {_REFERENCE}, {_LIB_W} and {_LIB_B} must all be in the weights file")
+        raise bad(f"tensors {_REFERENCE}, {_LIB_W} and {_LIB_B} must all be in the weights file", ModelError)
     if ref.ndim != 2 or ref.shape[1] != in_dim or len(ref) < 1 or tuple(w.shape) != (in_dim,) or b.numel() != 1:
-        raise bad(f"tensors do not fit the encoder's {in_dim} features")
+        raise bad(f"tensors do not fit the encoder's {in_dim} features", ModelError)
     for name, t in ((_REFERENCE, ref), (_LIB_W, w), (_LIB_B, b)):
         if not bool(torch.isfinite(t.float()).all()):
-            raise bad(f"tensor {name} holds NaN or infinite values")
+            raise bad(f"tensor {name} holds NaN or infinite values", ModelError)
     info = {key: v for key, v in meta.items() if key not in ("novelty", "uncertainty")}
     return Trust(
         unit_rows(ref.float()),

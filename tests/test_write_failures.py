@@ -1,0 +1,100 @@
+"""Where the output cannot be written (a full or read-only file system, an --out under a file) every command
+says so in one line with the documented exit code, and leaves nothing that looks like a result."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import synthetic_tissue, write_pyramid
+from wsi_histosge.errors import EXIT_CODES
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "wsi_histosge.cli.app", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    base = tmp_path_factory.mktemp("wf")
+    slide = write_pyramid(base / "s.tif", synthetic_tissue(1200, 1200, seed=3), levels=2)
+    out = base / "s.zarr"
+    res = _cli("infer", str(slide), "--model", str(tiny_model), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _mount(where: Path, options: str) -> None:
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip("needs a tmpfs mount (root): a real full or read-only file system cannot be made here")
+
+
+@pytest.fixture(params=["full", "read-only"])
+def bad_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    disk = tmp_path / request.param
+    disk.mkdir()
+    _mount(disk, "size=64k" if request.param == "full" else "ro")
+    try:
+        if request.param == "full":
+            ballast = disk / "ballast"
+            with ballast.open("wb", buffering=0) as fh:
+                try:
+                    while True:
+                        fh.write(b"\0" * 4096)
+                except OSError:
+                    pass
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+EXPORTS = {
+    "to-anndata": ["--out", "{d}/a.h5ad"],
+    "to-spatialdata": ["--out", "{d}/s.zarr"],
+    "to-qupath": ["--genes", "G3", "--out", "{d}/q.geojson"],
+    "plot": ["--out", "{d}/maps"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(EXPORTS))
+def test_exports_on_a_full_or_read_only_fs_exit_14_and_leave_nothing(cube: Path, bad_fs: Path, command: str) -> None:
+    before = sorted(p.name for p in bad_fs.iterdir())
+    res = _cli(command, str(cube), *(a.format(d=bad_fs) for a in EXPORTS[command]))
+    assert res.returncode == 14, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    out = EXPORTS[command][-1].format(d=bad_fs)
+    assert f"{out}: writing failed" in lines[0] and ".partial" not in lines[0] and "internal error" not in lines[0]
+    assert sorted(p.name for p in bad_fs.iterdir()) == before  # no temporary, no empty folder left
+
+
+@pytest.mark.parametrize("command", ["infer", *sorted(EXPORTS)])
+def test_an_out_under_a_file_is_a_usage_error(cube: Path, tmp_path: Path, tiny_model: Path, command: str) -> None:
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine\n")
+    if command == "infer":
+        args = ["infer", str(cube.parent / "s.tif"), "--model", str(tiny_model), "--out", f"{afile}/x.zarr"]
+    else:
+        args = [command, str(cube), *(a.format(d=afile) for a in EXPORTS[command])]
+    res = _cli(*args)
+    assert res.returncode == 2, res.stderr
+    assert f"{afile} is a file, not a folder; choose another --out" in res.stderr
+    assert afile.read_text() == "mine\n"
+
+
+def test_usage_errors_of_the_export_options(cube: Path, tmp_path: Path) -> None:
+    res = _cli("plot", str(cube), "--out", str(tmp_path / "maps"), "--no-qc")
+    assert res.returncode == 2 and "nothing to draw" in res.stderr, res.stderr
+    assert not (tmp_path / "maps").exists()
+    res = _cli("to-anndata", str(cube), "--out", str(tmp_path / "a.h5ad"), "--layout", "")
+    assert res.returncode == 2 and "--layout must be grid or visium" in res.stderr, res.stderr
+    assert "internal error" not in res.stderr and not (tmp_path / "a.h5ad").exists()
+
+
+def test_exit_14_is_documented() -> None:
+    assert "writing the output failed" in EXIT_CODES[14]
