@@ -98,3 +98,25 @@ def test_usage_errors_of_the_export_options(cube: Path, tmp_path: Path) -> None:
 
 def test_exit_14_is_documented() -> None:
     assert "writing the output failed" in EXIT_CODES[14]
+
+
+def test_to_anndata_overwrite_replaces_only_its_own_files(cube: Path, tmp_path: Path) -> None:
+    """--overwrite replaces an .h5ad written by to-anndata; a user's own file of that name is never deleted."""
+    import anndata
+    import numpy as np
+
+    theirs = tmp_path / "theirs.h5ad"
+    anndata.AnnData(np.ones((3, 2), dtype=np.float32)).write_h5ad(theirs)
+    notes = tmp_path / "notes.h5ad"
+    notes.write_text("my notes\n")
+    for target in (theirs, notes):
+        before = target.read_bytes()
+        res = _cli("to-anndata", str(cube), "--out", str(target), "--overwrite")
+        assert res.returncode == 7, res.stderr
+        assert "not an .h5ad written by `wsi-histosge to-anndata`" in res.stderr
+        assert target.read_bytes() == before
+    ours = tmp_path / "ours.h5ad"
+    assert _cli("to-anndata", str(cube), "--out", str(ours)).returncode == 0
+    res = _cli("to-anndata", str(cube), "--out", str(ours), "--resolution", "spot", "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert anndata.read_h5ad(ours).uns["wsi_histosge"]["bin_um"] > 0

@@ -194,6 +194,17 @@ def _create_x(h5: Any, n_rows: int, n_genes: int) -> Any:
     return x
 
 
+def _written_by_us(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 AnnData file carrying this tool's ``uns['wsi_histosge']``."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return "uns" in h5 and "wsi_histosge" in h5["uns"]
+    except (OSError, ValueError):
+        return False
+
+
 def write_failed(exc: OSError, out: Path) -> BaseException:
     """What an export raises for an OSError while writing ``out``: the error itself when it is not a write
     failure (or already ours), else a one-line OutputWriteError (exit 14)."""
@@ -374,6 +385,11 @@ def to_anndata(
         raise UsageError(f"{out}: is a folder; --out takes the path of the .h5ad file to write")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists; pass --overwrite or choose another --out")
+    if out.exists() and not _written_by_us(out):
+        raise OutputExistsError(
+            f"{out}: exists and is not an .h5ad written by `wsi-histosge to-anndata`; --overwrite replaces only "
+            "those (nothing else is deleted): move it or choose another --out"
+        )
     c = read_cube(cube)
     if not allow_incomplete:
         c.require_complete()
