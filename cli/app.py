@@ -799,6 +799,10 @@ def plot(
         _fail(UsageError("nothing to draw: give --genes A,B (gene maps) or leave out --no-qc (the QC overview)"))
     made_out = not out.exists()
     try:
+        if qc and out.is_dir():  # before any gene map is drawn
+            from wsi_histosge.owned import require_replaceable
+
+            require_replaceable([out / "qc.png"], "the QC overview of `plot`")
         written = []
         if genes:
             names = [g.strip() for g in genes.split(",") if g.strip()]

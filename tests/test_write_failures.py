@@ -3,6 +3,7 @@ says so in one line with the documented exit code, and leaves nothing that looks
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -120,3 +121,72 @@ def test_to_anndata_overwrite_replaces_only_its_own_files(cube: Path, tmp_path: 
     res = _cli("to-anndata", str(cube), "--out", str(ours), "--resolution", "spot", "--overwrite")
     assert res.returncode == 0, res.stderr
     assert anndata.read_h5ad(ours).uns["wsi_histosge"]["bin_um"] > 0
+
+
+def test_files_beside_the_cube_are_replaced_only_when_ours(cube: Path, tmp_path: Path, tiny_model: Path) -> None:
+    """infer writes OUT.report.json and OUT.tissue.geojson: a user's files of those names (even the mask given
+    with --tissue-mask) are refused, exit 7, and kept; its own are replaced on a rerun."""
+    slide = str(cube.parent / "s.tif")
+    out = tmp_path / "x.zarr"
+    mine = '{"note": "mine"}\n'
+    for suffix in (".report.json", ".tissue.geojson"):
+        side = tmp_path / f"x.zarr{suffix}"
+        side.write_text(mine)
+        res = _cli("infer", slide, "--model", str(tiny_model), "--out", str(out))
+        assert res.returncode == 7, res.stderr
+        assert f"{side}: exists and was not written by wsi-histosge" in res.stderr
+        assert side.read_text() == mine and not out.exists()
+        side.unlink()
+    # a pathologist's outline given as the mask, where infer writes its own outline
+    res = _cli("infer", slide, "--model", str(tiny_model), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    outline = tmp_path / "x.zarr.tissue.geojson"
+    doc = json.loads(outline.read_text())
+    doc["features"][0]["properties"] = {"objectType": "annotation", "classification": {"name": "Tumor"}, "name": "PI"}
+    del doc["generator"]
+    outline.write_text(json.dumps(doc))
+    kept = outline.read_text()
+    res = _cli(
+        "infer", slide, "--model", str(tiny_model), "--out", str(tmp_path / "y.zarr"), "--tissue-mask", str(outline)
+    )
+    assert res.returncode == 0, res.stderr  # another --out: fine
+    res = _cli(
+        "infer", slide, "--model", str(tiny_model), "--out", str(out), "--tissue-mask", str(outline), "--overwrite"
+    )
+    assert res.returncode == 7 and "exists and was not written by wsi-histosge" in res.stderr, res.stderr
+    assert outline.read_text() == kept
+    # its own files: a rerun replaces them
+    outline.unlink()
+    assert _cli("infer", slide, "--model", str(tiny_model), "--out", str(out)).returncode == 0
+    assert _cli("infer", slide, "--model", str(tiny_model), "--out", str(out), "--overwrite").returncode == 0
+
+
+def test_plot_replaces_only_its_own_pictures(cube: Path, tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for name in ("qc.png", "G3.png"):
+        (maps / name).write_bytes(b"my picture")
+        res = _cli("plot", str(cube), "--genes", "G3,G4", "--out", str(maps))
+        assert res.returncode == 7 and f"{maps / name}: exists and was not written" in res.stderr, res.stderr
+        assert (maps / name).read_bytes() == b"my picture"
+        assert not (maps / "G4.png").exists()  # refused before anything was drawn
+        (maps / name).unlink()
+    for _ in range(2):  # its own pictures are replaced
+        res = _cli("plot", str(cube), "--genes", "G3,G4", "--out", str(maps))
+        assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in maps.iterdir()) == ["G3.png", "G4.png", "genes_grid.png", "qc.png"]
+
+
+def test_batch_replaces_only_its_own_summaries(cube: Path, tmp_path: Path, tiny_model: Path) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    slide = str(cube.parent / "s.tif")
+    for name in ("report.html", "summary.csv", "summary.json"):
+        (out / name).write_text("mine\n")
+        res = _cli("batch", slide, "--model", str(tiny_model), "--out", str(out))
+        assert res.returncode == 7 and f"{out / name}: exists and was not written" in res.stderr, res.stderr
+        assert (out / name).read_text() == "mine\n"
+        (out / name).unlink()
+    for _ in range(2):
+        res = _cli("batch", slide, "--model", str(tiny_model), "--out", str(out))
+        assert res.returncode == 0, res.stderr

@@ -31,6 +31,7 @@ from typing import Any
 
 from .errors import HistoSGEError, InputNotFoundError, NoSlidesError, OutputLockedError, UsageError, check_range
 from .lock import OutputLock
+from .owned import GENERATOR
 
 #: Exit codes of `batch` (their meanings are in errors.EXIT_CODES, the one table).
 EXIT_ALL_OK = 0
@@ -556,6 +557,11 @@ def run_batch(
     Options are checked (UsageError) before anything is created."""
     validate_run(cfg, workers=workers, retries=retries)
     out = cfg.run_dir()
+    from .owned import require_replaceable
+
+    require_replaceable([out / "summary.csv", out / "summary.json"], "batch's summary")
+    if report:
+        require_replaceable([out / "report.html"], "batch's report")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -812,7 +818,14 @@ def _finish(out: Path, rows: list[dict[str, Any]], t0: float, code: int) -> Batc
             w.writerow(_as_written(r))
     os.replace(tmp, out / "summary.csv")
     _atomic_json(
-        out / "summary.json", {"exit_code": code, "seconds": summary.seconds, "counts": summary.counts, "slides": rows}
+        out / "summary.json",
+        {
+            "generator": GENERATOR,
+            "exit_code": code,
+            "seconds": summary.seconds,
+            "counts": summary.counts,
+            "slides": rows,
+        },
     )
     return summary
 

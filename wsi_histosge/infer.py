@@ -23,6 +23,7 @@ from .halo import FeatureRing
 from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
 from .lock import OutputLock
 from .model import Model, default_model_path, load_model
+from .owned import GENERATOR, require_replaceable
 from .qc import QC_BLUR, QC_PEN, cell_flags
 from .slide import Slide, open_slide
 from .store import ATTR_KEY, CubeStore, is_url, run_fingerprint, sidecar, write_text_atomic
@@ -395,6 +396,10 @@ def _infer_slide(
     timings: dict[str, float] = {}
 
     validate_options(options)
+    if not is_url(out):  # files beside the cube: a user's file of the same name is never replaced
+        require_replaceable([report_path(out)], "the run report")
+        if options.write_geojson:
+            require_replaceable([sidecar(out, ".tissue.geojson")], "the run's tissue outline")
     slide = open_slide(slide_path, mpp=options.mpp, skip_bad_tiles=options.on_bad_tile == "skip")
     model_path = Path(options.model) if options.model is not None else default_model_path()
     model = load_model(model_path)
@@ -784,7 +789,7 @@ def report_path(out: str | Path) -> str:
 def write_report(result: InferResult, out: str | Path) -> str:
     """The run report next to the cube (atomic)."""
     path = report_path(out)
-    write_text_atomic(path, json.dumps(result.to_dict(), indent=1))
+    write_text_atomic(path, json.dumps({"generator": GENERATOR, **result.to_dict()}, indent=1))
     return path
 
 

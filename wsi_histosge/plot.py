@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SlideNotFoundError, UsageError, check_range
+from .owned import PNG_SOFTWARE, require_replaceable
 from .qc import QC_BLUR, QC_PEN
 from .slide import Slide, open_slide
 from .store import ATTR_KEY, read_cells, read_cube
@@ -206,7 +207,7 @@ def _save(fig: Any, path: Path) -> None:
     """PNG via a temporary and a rename: a failed write never leaves a truncated picture under ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
+        fig.savefig(tmp, format="png", bbox_inches="tight", metadata={"Software": PNG_SOFTWARE})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -234,6 +235,10 @@ def plot_genes(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: is a file; --out takes a folder for the PNGs")
+    targets = [out_dir / f"{gene}.png" for gene in genes] + (
+        [out_dir / "genes_grid.png"] if grid and len(genes) > 1 else []
+    )
+    require_replaceable(targets, "a gene map of `plot`")
     out_dir.mkdir(parents=True, exist_ok=True)
     units = canvas.attrs["units"]
     written = []
@@ -325,6 +330,7 @@ def plot_qc(
     out = Path(out)
     if out.parent.exists() and not out.parent.is_dir():
         raise UsageError(f"{out.parent}: is a file; --out takes a folder for the PNGs")
+    require_replaceable([out], "the QC overview of `plot`")
     out.parent.mkdir(parents=True, exist_ok=True)
     _save(fig, out)
     plt.close(fig)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UsageError
+from .owned import HTML_META
 
 REPORT_NAME = "report.html"
 #: Genes mapped when none are asked for: breast-cancer markers the built-in model predicts (HER2, epithelium,
@@ -569,7 +570,8 @@ def _write_page(
         "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
         "<meta http-equiv=Content-Security-Policy content=\"default-src 'none'; img-src data:; "
         "style-src 'unsafe-inline'\">"
-        f'<meta name=viewport content="width=device-width"><title>{html.escape(title)}</title>'
+        + HTML_META
+        + f'<meta name=viewport content="width=device-width"><title>{html.escape(title)}</title>'
         f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n"
         f"<p class=facts>{html.escape(facts)}</p>\n"
         + (f"<div class=legend>{''.join(legend)}</div>\n" if legend else "")

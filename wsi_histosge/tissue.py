@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from . import config
 from .errors import DataFormatError, InputNotFoundError, NoTissueError, SlideFormatError, UsageError
+from .owned import GENERATOR
 from .slide import Slide
 
 
@@ -158,7 +159,7 @@ def mask_to_geojson(mask: TissueMask) -> dict[str, Any]:
                 },
             }
         )
-    return {"type": "FeatureCollection", "features": features}
+    return {"type": "FeatureCollection", "generator": GENERATOR, "features": features}
 
 
 def write_geojson(mask: TissueMask, path: str | Path) -> Path:
