@@ -260,6 +260,8 @@ def _trust_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     cells = max(int(summary["cells"]), 1)
     rows = [
         (f"flagged {k.replace('_', ' ')}", f"{summary[k]} ({summary[k] / cells:.1%})")
+        if summary.get(k) is not None
+        else (f"flagged {k.replace('_', ' ')}", escape(str(summary.get(f"{k}_note", "not judged"))))
         for k in ("pen_ink", "out_of_focus")
     ]
     if "unlike_training" in summary:

@@ -373,3 +373,28 @@ def test_infer_default_flags_on_an_inked_slide_predicts_the_tissue(tmp_path: Pat
     predicted = np.isfinite(np.asarray(zarr.open_group(str(out), mode="r")["uncertainty"][:]))
     assert report["spots"] > 90  # the clean crop gives 154; about a third of it lies under the strokes
     assert ((flags & qc.QC_PEN) > 0)[predicted].mean() < 0.2  # before: 74% of the cells kept were ink
+
+
+def test_focus_not_judged_is_said_not_counted_as_zero(tmp_path: Path) -> None:
+    """A slide read coarser than 1 µm/px is not checked for focus: the report says so instead of "0 out of
+    focus" (a new user's fully blurred slide at --mpp 1.5 read as in focus)."""
+    import json
+    import subprocess
+    import sys
+
+    from wsi_histosge.infer import report_path
+
+    out = tmp_path / "coarse.zarr"
+    sample = ROOT / "wsi_histosge" / "samples" / "cmu1-skin-crop.tif"
+    cmd = [sys.executable, "-m", "wsi_histosge.cli.app", "infer", str(sample), "--out", str(out), "--mpp", "1.5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    trust = json.loads(Path(report_path(out)).read_text())["trust"]
+    assert trust["out_of_focus"] is None and "focus not judged" in trust["out_of_focus_note"]
+    assert "focus not judged" in " ".join((proc.stdout + proc.stderr).split())
+    assert isinstance(trust["pen_ink"], int)
+    # read at its own 0.5 µm/px, the same slide is judged (and is in focus)
+    out2 = tmp_path / "fine.zarr"
+    cmd2 = [sys.executable, "-m", "wsi_histosge.cli.app", "infer", str(sample), "--out", str(out2)]
+    assert subprocess.run(cmd2, capture_output=True, text=True).returncode == 0
+    assert json.loads(Path(report_path(out2)).read_text())["trust"]["out_of_focus"] == 0

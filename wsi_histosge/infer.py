@@ -24,7 +24,7 @@ from .loader import BlockDataset, block_loader, cells_clear_of, encode_tile
 from .lock import OutputLock
 from .model import Model, default_model_path, load_model
 from .owned import GENERATOR, require_replaceable
-from .qc import QC_BLUR, QC_PEN, cell_flags
+from .qc import BLUR_MAX_TILE_MPP, QC_BLUR, QC_PEN, cell_flags
 from .slide import Slide, open_slide
 from .store import ATTR_KEY, CubeStore, is_url, run_fingerprint, sidecar, write_text_atomic
 from .tissue import TissueMask, detect_tissue, load_tissue_mask, mask_to_geojson, require_tissue
@@ -440,12 +440,20 @@ def _infer_slide(
     device = resolve_device(options.device)
     dtype = resolve_precision(device, options.precision)
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    fingerprint = run_fingerprint(_fingerprint_parts(slide, model, encoder, grid, tissue, options, precision))
+    parts = _fingerprint_parts(slide, model, encoder, grid, tissue, options, precision)
+    fingerprint = run_fingerprint(parts)
     attrs = _cube_attributes(slide, model, encoder, grid, tissue, fingerprint, precision)
+    attrs[ATTR_KEY]["run_parameters"] = json.loads(json.dumps(parts, default=str))  # named when a rerun differs
     threshold = None
     if model.trust is not None:
         threshold = model.trust.threshold(_novelty_percentile(options))
-    attrs["trust"] = trust_attributes(model, _novelty_percentile(options), threshold)
+    elif options.novelty_threshold is not None:
+        say(
+            f"warning: --novelty-threshold {options.novelty_threshold:g} has no effect: the model {model.meta.name} "
+            "has no trust part (trained on one section), so no cell is scored or flagged as unlike training"
+        )
+    read_mpp = max(slide.mpp.x, slide.mpp.y) * slide.level_downsamples[slide.best_level_for_mpp(encoder.cfg.mpp)]
+    attrs["trust"] = trust_attributes(model, _novelty_percentile(options), threshold, read_mpp=read_mpp)
     lock = None if is_url(out) else OutputLock(sidecar(out, ".lock"))
     if lock is not None:
         lock.acquire_or_raise(str(out))
@@ -475,6 +483,10 @@ def trust_summary(group: Any) -> dict[str, Any]:
         "pen_ink": int(((flags & QC_PEN) > 0).sum()),
         "out_of_focus": int(((flags & QC_BLUR) > 0).sum()),
     }
+    qc_attrs = group.attrs.get("trust", {}).get("qc", {})
+    if isinstance(qc_attrs, dict) and qc_attrs.get("focus_judged") is False:
+        out["out_of_focus"] = None  # not checked: never "0 out of focus"
+        out["out_of_focus_note"] = str(qc_attrs.get("focus_note", "focus not judged"))
     if "novelty" in group:
         unc = np.asarray(group["uncertainty"][:])[tissue]
         novelty = group.attrs.get("trust", {}).get("novelty", {})
@@ -491,8 +503,11 @@ def _novelty_percentile(options: InferOptions) -> float:
     return DEFAULT_NOVELTY_PERCENTILE if p is None else float(p)
 
 
-def trust_attributes(model: Model, percentile: float, threshold: float | None) -> dict[str, Any]:
-    """What the cube's per-cell arrays mean, stored with it."""
+def trust_attributes(
+    model: Model, percentile: float, threshold: float | None, *, read_mpp: float | None = None
+) -> dict[str, Any]:
+    """What the cube's per-cell arrays mean, stored with it (``read_mpp``: µm/px of the level the encoder
+    reads; focus is judged only at 1 µm/px or finer)."""
     attrs: dict[str, Any] = {
         "qc": {
             "bits": {str(QC_PEN): "pen ink", str(QC_BLUR): "out of focus", str(QC_NOVEL): "unlike the training tissue"},
@@ -500,6 +515,12 @@ def trust_attributes(model: Model, percentile: float, threshold: float | None) -
             "note": "flagged cells are predicted and kept; a cell's flags are the sum of its bits",
         }
     }
+    if read_mpp is not None and read_mpp > BLUR_MAX_TILE_MPP * 1.01:
+        attrs["qc"]["focus_judged"] = False
+        attrs["qc"]["focus_note"] = (
+            f"focus not judged: the slide is read at {read_mpp:.2f} µm/px, coarser than the "
+            f"{BLUR_MAX_TILE_MPP:g} µm/px the out-of-focus check needs"
+        )
     if model.trust is not None:
         attrs["novelty"] = {
             "meaning": model.trust.meta()["novelty"]["score"],

@@ -431,6 +431,8 @@ def _trust_cell(row: dict[str, Any]) -> str:
     for key, label in (("pen_ink_cells", "pen ink"), ("out_of_focus_cells", "out of focus")):
         if row.get(key) not in (None, ""):
             lines.append(f"<div>{label} {_cell(row.get(key))}</div>")
+        elif key == "out_of_focus_cells" and lines:
+            lines.append("<div>out of focus: not judged</div>")  # a slide read coarser than 1 µm/px
     if row.get("uncertainty_median") not in (None, ""):
         lines.append(f"<div>error ~{_cell(row.get('uncertainty_median'), '{:.2f}')}</div>")
     return "".join(lines) or "-"

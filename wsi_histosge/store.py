@@ -54,6 +54,46 @@ def run_fingerprint(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+#: How each run parameter (``infer._fingerprint_parts``) is named to a user.
+_PARAMETER_NAMES = {
+    "slide": "another slide (its contents)",
+    "model": "another model (--model)",
+    "encoder": "other encoder weights",
+    "mpp": "another pixel size (--mpp)",
+    "stride_um": "--stride-um",
+    "spot_um": "--spot-um",
+    "context_um": "--context-um",
+    "origin_um": "--origin-um",
+    "min_tissue_fraction": "--min-tissue-fraction",
+    "tissue_mask": "another tissue mask (--tissue-mask or detection)",
+    "precision": "--precision",
+    "genes": "another gene count (model)",
+    "on_bad_tile": "--on-bad-tile",
+    "novelty_threshold": "--novelty-threshold",
+    "qc": "other quality-flag rules (another version of this tool)",
+}
+
+
+def parameter_differences(before: Any, now: Any) -> str:
+    """'other parameters: --stride-um (100 there, 50 now), ...' from two runs' parameters (older cubes lack
+    theirs: then the generic 'other parameters, model or slide')."""
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return "other parameters, model or slide"
+    diffs = []
+    for key in sorted(
+        set(before) | set(now), key=lambda k: list(_PARAMETER_NAMES).index(k) if k in _PARAMETER_NAMES else 99
+    ):
+        a, b = before.get(key), now.get(key)
+        if a == b or (key == "origin_um" and before.get("stride_um") != now.get("stride_um")):
+            continue  # the lattice origin follows the stride unless given
+        name = _PARAMETER_NAMES.get(key, key)
+        if name.startswith("--") and not isinstance(a, (dict, list)) and not isinstance(b, (dict, list)):
+            diffs.append(f"{name} {a} (this run: {b})")
+        else:
+            diffs.append(name)
+    return "other parameters: " + ", ".join(diffs) if diffs else "other parameters, model or slide"
+
+
 @dataclass
 class OpenState:
     status: str  # "new", "resume", "complete"
@@ -170,9 +210,12 @@ class CubeStore:
                     return store, OpenState("complete", store.chunks_done())
                 return store, OpenState("resume", store.chunks_done())
             if previous != fingerprint and not overwrite:
+                before = existing[ATTR_KEY].get("run_parameters")
+                now = attrs.get(ATTR_KEY, {}).get("run_parameters")
                 raise OutputExistsError(
-                    f"{path}: holds a run with other parameters (e.g. --novelty-threshold), model or slide; `infer "
-                    "--overwrite` replaces it; or rerun with the parameters that made it, or choose another --out"
+                    f"{path}: holds a run with {parameter_differences(before, now)}; rerun with the parameters that "
+                    "made it, choose another --out, or replace it (`infer --overwrite`; for `batch`, delete that "
+                    "cube first)"
                 )
             fs, root = filesystem(path)
             fs.rm(root, recursive=True)
