@@ -112,6 +112,10 @@ class TileItem:
     centres_level0: np.ndarray  # (N, 2) of the cells, computed once in the worker
     bad: list[tuple[int, int, int, int]] = field(default_factory=list)  # corrupt-tile rects, tile px
     last_use: np.ndarray | None = None  # per cell: the last block that needs its features
+    #: Bytes the process that made this item fetched from the slide's object for it (URLs; opening the
+    #: slide in a new worker included), and that process: the consumer adds up what other processes read.
+    bytes_read: int = 0
+    pid: int = 0
 
 
 class BlockDataset(Dataset[TileItem]):
@@ -142,6 +146,12 @@ class BlockDataset(Dataset[TileItem]):
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> TileItem:
+        before = self.slide.bytes_read
+        item = self._item(i)
+        item.bytes_read, item.pid = self.slide.bytes_read - before, os.getpid()
+        return item
+
+    def _item(self, i: int) -> TileItem:
         cells = self.plan.cells(i)
         centres = self.grid.centres_level0(cells.iy, cells.ix)
         if len(centres) == 0:
