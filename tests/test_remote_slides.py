@@ -157,6 +157,28 @@ def test_reads_in_dataloader_workers_are_counted(s3: dict[str, str], slide_file:
     assert COALESCE_BLOCK <= sums[1] - sums[0] <= 4 * COALESCE_BLOCK  # the worker opened the slide itself
 
 
+def test_an_object_gone_mid_run_fails_in_one_line_from_a_worker(s3: dict[str, str], slide_file: Path) -> None:
+    """A DataLoader worker opens the slide itself; when the object is gone by then, its error reaches the
+    caller as the worker raised it (one line naming the URL), not wrapped in the worker's traceback."""
+    import boto3
+
+    from wsi_histosge.errors import InputNotFoundError
+    from wsi_histosge.grid import make_grid
+    from wsi_histosge.loader import BlockDataset, block_loader
+    from wsi_histosge.slide import open_slide
+    from wsi_histosge.tissue import TissueMask
+
+    url = _upload(s3, slide_file, "scan-01.tif")
+    slide = open_slide(url)
+    th, tw = slide.thumbnail_shape(8.0)
+    everything = TissueMask(np.ones((th, tw), bool), 8.0, slide.dimensions[0] / tw, "all")
+    grid = make_grid(slide, everything, stride_um=100.0, spot_um=100.0, context_um=64.0).with_halo(0)
+    boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL"]).delete_object(Bucket=BUCKET, Key="scan-01.tif")
+    with pytest.raises(InputNotFoundError) as err:
+        list(block_loader(BlockDataset(slide, grid, list(grid.blocks()), 2), num_workers=1))
+    assert str(err.value).startswith(f"{url}: no such object") and "\n" not in str(err.value)
+
+
 def test_batch_manifest_of_urls_isolates_a_missing_object_and_the_outputs_reopen_the_slide(
     s3: dict[str, str], slide_file: Path, tiny_model: Path, tmp_path: Path
 ) -> None:

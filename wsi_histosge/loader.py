@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .encoders import Encoder
+from .errors import HistoSGEError
 from .grid import Block, Grid
 from .runtime import keep_freed_memory, release_free_memory
 from .slide import Slide
@@ -206,7 +207,25 @@ def block_loader(
         pin_memory=pin_memory,
         **kwargs,
     )  # type: ignore[arg-type]
-    yield from loader
+    try:
+        yield from loader
+    except HistoSGEError as exc:
+        trimmed = _one_line(exc)
+        if trimmed is exc:
+            raise
+        raise trimmed from None
+
+
+def _one_line(exc: HistoSGEError) -> HistoSGEError:
+    """A worker's error as it was raised there: DataLoader re-raises it with the worker's traceback in the
+    message ("Caught X in DataLoader worker process 0. Original Traceback ..."); our messages are one line
+    (e.g. an object store that fails mid-run names the URL and the fix)."""
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(marker)
+    if not text.startswith("Caught ") or at < 0:
+        return exc
+    return type(exc)(text[at + len(marker) :].strip())
 
 
 def _threaded_loader(dataset: BlockDataset, *, pin_memory: bool, prefetch: int) -> Iterator[TileItem]:
