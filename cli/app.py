@@ -246,7 +246,7 @@ def _trust_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 @app.command()
 def info(
-    slide: Annotated[str, typer.Argument(help="Slide file, a folder holding one DICOM WSI series, or an s3:// URL.")],
+    slide: Annotated[str, typer.Argument(help="Slide file, a DICOM series folder, or an s3:// / gs:// URL.")],
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px override.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:

@@ -107,6 +107,8 @@ def test_infer_reads_an_s3_slide_in_place_like_the_local_file_and_resumes(
     again = _cli(["infer", url, "--model", str(tiny_model), "--out", str(out), "--json"], env)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["status"] == "already-complete"
+    # the slide's identity is its content: its local copy finds the same cube complete
+    assert infer_slide(slide_file, out, InferOptions(model=tiny_model)).status == "already-complete"
 
     # as a killed run leaves it: no completion marker, some chunks without their done mark
     group_json = out / "zarr.json"
@@ -203,6 +205,12 @@ def test_batch_manifest_of_urls_isolates_a_missing_object_and_the_outputs_reopen
     assert int(summary["scan-01"]["bytes_read"]) == rows["scan-01"]["bytes_read"]
     html = (run / "report.html").read_text()
     assert html.count("data:image/jpeg;base64,") >= 1  # the good slide's thumbnail, read from the store
+
+    info = _cli(["info", good, "--json"], env)
+    assert info.returncode == 0, info.stderr
+    from wsi_histosge.slide import open_slide
+
+    assert json.loads(info.stdout)["fingerprint"] == open_slide(slide_file).fingerprint
 
     cube = str(run / "scan-01.zarr")
     h5ad = tmp_path / "scan-01.h5ad"

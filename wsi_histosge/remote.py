@@ -203,7 +203,9 @@ class RangeFile:
         self.url = url
         self.name = url.name
         try:
-            fs, path = url_to_fs(url.url)
+            # A filesystem of its own, made from the environment as it is now: fsspec's instance cache would hand
+            # back one made earlier in this process (another endpoint, credentials since rotated or removed).
+            fs, path = url_to_fs(url.url, skip_instance_cache=True)
             try:
                 self._f = fs.open(path, "rb", cache_type="none")  # no read-ahead: a read fetches what it asks
             except TypeError:  # a backend whose open takes no cache_type

@@ -30,7 +30,6 @@ from .errors import (
     CorruptTileError,
     HistoSGEError,
     MPPMissingError,
-    ObjectStoreError,
     SlideFormatError,
     SlideNotFoundError,
     check_range,
@@ -336,9 +335,9 @@ class Slide:
         for x, y, pw, ph in self._probes(level):
             try:
                 patch = self.backend.read_region((int(np.ceil(x * ds)), int(np.ceil(y * ds))), level, (pw, ph))
-            except ObjectStoreError:
-                raise  # the store failed, not the level
             except Exception as exc:
+                if isinstance(exc, HistoSGEError) and not isinstance(exc, SlideFormatError):
+                    raise  # an object store that refused the read or lost the object: not the level's fault
                 msg = str(exc).replace(str(self.path), "").strip(": ")[:160]
                 return False, f"read failed at level px ({x}, {y}): {type(exc).__name__}: {msg}", None
             x0, y0 = round(x * sx), round(y * sy)
