@@ -121,13 +121,15 @@ def _main(
 @app.command()
 def infer(
     slide: Annotated[
-        Path,
+        str,
         typer.Argument(
-            help="Slide file (SVS, TIFF, NDPI, MRXS, DICOM, JPEG/PNG with --mpp) or a folder holding one DICOM series."
+            help="Slide file (SVS, TIFF, NDPI, MRXS, DICOM, JPEG/PNG with --mpp), a folder holding one DICOM series, "
+            "or the s3:// / gs:// URL of a TIFF-based slide (read in place)."
         ),
     ],
     out: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Output Zarr folder (default: <slide>.zarr).")
+        Optional[Path],
+        typer.Option("--out", "-o", help="Output Zarr folder (default: <slide>.zarr; for a URL, in this folder)."),
     ] = None,
     model: Annotated[
         Optional[Path], typer.Option(help="Model folder from `train` (default: the built-in model).")
@@ -162,8 +164,14 @@ def infer(
 ) -> None:
     """Predict a slide's expression cube (Zarr v3). Reruns resume; a complete output is left alone."""
     from wsi_histosge.infer import InferOptions, infer_slide
+    from wsi_histosge.slide import default_output, slide_location
 
-    out = out or slide.with_name(slide.name + ".zarr")
+    try:
+        where = slide_location(slide)  # a local Path, or a checked URL (never echoes credentials)
+    except BaseException as exc:
+        _fail(exc)
+        return
+    out = out or default_output(where)
     opts = InferOptions(
         model=model,
         encoder_weights=encoder_weights,
@@ -200,7 +208,7 @@ def infer(
     def on_progress(event: str, advance: int, total: int) -> None:
         if event == "start":
             progress.start()
-            task["id"] = progress.add_task(slide.name, total=total, rate="-")
+            task["id"] = progress.add_task(where.name, total=total, rate="-")
         else:
             progress.advance(task["id"], advance)
             t = progress.tasks[0]
@@ -209,7 +217,7 @@ def infer(
 
     _terminate_as_interrupt()
     try:
-        result = infer_slide(slide, out, opts, progress=on_progress, log=_log)
+        result = infer_slide(where, out, opts, progress=on_progress, log=_log)
     except BaseException as exc:
         if task:
             progress.stop()
@@ -221,7 +229,7 @@ def infer(
     if as_json:
         out_console.print_json(json.dumps(report))
         return
-    table = Table(title=escape(f"{slide.name} -> {out}"), show_header=False)
+    table = Table(title=escape(f"{where.name} -> {out}"), show_header=False)
     for key in (
         "status",
         "spots",
@@ -242,6 +250,9 @@ def infer(
     ):
         value = report[key]
         table.add_row(key, f"{value:.3f}" if isinstance(value, float) else escape(str(value)))
+    if report.get("file_size"):
+        share = report["bytes_read"] / report["file_size"]
+        table.add_row("bytes read", f"{report['bytes_read']:,} of {report['file_size']:,} ({share:.1%} of the file)")
     for level, why in report.get("skipped_levels", {}).items():
         table.add_row(f"level {level} not used", escape(why))
     if report.get("ink_excluded_mm2"):
@@ -274,7 +285,7 @@ def _trust_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 @app.command()
 def info(
-    slide: Annotated[Path, typer.Argument(help="Slide file, or a folder holding one DICOM WSI series.")],
+    slide: Annotated[str, typer.Argument(help="Slide file, a DICOM series folder, or an s3:// / gs:// URL.")],
     mpp: Annotated[Optional[float], typer.Option(help="Level-0 µm/px override.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -638,7 +649,7 @@ def to_anndata_cmd(
         typer.Option(help="Space Ranger's tissue_positions.csv of a run on this slide: its spots (implies visium)."),
     ] = None,
     library_id: Annotated[Optional[str], typer.Option(help="Key in uns['spatial'] (default: slide name).")] = None,
-    slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
+    slide: Annotated[Optional[str], typer.Option(help="The slide (path or URL), if it moved since `infer`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing .h5ad.")] = False,
     allow_incomplete: Annotated[
         bool, typer.Option(help="Convert what an incomplete cube holds (marked partial in uns) instead of refusing.")
@@ -706,7 +717,7 @@ def to_spatialdata_cmd(
     library_id: Annotated[
         Optional[str], typer.Option(help="Library id recorded in the table (default: slide name).")
     ] = None,
-    slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
+    slide: Annotated[Optional[str], typer.Option(help="The slide (path or URL), if it moved since `infer`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a store written earlier by this command.")] = False,
     allow_incomplete: Annotated[
         bool, typer.Option(help="Convert what an incomplete cube holds (marked partial) instead of refusing.")
@@ -788,7 +799,7 @@ def plot(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for PNGs.")],
     genes: Annotated[Optional[str], typer.Option(help="Comma-separated gene names.")] = None,
     qc: Annotated[bool, typer.Option(help="Also draw the tissue/QC overview.")] = True,
-    slide: Annotated[Optional[Path], typer.Option(help="The slide, if it moved since `infer`.")] = None,
+    slide: Annotated[Optional[str], typer.Option(help="The slide (path or URL), if it moved since `infer`.")] = None,
     max_px: Annotated[int, typer.Option(help="Long side of the thumbnail in px.")] = 1600,
     allow_incomplete: Annotated[
         bool, typer.Option(help="Draw what an incomplete cube holds (marked partial) instead of refusing.")

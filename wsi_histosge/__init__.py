@@ -62,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     "OutputWriteError": "errors",
     "NoSlidesError": "errors",
     "OutputLockedError": "errors",
+    "ObjectStoreError": "errors",
 }
 
 # Literal so that linters and type checkers see it; tests/test_public_api.py keeps it equal to _EXPORTS.
@@ -79,6 +80,7 @@ __all__ = [
     "ModelError",
     "NoSlidesError",
     "NoTissueError",
+    "ObjectStoreError",
     "OutputExistsError",
     "OutputLockedError",
     "OutputWriteError",
@@ -121,6 +123,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ does th
         MPPMissingError,
         NoSlidesError,
         NoTissueError,
+        ObjectStoreError,
         OutputExistsError,
         OutputLockedError,
         OutputWriteError,

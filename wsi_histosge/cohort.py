@@ -160,7 +160,10 @@ def _manifest_job(row: dict[str, Any], n: int, paths: _ManifestPaths) -> SlideJo
     if not slide:
         raise _BadRow(f"row {n}: empty slide")
     slide = paths.place(slide, n, "slide")
-    job_id = _cell(row, "id") or Path(slide.rstrip("/")).stem
+    url_problem = _url_problem(slide)
+    if url_problem:
+        raise _BadRow(f"row {n}: {url_problem}")
+    job_id = _cell(row, "id") or _default_id(slide)
     why = _check_id(job_id)
     if why:
         raise _BadRow(f"row {n}: id {job_id!r} is {why}")
@@ -254,8 +257,24 @@ def _glob_jobs(item: str, slides_under: Iterable[str | Path]) -> list[SlideJob]:
     return jobs
 
 
+def _default_id(slide: str) -> str:
+    """A slide's id when none is given: its file name without the suffix (a URL's object name)."""
+    from .remote import SlideURL, is_url
+
+    return SlideURL(slide).stem if is_url(slide) else Path(slide.rstrip("/")).stem
+
+
 def _input_jobs(item: str, slides_under: Iterable[str | Path]) -> list[SlideJob]:
-    """The slides one input names: a manifest, a folder, a glob, or a slide."""
+    """The slides one input names: a manifest, a folder, a glob, a slide, or a slide's URL (s3://, gs://)."""
+    from .remote import is_url
+
+    if is_url(item):
+        problem = _url_problem(item)  # before any message names it: a URL may hold credentials
+        if problem:
+            raise UsageError(f"bad inputs, nothing was run: {problem}")
+        if "*" in item:
+            raise UsageError(f"{item}: wildcards in URLs are not expanded; list the slides in a CSV manifest")
+        return [SlideJob(item, _default_id(item))]
     p = Path(item)
     if p.suffix.lower() == ".csv" and not _has_glob(item):
         return read_manifest(p, slides_under=slides_under)
@@ -264,6 +283,20 @@ def _input_jobs(item: str, slides_under: Iterable[str | Path]) -> list[SlideJob]
     if _has_glob(item) and not p.exists():
         return _glob_jobs(item, slides_under)
     return [SlideJob(item, p.stem if p.suffix else p.name)]
+
+
+def _url_problem(slide: str) -> str | None:
+    """Why a slide URL cannot be used (credentials in it, unknown protocol, backend not installed), said
+    without the URL's secrets; None for a local path or a usable URL."""
+    from .remote import is_url, parse_slide_url
+
+    if not is_url(slide) or slide.lower().startswith("file://"):
+        return None
+    try:
+        parse_slide_url(slide)
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def _input_problems(jobs: list[SlideJob], slides_under: Iterable[str | Path]) -> list[str]:
@@ -416,6 +449,8 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
             "tissue_area_mm2": result.tissue_area_mm2,
             "spots_per_s": result.spots_per_s,
             **_flag_counts(result.trust),
+            # a slide read in place from an object store: what the run fetched of it
+            **({"bytes_read": result.bytes_read, "file_size": result.file_size} if result.file_size else {}),
             "seconds": time.time() - started,
             "error": "",
         }

@@ -44,11 +44,10 @@ from .errors import (
     HistoSGEError,
     OutputExistsError,
     OutputWriteError,
-    SlideNotFoundError,
     UsageError,
 )
 from .qc import QC_BLUR, QC_PEN
-from .slide import open_slide
+from .slide import SlideURL, open_slide, recorded_slide
 from .store import ATTR_KEY, Cube, read_cells, read_cube
 
 HIRES_MAX_PX = 2000
@@ -131,7 +130,7 @@ def bin_plan(attrs: dict[str, Any], resolution: str | float, layout: str = "grid
 
 
 def _slide_images(
-    slide_path: Path, mpp: float | None, level0_size: tuple[int, int]
+    slide_path: Path | SlideURL, mpp: float | None, level0_size: tuple[int, int]
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     slide = open_slide(slide_path, mpp=mpp)
     w0 = level0_size[0]
@@ -404,9 +403,7 @@ def to_anndata(
     else:
         shaped, candidates = _layout_to_write(c, cube, layout, bin_um, lacking, band_mb, visium_positions)
         n_candidates = len(candidates)
-    slide_path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
-    if not slide_path.exists():  # a file, or a DICOM series folder
-        raise SlideNotFoundError(f"{slide_path}: the cube's slide is not there (moved?); pass --slide PATH")
+    slide_path = recorded_slide(meta["slide"]["path"], slide)  # a URL stays a URL
     images, scales = _slide_images(slide_path, float(meta["mpp"]["x"]), tuple(meta["slide"]["dimensions"]))
 
     out.parent.mkdir(parents=True, exist_ok=True)

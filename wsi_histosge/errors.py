@@ -102,6 +102,13 @@ class OutputLockedError(HistoSGEError, BlockingIOError):
     exit_code = 15
 
 
+class ObjectStoreError(HistoSGEError, OSError):
+    """An object store (s3://, gs://) refused a slide's bytes: no or wrong credentials, no permission, or the
+    endpoint cannot be reached. Not a fault of the slide; fix the access and rerun (runs resume)."""
+
+    exit_code = 16
+
+
 def check_range(flag: str, value: object, lo: float, hi: float, *, integer: bool = False) -> None:
     """UsageError naming ``flag`` unless ``value`` is a finite number (an int when ``integer``) in [lo, hi]."""
     import math
@@ -131,5 +138,6 @@ EXIT_CODES: dict[int, str] = {
     13: "the cube is incomplete or has missing chunks (verify, to-anndata, plot)",
     14: "writing the output failed (disk full, quota, permissions); free space and rerun to resume",
     15: "another running process holds the output's lock (infer; batch: no slide failed but some are locked)",
+    16: "an object store refused or failed a slide read (credentials, permissions, endpoint); fix it and rerun",
     130: "interrupted (Ctrl-C / SIGTERM); rerun to resume",
 }

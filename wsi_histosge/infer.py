@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import threading
 import time
@@ -25,7 +26,8 @@ from .lock import OutputLock
 from .model import Model, default_model_path, load_model
 from .owned import GENERATOR, require_replaceable
 from .qc import BLUR_MAX_TILE_MPP, QC_BLUR, QC_PEN, cell_flags
-from .slide import Slide, open_slide
+from .remote import read_stats
+from .slide import Slide, SlideURL, open_slide, slide_location
 from .store import ATTR_KEY, CubeStore, is_url, run_fingerprint, sidecar, write_text_atomic
 from .tissue import TissueMask, detect_tissue, load_tissue_mask, mask_to_geojson, require_tissue
 from .trust import DEFAULT_NOVELTY_PERCENTILE, QC_NOVEL
@@ -92,6 +94,10 @@ class InferResult:
     #: Marker ink on the slide left out of detected tissue (mm²; 0 with a --tissue-mask): cells under it
     #: are not predicted unless the ink lies inside tissue.
     ink_excluded_mm2: float = 0.0
+    #: A slide read from an object store: bytes this run fetched from it (every process, the fingerprint and
+    #: tissue detection included; counted as range reads return them) and the object's size. None when local.
+    bytes_read: int | None = None
+    file_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -359,14 +365,15 @@ _WRITE_ERRNOS = {28, 122, 27, 13, 30}  # ENOSPC, EDQUOT, EFBIG, EACCES, EROFS
 
 
 def infer_slide(
-    slide_path: str | Path,
+    slide_path: str | Path | SlideURL,
     out: str | Path,
     options: InferOptions | None = None,
     *,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] | None = None,
 ) -> InferResult:
-    """Predict the expression cube of one slide into ``out`` (a Zarr v3 group); resumable.
+    """Predict the expression cube of one slide (a local path, or the s3:// / gs:// URL of a TIFF-based slide,
+    read in place) into ``out`` (a Zarr v3 group); resumable.
 
     Write failures (disk full, quota, read-only) become :class:`OutputWriteError`: the chunks written so
     far keep their done marks, no completion marker is written, and a rerun resumes."""
@@ -382,7 +389,7 @@ def infer_slide(
 
 
 def _infer_slide(
-    slide_path: str | Path,
+    slide_path: str | Path | SlideURL,
     out: str | Path,
     options: InferOptions | None = None,
     *,
@@ -400,7 +407,9 @@ def _infer_slide(
         require_replaceable([report_path(out)], "the run report")
         if options.write_geojson:
             require_replaceable([sidecar(out, ".tissue.geojson")], "the run's tissue outline")
-    slide = open_slide(slide_path, mpp=options.mpp, skip_bad_tiles=options.on_bad_tile == "skip")
+    location = slide_location(slide_path)  # a URL is checked here (credentials, protocol) before any request
+    bytes_before = read_stats(location).bytes if isinstance(location, SlideURL) else 0
+    slide = open_slide(location, mpp=options.mpp, skip_bad_tiles=options.on_bad_tile == "skip")
     model_path = Path(options.model) if options.model is not None else default_model_path()
     model = load_model(model_path)
     if options.model is None:
@@ -459,7 +468,19 @@ def _infer_slide(
         lock.acquire_or_raise(str(out))
     try:
         plan = _Plan(
-            slide, model, encoder, grid, tissue, offsets, fingerprint, attrs, device, dtype, precision, threshold
+            slide,
+            model,
+            encoder,
+            grid,
+            tissue,
+            offsets,
+            fingerprint,
+            attrs,
+            device,
+            dtype,
+            precision,
+            threshold,
+            bytes_before=bytes_before,
         )
         return _run(plan, out, options, progress=progress, say=say, timings=timings, t_start=t_start)
     finally:
@@ -578,6 +599,7 @@ class _Plan:
     dtype: torch.dtype
     precision: str
     novelty_threshold: float | None = None  # the novelty score above which a cell is flagged (QC_NOVEL)
+    bytes_before: int = 0  # what this process had read of the slide's object before this run opened it
 
     @property
     def cell_arrays(self) -> tuple[tuple[str, str], ...]:
@@ -620,6 +642,7 @@ class _Counts:
     t_wait: float = 0.0
     t_enc: float = 0.0
     t_head: float = 0.0
+    worker_bytes: int = 0  # bytes DataLoader worker processes fetched from the slide's object
 
 
 def _run(
@@ -650,7 +673,12 @@ def _run(
     if state.status == "complete":
         say(f"{out}: already complete for this slide, model and parameters; nothing to do")
         return InferResult(
-            status="already-complete", tiles=0, chunks_written=0, trust=trust_summary(store.group), **base
+            status="already-complete",
+            tiles=0,
+            chunks_written=0,
+            trust=trust_summary(store.group),
+            **base,
+            **_slide_io(plan, 0),
         )
     if state.status == "resume":
         say(f"{out}: resuming ({state.chunks_done} chunks already written)")
@@ -692,6 +720,7 @@ def _run(
         encoder_passes=counts.patches * encoder_passes(plan.model.meta.tta),
         trust=trust_summary(store.group),
         **base,
+        **_slide_io(plan, counts.worker_bytes),
     )
     store.mark_complete(
         plan.fingerprint,
@@ -728,6 +757,14 @@ def _report_base(plan: _Plan, out: str | Path) -> dict[str, Any]:
     )
 
 
+def _slide_io(plan: _Plan, worker_bytes: int) -> dict[str, Any]:
+    """``bytes_read`` and ``file_size`` of a slide read from an object store: what this process fetched since
+    the run opened the slide plus what the DataLoader workers fetched; both None for a local slide."""
+    if not isinstance(plan.slide.path, SlideURL):
+        return {"bytes_read": None, "file_size": None}
+    return {"bytes_read": plan.slide.bytes_read - plan.bytes_before + worker_bytes, "file_size": plan.slide.file_size}
+
+
 def _run_blocks(
     plan: _Plan, todo: list[Block], writer: _ChunkWriter, options: InferOptions, progress: ProgressFn | None
 ) -> _Counts:
@@ -753,6 +790,8 @@ def _run_blocks(
         t_last = time.perf_counter()
         for item in block_loader(dataset, num_workers=options.num_workers, pin_memory=device.type == "cuda"):
             counts.t_wait += time.perf_counter() - t_last
+            if item.pid != os.getpid():  # read in a worker process: this process's count does not hold it
+                counts.worker_bytes += item.bytes_read
             block = todo[item.index]
             iy, ix, centres = item.iy, item.ix, item.centres_level0
             last_use = item.last_use if item.last_use is not None else np.full(len(iy), item.index)

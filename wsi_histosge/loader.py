@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .encoders import Encoder
+from .errors import HistoSGEError
 from .grid import Block, Grid
 from .runtime import keep_freed_memory, release_free_memory
 from .slide import Slide
@@ -112,6 +113,10 @@ class TileItem:
     centres_level0: np.ndarray  # (N, 2) of the cells, computed once in the worker
     bad: list[tuple[int, int, int, int]] = field(default_factory=list)  # corrupt-tile rects, tile px
     last_use: np.ndarray | None = None  # per cell: the last block that needs its features
+    #: Bytes the process that made this item fetched from the slide's object for it (URLs; opening the
+    #: slide in a new worker included), and that process: the consumer adds up what other processes read.
+    bytes_read: int = 0
+    pid: int = 0
 
 
 class BlockDataset(Dataset[TileItem]):
@@ -142,6 +147,12 @@ class BlockDataset(Dataset[TileItem]):
         return len(self.blocks)
 
     def __getitem__(self, i: int) -> TileItem:
+        before = self.slide.bytes_read
+        item = self._item(i)
+        item.bytes_read, item.pid = self.slide.bytes_read - before, os.getpid()
+        return item
+
+    def _item(self, i: int) -> TileItem:
         cells = self.plan.cells(i)
         centres = self.grid.centres_level0(cells.iy, cells.ix)
         if len(centres) == 0:
@@ -196,7 +207,25 @@ def block_loader(
         pin_memory=pin_memory,
         **kwargs,
     )  # type: ignore[arg-type]
-    yield from loader
+    try:
+        yield from loader
+    except HistoSGEError as exc:
+        trimmed = _one_line(exc)
+        if trimmed is exc:
+            raise
+        raise trimmed from None
+
+
+def _one_line(exc: HistoSGEError) -> HistoSGEError:
+    """A worker's error as it was raised there: DataLoader re-raises it with the worker's traceback in the
+    message ("Caught X in DataLoader worker process 0. Original Traceback ..."); our messages are one line
+    (e.g. an object store that fails mid-run names the URL and the fix)."""
+    text = str(exc)
+    marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = text.rfind(marker)
+    if not text.startswith("Caught ") or at < 0:
+        return exc
+    return type(exc)(text[at + len(marker) :].strip())
 
 
 def _threaded_loader(dataset: BlockDataset, *, pin_memory: bool, prefetch: int) -> Iterator[TileItem]:

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SlideNotFoundError, UsageError, check_range
+from .errors import UsageError, check_range
 from .owned import PNG_SOFTWARE, require_replaceable
 from .qc import QC_BLUR, QC_PEN
-from .slide import Slide, open_slide
+from .slide import Slide, open_slide, recorded_slide
 from .store import ATTR_KEY, read_cells, read_cube
 from .trust import QC_NOVEL
 
@@ -44,9 +44,7 @@ class _Canvas:
         self.lacking = self.cube.lacking() if not self.cube.completed or self.cube.missing else []
         self.attrs: dict[str, Any] = self.cube.attrs
         meta: dict[str, Any] = self.attrs[ATTR_KEY]
-        path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
-        if not path.exists():  # a file, or a DICOM series folder
-            raise SlideNotFoundError(f"{path}: the cube's slide is not there (moved?); pass --slide PATH")
+        path = recorded_slide(meta["slide"]["path"], slide)  # a URL stays a URL
         self.slide: Slide = open_slide(path, mpp=float(meta["mpp"]["x"]))
         w0, h0 = self.slide.dimensions
         thumb_mpp = max(self.slide.mpp.x, max(w0, h0) * self.slide.mpp.x / max_px)

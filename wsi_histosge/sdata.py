@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .errors import OutputExistsError, OutputWriteError, UsageError
-from .slide import Slide, open_slide
+from .slide import Slide, open_slide, recorded_slide
 
 THUMB_MAX_PX = 2048
 IMAGE_CHUNK_PX = 1024
@@ -303,7 +303,7 @@ def to_spatialdata(
             allow_incomplete=allow_incomplete,
         )
         meta = read_cube(cube).attrs[ATTR_KEY]
-        slide_path = Path(slide) if slide is not None else Path(meta["slide"]["path"])
+        slide_path = recorded_slide(meta["slide"]["path"], slide)  # a URL stays a URL
         mpp = (float(meta["mpp"]["x"]), float(meta["mpp"]["y"]))
         to_um = Scale([mpp[0], mpp[1]], axes=("x", "y"))
         with h5py.File(h5ad, "r") as h5, open_slide(slide_path, mpp=mpp[0]) as s:

@@ -4,9 +4,11 @@
 OME-TIFF, generic tiled TIFF), OpenSlide (DICOM, MRXS, NDPI, ... via openslide-bin), or a plain RGB
 image (JPEG, PNG, untiled TIFF: e.g. the full-resolution H&E of a Visium or legacy ST run; large PNGs
 are read in row strips). A folder holding the .dcm files of one DICOM WSI series is one slide
-(:func:`dicom_series_folder`). All coordinates are level-0 pixels. A lower pyramid level is compared
-with level 0 before it is used, and skipped when its pixels are wrong (:meth:`Slide.level_check`).
-A ``Slide`` is picklable: it keeps the path and reopens its backend lazily in each DataLoader worker.
+(:func:`dicom_series_folder`). A URL (``s3://bucket/slide.svs``, ``gs://...``) of a TIFF-based slide is read
+in place with byte-range requests (:mod:`wsi_histosge.remote`). All coordinates are level-0 pixels. A lower
+pyramid level is compared with level 0 before it is used, and skipped when its pixels are wrong
+(:meth:`Slide.level_check`). A ``Slide`` is picklable: it keeps the path and reopens its backend lazily in each
+DataLoader worker.
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from . import config
-from .errors import CorruptTileError, MPPMissingError, SlideFormatError, SlideNotFoundError, check_range
+from . import config, remote
+from .errors import (
+    CorruptTileError,
+    HistoSGEError,
+    MPPMissingError,
+    SlideFormatError,
+    SlideNotFoundError,
+    check_range,
+)
 from .readers import (
     Backend,
     DicomBackend,
@@ -40,6 +49,7 @@ from .readers.dicom import _dicom_series_files
 from .readers.plain import PLAIN_DECODE_MAX_PIXELS, PLAIN_SUFFIXES, PNG_STRIPS_ABOVE_PIXELS
 from .readers.plain import _image_size as _image_size
 from .readers.plain import _PngStrips as _PngStrips
+from .remote import SlideURL
 
 # `X as X` above: private helpers that moved to wsi_histosge.readers, still imported from here by other
 # modules and tests.
@@ -54,9 +64,13 @@ __all__ = [
     "OpenSlideBackend",
     "PlainImageBackend",
     "Slide",
+    "SlideURL",
     "TiffSlideBackend",
+    "default_output",
     "dicom_series_folder",
     "open_slide",
+    "recorded_slide",
+    "slide_location",
 ]
 
 #: A pyramid level is compared with level 0 before it is used (see :meth:`Slide.level_check`): probe regions
@@ -102,11 +116,39 @@ def _hash_ends(h: Any, path: Path) -> None:
             h.update(fh.read(1 << 20))
 
 
+def slide_location(value: str | os.PathLike[str] | SlideURL) -> Path | SlideURL:
+    """A local path as a ``Path``; a URL checked (:func:`wsi_histosge.remote.parse_slide_url`: UsageError for
+    credentials in it, an unknown protocol or a missing backend) as a :class:`SlideURL`; ``file://`` is local."""
+    if isinstance(value, SlideURL):
+        return value
+    text = os.fspath(value)
+    if text.lower().startswith("file://"):
+        return Path(text[len("file://") :])
+    return remote.parse_slide_url(text) if remote.is_url(text) else Path(text)
+
+
+def recorded_slide(recorded: str, given: str | os.PathLike[str] | None = None) -> Path | SlideURL:
+    """The slide a cube was made from: ``given`` (``--slide``, when it moved) or the location `infer` recorded.
+    A local one that is not there raises SlideNotFoundError naming ``--slide``; a URL is checked when opened."""
+    where = slide_location(given if given is not None else recorded)
+    if isinstance(where, Path) and not where.exists():  # a file, or a DICOM series folder
+        raise SlideNotFoundError(f"{where}: the cube's slide is not there (moved?); pass --slide PATH")
+    return where
+
+
+def default_output(where: Path | SlideURL) -> Path:
+    """Where `infer` writes without ``--out``: ``<slide>.zarr`` beside a local slide; for a URL, in the current
+    folder (named after the object), never into the slide's bucket."""
+    if isinstance(where, SlideURL):
+        return Path(where.name + ".zarr")
+    return where.with_name(where.name + ".zarr")
+
+
 @dataclass
 class Slide:
-    """A whole-slide image. Open with ``Slide(path, mpp=None)``."""
+    """A whole-slide image. Open with ``Slide(path, mpp=None)``; ``path`` may be an object-store URL."""
 
-    path: Path
+    path: Path | SlideURL
     mpp_override: float | None = None
     skip_bad_tiles: bool = False  # the `--on-bad-tile skip` policy for reads that do not collect bad tiles
     _backend: Backend | None = field(default=None, init=False, repr=False, compare=False)
@@ -117,13 +159,14 @@ class Slide:
     )
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        if not self.path.exists():
-            raise SlideNotFoundError(f"{self.path}: no such file; check the path")
-        if self.path.is_dir():
-            _dicom_series_files(self.path)  # one DICOM WSI series, or an error that says what a folder may hold
-        elif self.path.stat().st_size == 0:
-            raise SlideFormatError(f"{self.path}: file is empty (0 bytes); re-copy the slide")
+        self.path = slide_location(self.path)
+        if isinstance(self.path, Path):  # a URL's object is checked when it is opened, below
+            if not self.path.exists():
+                raise SlideNotFoundError(f"{self.path}: no such file; check the path")
+            if self.path.is_dir():
+                _dicom_series_files(self.path)  # one DICOM WSI series, or an error that says what a folder may hold
+            elif self.path.stat().st_size == 0:
+                raise SlideFormatError(f"{self.path}: file is empty (0 bytes); re-copy the slide")
         if self.mpp_override is not None:
             check_range("--mpp", self.mpp_override, *config.MPP_PLAUSIBLE)
         w, h = self.backend.level_dimensions[0]  # open now so format errors surface at construction
@@ -215,7 +258,9 @@ class Slide:
         """Content fingerprint: size plus the first and last MiB (fast on multi-GB files); for a DICOM folder,
         the same over each of its .dcm files (sorted by name, names included)."""
         h = hashlib.blake2b(digest_size=16)
-        if self.path.is_dir():
+        if isinstance(self.path, SlideURL):
+            remote.hash_ends(h, self.path)  # two range reads: the same fingerprint as a local copy's
+        elif self.path.is_dir():
             files = sorted(f for f in self.path.iterdir() if f.suffix.lower() == ".dcm" and f.is_file())
             h.update(f"dicom-folder:{len(files)}".encode())
             for f in files:
@@ -224,6 +269,17 @@ class Slide:
         else:
             _hash_ends(h, self.path)
         return h.hexdigest()
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this process has fetched from the slide's object so far (every reader and the fingerprint);
+        0 for a local slide."""
+        return remote.read_stats(self.path).bytes if isinstance(self.path, SlideURL) else 0
+
+    @property
+    def file_size(self) -> int | None:
+        """Size of the slide's object in bytes (URLs; None for a local slide)."""
+        return remote.read_stats(self.path).size if isinstance(self.path, SlideURL) else None
 
     def level_mpp(self, level: int) -> float:
         return self.mpp.mean * self.level_downsamples[level]
@@ -280,6 +336,8 @@ class Slide:
             try:
                 patch = self.backend.read_region((int(np.ceil(x * ds)), int(np.ceil(y * ds))), level, (pw, ph))
             except Exception as exc:
+                if isinstance(exc, HistoSGEError) and not isinstance(exc, SlideFormatError):
+                    raise  # an object store that refused the read or lost the object: not the level's fault
                 msg = str(exc).replace(str(self.path), "").strip(": ")[:160]
                 return False, f"read failed at level px ({x}, {y}): {type(exc).__name__}: {msg}", None
             x0, y0 = round(x * sx), round(y * sy)
@@ -345,6 +403,8 @@ class Slide:
             # every read error names the file and the level (a few low-level messages know neither)
             named = msg if str(self.path) in msg else f"{self.path}: {msg}"
             raise type(exc)(f"{named} (reading level {level})") from exc
+        except HistoSGEError:
+            raise  # an object store that refused or failed the read: not a corrupt tile
         except Exception as exc:
             raise CorruptTileError(
                 f"{self.path}: failed to decode the region at level-0 {location}, level {level}, size {size} "
@@ -425,9 +485,12 @@ class Slide:
         self.close()
 
 
-def open_slide(path: str | os.PathLike[str], mpp: float | None = None, *, skip_bad_tiles: bool = False) -> Slide:
-    """Open ``path`` as a :class:`Slide` (see the module docstring for supported formats)."""
-    return Slide(Path(path), mpp_override=mpp, skip_bad_tiles=skip_bad_tiles)
+def open_slide(
+    path: str | os.PathLike[str] | SlideURL, mpp: float | None = None, *, skip_bad_tiles: bool = False
+) -> Slide:
+    """Open ``path`` (a local path, or an s3:// / gs:// URL) as a :class:`Slide` (see the module docstring for
+    supported formats)."""
+    return Slide(slide_location(path), mpp_override=mpp, skip_bad_tiles=skip_bad_tiles)
 
 
 class _SlideModule(types.ModuleType):

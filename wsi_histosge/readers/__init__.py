@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import SlideFormatError
+from ..errors import HistoSGEError, SlideFormatError
+from ..remote import SlideURL, not_readable_in_place, require_in_place_format
 from .base import Backend
 from .dicom import DicomBackend, _has_dicom_preamble, _open_dicom_folder, dicom_series_folder
 from .openslide import OpenSlideBackend
@@ -47,9 +48,12 @@ def _plugin_backends() -> list[Any]:
     return openers
 
 
-def open_backend(path: Path) -> Backend:
+def open_backend(path: Path | SlideURL) -> Backend:
     """The first reader that opens ``path``: site plugins, a DICOM series folder, a plain image by suffix,
-    then tiffslide, OpenSlide, and pydicom for DICOM files."""
+    then tiffslide, OpenSlide, and pydicom for DICOM files. A URL is read in place by tiffslide (TIFF-based
+    formats) or refused with the fix; site plugins are given local paths only."""
+    if isinstance(path, SlideURL):
+        return _open_url(path)
     for opener in _plugin_backends():
         backend = opener(path)
         if backend is not None:
@@ -79,3 +83,14 @@ def open_backend(path: Path) -> Backend:
         "Check that the file is complete and is a supported format (SVS, TIFF/OME-TIFF, NDPI, MRXS, "
         "DICOM WSI, JPEG/PNG)."
     )
+
+
+def _open_url(url: SlideURL) -> Backend:
+    """tiffslide over range reads; formats whose readers need a local file are refused before any request."""
+    require_in_place_format(url)
+    try:
+        return TiffSlideBackend(url)
+    except HistoSGEError:
+        raise  # a missing object, refused access, a TIFF refused on purpose
+    except Exception as exc:
+        raise not_readable_in_place(url, exc) from None

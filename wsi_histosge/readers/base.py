@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import SlideFormatError
+from ..remote import SlideURL
 
 #: A rectangle (x0, y0, x1, y1) in level px, relative to a requested region: where a corrupt tile was left white.
 BadRect = tuple[int, int, int, int]
@@ -85,7 +86,7 @@ def _check_segment(data: bytes | None, expected: int, compression: int) -> None:
         raise ValueError("JPEG stream has no end marker (truncated or overwritten)")
 
 
-def _reopen(cls: type[Any], path: Path, options: dict[str, Any]) -> Any:
+def _reopen(cls: type[Any], path: Path | SlideURL, options: dict[str, Any]) -> Any:
     return cls(path, **options)
 
 
@@ -93,10 +94,10 @@ class ReopensWhenUnpickled:
     """Pickles as its class, path and open options, and opens the file again when unpickled: a backend sent
     to another process never shares the parent's file handles (or their offsets)."""
 
-    path: Path
+    path: Path | SlideURL
 
     def _open_options(self) -> dict[str, Any]:
         return {}
 
-    def __reduce__(self) -> tuple[Any, tuple[type[Any], Path, dict[str, Any]]]:
+    def __reduce__(self) -> tuple[Any, tuple[type[Any], Path | SlideURL, dict[str, Any]]]:
         return _reopen, (type(self), self.path, self._open_options())

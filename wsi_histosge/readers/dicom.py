@@ -23,6 +23,7 @@ class DicomBackend(ReopensWhenUnpickled):
     refuses (e.g. minimal metadata). One level; frames decoded on demand and cached."""
 
     name = "pydicom"
+    path: Path  # local files only
     WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
     def __init__(self, path: Path) -> None:

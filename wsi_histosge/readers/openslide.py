@@ -12,6 +12,7 @@ from .base import BadRect, ReopensWhenUnpickled, _rgb
 
 class OpenSlideBackend(ReopensWhenUnpickled):
     name = "openslide"
+    path: Path  # local files only
 
     def __init__(self, path: Path) -> None:
         import openslide

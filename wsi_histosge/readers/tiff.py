@@ -1,16 +1,22 @@
 """SVS, pyramidal and OME-TIFF, generic tiled TIFF: tiffslide for the structure and metadata, and a direct
-reader of tiled 8-bit pages that fetches and decodes only the tiles a region touches."""
+reader of tiled 8-bit pages that fetches and decodes only the tiles a region touches.
+
+A slide in an object store (:class:`~wsi_histosge.remote.SlideURL`) is read in place through a
+:class:`~wsi_histosge.remote.RangeFile`: its structure is parsed from a few coalesced range requests, and a
+region's tiles are fetched one run of neighbouring tiles per request (:func:`_read_runs`)."""
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import config
-from ..errors import CorruptTileError, SlideFormatError
+from ..errors import CorruptTileError, HistoSGEError, SlideFormatError
+from ..remote import RangeFile, SlideURL
 from .base import BadRect, ReopensWhenUnpickled, _blank, _check_segment, _paste, _rgb
 from .cache import _decode_pool, _TileCache
 
@@ -18,15 +24,48 @@ from .cache import _decode_pool, _TileCache
 #: (> halo + context at usual settings) are cached, so the cache is not flushed by interior tiles.
 CACHED_RING_TILES = 2
 
+#: Remote reads: tiles whose data lie at most this many bytes apart in the file are fetched in one range
+#: request (a row of tiles is usually contiguous), up to ``MAX_RUN_BYTES`` per request.
+RUN_GAP_BYTES = 4 << 10
+MAX_RUN_BYTES = 32 << 20
+
+
+def _read_runs(fh: Any, offsets: list[int], counts: list[int], indices: list[int]) -> list[tuple[bytes | None, int]]:
+    """(data, index) of each segment, read as runs of segments that lie next to each other in the file: one
+    seek + read per run (one range request on an object store) instead of one per tile. A short read leaves
+    the segments past the end short, which the decoder's checks report as truncated."""
+    order = sorted(range(len(offsets)), key=offsets.__getitem__)
+    out: list[tuple[bytes | None, int]] = [(None, indices[k]) for k in order if offsets[k] <= 0]
+    order = [k for k in order if offsets[k] > 0]
+    i = 0
+    while i < len(order):
+        start = offsets[order[i]]
+        end = start + counts[order[i]]
+        j = i
+        while j + 1 < len(order):
+            nxt = order[j + 1]
+            if offsets[nxt] - end > RUN_GAP_BYTES or offsets[nxt] + counts[nxt] - start > MAX_RUN_BYTES:
+                break
+            end = max(end, offsets[nxt] + counts[nxt])
+            j += 1
+        fh.seek(start)
+        data = fh.read(end - start)
+        for k in order[i : j + 1]:
+            a = offsets[k] - start
+            out.append((data[a : a + counts[k]], indices[k]))
+        i = j + 1
+    return out
+
 
 class _TiledLevel:
     """Direct reads of one tiled, chunky, 8-bit TIFF page: fetch and decode only the tiles a region
     touches. Skips tiffslide's zarr layer (a ~2x saving on JPEG tiles) and names the tile that fails."""
 
-    def __init__(self, page: Any, level: int, cache: _TileCache) -> None:
+    def __init__(self, page: Any, level: int, cache: _TileCache, *, runs: bool = False) -> None:
         self.page = page
         self.level = level
         self.cache = cache
+        self.runs = runs  # read neighbouring tiles in one request (object stores)
         self.tw, self.th = int(page.tilewidth), int(page.tilelength)
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
         self.ntx = -(-self.width // self.tw)
@@ -55,7 +94,7 @@ class _TiledLevel:
         y: int,
         w: int,
         h: int,
-        path: Path,
+        path: Path | SlideURL,
         downsample: float,
         bad: list[BadRect] | None = None,
     ) -> np.ndarray:
@@ -124,7 +163,12 @@ class _TiledLevel:
 
     # -- fetching and decoding -----------------------------------------------------------------------
     def _drop_missing(
-        self, indices: list[int], origin: tuple[int, int], path: Path, downsample: float, bad: list[BadRect] | None
+        self,
+        indices: list[int],
+        origin: tuple[int, int],
+        path: Path | SlideURL,
+        downsample: float,
+        bad: list[BadRect] | None,
     ) -> list[int]:
         """``indices`` without the tiles the file has no data for (zero byte count): those are recorded in
         ``bad`` when it is a list, else the first one raises :class:`CorruptTileError`."""
@@ -151,7 +195,10 @@ class _TiledLevel:
         counts = [int(page.databytecounts[i]) for i in indices]
         expected = dict(zip(indices, counts, strict=True))
         with fh.lock:
-            segments = list(fh.read_segments(offsets, counts, indices, sort=True))
+            if self.runs:
+                segments = _read_runs(fh, offsets, counts, indices)
+            else:
+                segments = list(fh.read_segments(offsets, counts, indices, sort=True))
 
         def decode(item: tuple[bytes | None, int]) -> tuple[int, np.ndarray | Exception]:
             data, index = item
@@ -177,7 +224,7 @@ class _TiledLevel:
         index: int,
         error: Exception,
         origin: tuple[int, int],
-        path: Path,
+        path: Path | SlideURL,
         downsample: float,
         bad: list[BadRect] | None,
     ) -> None:
@@ -192,7 +239,7 @@ class _TiledLevel:
         ) from error
 
 
-def _open_tiffslide(path: Path) -> Any:
+def _open_tiffslide(path: Path | RangeFile) -> Any:
     """A tiffslide handle whose whole IFD chain has been walked; a loop or an invalid offset is refused
     (tifffile only logs those, and would read on from a wrong page)."""
     import tiffslide
@@ -216,7 +263,8 @@ def _open_tiffslide(path: Path) -> Any:
         tlog.removeHandler(handler)
     if problems:
         slide.close()
-        raise SlideFormatError(f"{path}: malformed TIFF structure ({problems[0]}); the file is corrupt")
+        where = path.url if isinstance(path, RangeFile) else path
+        raise SlideFormatError(f"{where}: malformed TIFF structure ({problems[0]}); the file is corrupt")
     return slide
 
 
@@ -226,16 +274,30 @@ class TiffSlideBackend(ReopensWhenUnpickled):
 
     name = "tiffslide"
 
-    def __init__(self, path: Path, *, direct: bool = True) -> None:
-        self._slide = _open_tiffslide(path)
-        self.level_dimensions = tuple((int(d[0]), int(d[1])) for d in self._slide.level_dimensions)
-        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        self.properties = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
-        self.vendor = self.properties.get("tiffslide.vendor") or self._guess_vendor()
-        self.associated_images = {k: (0, 0) for k in self._slide.associated_images}
-        self.path = Path(path)
-        self.direct = direct
-        self._direct: list[_TiledLevel | None] = self._direct_levels() if direct else []
+    def __init__(self, path: Path | SlideURL, *, direct: bool = True) -> None:
+        self.path: Path | SlideURL
+        self._file: RangeFile | None = None
+        source: Path | RangeFile
+        if isinstance(path, SlideURL):
+            self.path = path
+            self._file = source = RangeFile(path)
+        else:
+            self.path = source = Path(path)
+        try:
+            # the structure (header, IFDs, tags) from a few coalesced range requests on an object store
+            with self._file.coalesced() if self._file is not None else nullcontext():
+                self._slide = _open_tiffslide(source)
+                self.level_dimensions = tuple((int(d[0]), int(d[1])) for d in self._slide.level_dimensions)
+                self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+                self.properties = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
+                self.vendor = self.properties.get("tiffslide.vendor") or self._guess_vendor()
+                self.associated_images = {k: (0, 0) for k in self._slide.associated_images}
+                self.direct = direct
+                self._direct: list[_TiledLevel | None] = self._direct_levels() if direct else []
+        except BaseException:
+            if self._file is not None:
+                self._file.close()
+            raise
 
     def _open_options(self) -> dict[str, Any]:
         return {"direct": self.direct}
@@ -256,7 +318,7 @@ class TiffSlideBackend(ReopensWhenUnpickled):
             except SlideFormatError as exc:
                 self._slide.close()
                 raise SlideFormatError(f"{self.path}: {exc}") from None
-            out.append(_TiledLevel(page, i, cache) if usable else None)
+            out.append(_TiledLevel(page, i, cache, runs=self._file is not None) if usable else None)
         return out
 
     def _guess_vendor(self) -> str:
@@ -290,6 +352,8 @@ class TiffSlideBackend(ReopensWhenUnpickled):
             loc = (int(np.ceil(x0 * ds)), int(np.ceil(y0 * ds)))
             try:
                 arr = self._slide.read_region(loc, level, (x1 - x0, y1 - y0), as_array=True, padding=False)
+            except HistoSGEError:
+                raise  # an object store that refused the read: not a corrupt slide
             except Exception as exc:
                 raise CorruptTileError(
                     f"{self.path}: tiffslide failed to read level {level} at level px ({x0}, {y0}), size "
@@ -313,3 +377,5 @@ class TiffSlideBackend(ReopensWhenUnpickled):
 
     def close(self) -> None:
         self._slide.close()
+        if self._file is not None:
+            self._file.close()
