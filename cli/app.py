@@ -1006,7 +1006,8 @@ def verify(
     cube: Annotated[str, typer.Argument(help="Cube written by `infer` (path or URL).")],
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Check a cube: completion marker, done marks, and that no expression chunk is missing (exit 13 if not)."""
+    """Check a cube: completion marker, done marks, and that no chunk of the expression or of a trust array
+    (novelty, uncertainty, qc) is missing (exit 13 if not)."""
     from wsi_histosge.store import verify_cube
 
     try:

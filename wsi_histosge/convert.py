@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .cube_checks import declared_trust
 from .errors import (
     CubeIncompleteError,
     DataFormatError,
@@ -480,7 +481,7 @@ def _bins_to_write(
 
 
 def _bin_mean(values: np.ndarray, f: int, by: np.ndarray, bx: np.ndarray) -> np.ndarray:
-    """Mean over the finite cells of each ``f`` x ``f`` bin (by, bx); NaN where a bin has none."""
+    """float64 mean over the finite cells of each ``f`` x ``f`` bin (by, bx); NaN where a bin has none."""
     ny, nx = values.shape
     pad = np.full((-(-ny // f) * f, -(-nx // f) * f), np.nan, dtype=np.float64)
     pad[:ny, :nx] = values
@@ -489,7 +490,7 @@ def _bin_mean(values: np.ndarray, f: int, by: np.ndarray, bx: np.ndarray) -> np.
     total = np.where(finite, blocks, 0.0).sum(axis=(1, 3))
     count = finite.sum(axis=(1, 3))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (total / count)[by, bx].astype(np.float32)
+        return (total / count)[by, bx]
 
 
 def _is_calibration(values: Any) -> bool:
@@ -507,14 +508,15 @@ def _cell_columns(c: Cube, mean: Callable[[np.ndarray], np.ndarray]) -> dict[str
     """obs columns from the cube's per-cell arrays: mean novelty and its training percentile, uncertainty (root
     of the mean squared cell RMSE), and the fraction of each bin's cells carrying each quality flag.
 
-    ``mean``: a per-cell array (y, x; NaN where a cell has no value) -> its mean over each bin."""
+    ``mean``: a per-cell array (y, x; NaN where a cell has no value) -> its float64 mean over each bin; the
+    columns are float32, rounded only once the means (and the root of the squared errors) are taken."""
     from .trust import CALIBRATION_PERCENTILES, QC_NOVEL, percentile_of
 
     out: dict[str, np.ndarray] = {}
     novelty = read_cells(c, "novelty")
     if novelty is not None:
-        out["novelty"] = mean(novelty)
-        calibration = c.attrs.get("trust", {}).get("novelty", {}).get("calibration")
+        out["novelty"] = mean(novelty).astype(np.float32)
+        calibration = declared_trust(c.attrs).get("novelty", {}).get("calibration")
         if not _is_calibration(calibration):
             raise DataFormatError(
                 f"{c.path}: attribute trust.novelty.calibration is not the {len(CALIBRATION_PERCENTILES)} "
@@ -524,7 +526,7 @@ def _cell_columns(c: Cube, mean: Callable[[np.ndarray], np.ndarray]) -> dict[str
         out["novelty_percentile"] = percentile_of(out["novelty"], np.asarray(calibration, dtype=np.float64))
     uncertainty = read_cells(c, "uncertainty")
     if uncertainty is not None:
-        out["uncertainty"] = np.sqrt(mean(uncertainty.astype(np.float64) ** 2))
+        out["uncertainty"] = np.sqrt(mean(uncertainty.astype(np.float64) ** 2)).astype(np.float32)
     qc = read_cells(c, "qc")
     if qc is not None:
         usable = c.usable_cells()
@@ -532,7 +534,7 @@ def _cell_columns(c: Cube, mean: Callable[[np.ndarray], np.ndarray]) -> dict[str
             if bit == QC_NOVEL and novelty is None:
                 continue
             flagged = np.where(usable, ((qc & bit) > 0).astype(np.float32), np.nan)
-            out[f"{name}_fraction"] = mean(flagged)
+            out[f"{name}_fraction"] = mean(flagged).astype(np.float32)
     return out
 
 
@@ -780,9 +782,7 @@ def _weighted_bins(
         n_cells=n_cells,
         tissue_fraction=area / shaped.area,
         in_tissue=None if shaped.in_tissue is None else shaped.in_tissue[kept],
-        cell_columns=_cell_columns(
-            c, lambda values: weighted_mean(shaped, values, kept, band_mb * 2**20 / 4).astype(np.float32)
-        ),
+        cell_columns=_cell_columns(c, lambda values: weighted_mean(shaped, values, kept, band_mb * 2**20 / 4)),
         scalefactors=scalefactors,
         uns=uns,
     )

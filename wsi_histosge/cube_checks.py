@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,6 +246,9 @@ _LATER_ATTR_RULES: tuple[_Rule, ...] = (
     (f"{ATTR_KEY}.mpp.x", _is_positive, "must be a positive number"),
     (f"{ATTR_KEY}.slide", _is_slide_ref, "must hold the slide's path and [width, height]"),
     ("completed", _is_object_or_absent, "must be an object"),
+    # what the per-cell arrays mean (infer's trust attributes); readers look into these objects
+    ("trust", _is_object_or_absent, "must be an object"),
+    *((f"trust.{k}", _is_object_or_absent, "must be an object") for k in ("novelty", "uncertainty", "qc")),
 )
 
 
@@ -255,6 +258,13 @@ def _lookup(attrs: dict[str, Any], path: str) -> Any:
     for step in path.split("."):
         value = value.get(step) if isinstance(value, dict) else None
     return value
+
+
+def declared_trust(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The cube's ``trust`` attribute ({} for cubes without one): what its per-cell arrays mean. Its shape
+    (an object of objects) is checked with the other attributes (:func:`attr_problem`)."""
+    trust = attrs.get("trust")
+    return trust if isinstance(trust, dict) else {}
 
 
 def attr_problem(attrs: dict[str, Any]) -> str | None:

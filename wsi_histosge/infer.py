@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__, config
+from .cube_checks import declared_trust
 from .encoders import Encoder, create_encoder, encoder_passes
 from .errors import HistoSGEError, ModelError, NoTissueError, OutputWriteError, UsageError, check_range
 from .grid import Block, Grid, block_cells_for, make_grid
@@ -510,7 +511,7 @@ def trust_summary(group: Any) -> dict[str, Any]:
         out["out_of_focus_note"] = str(qc_attrs.get("focus_note", "focus not judged"))
     if "novelty" in group:
         unc = np.asarray(group["uncertainty"][:])[tissue]
-        novelty = group.attrs.get("trust", {}).get("novelty", {})
+        novelty = declared_trust(group.attrs).get("novelty", {})
         out["unlike_training"] = int(((flags & QC_NOVEL) > 0).sum())
         out["unlike_training_share"] = out["unlike_training"] / max(out["cells"], 1)
         out["novelty_threshold_percentile"] = novelty.get("threshold_percentile")

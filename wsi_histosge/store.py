@@ -7,6 +7,9 @@ Layout::
       tissue          (y, x) uint8: 1 where a spot was predicted
       tissue_fraction (y, x) float16
       chunk_done      (cy, cx) uint8, one object per mark: 1 once that expression chunk is written
+      novelty, uncertainty, qc
+                      (y, x) per-cell trust arrays (``CELL_ARRAYS``), chunked like the expression; every
+                      chunk over tissue is stored, also a qc chunk without flags (``CELL_CHUNKS_KEY``)
       zarr.json       attributes: genes, units, geometry, provenance, OME-NGFF metadata, and last of
                       all ``completed`` with the run fingerprint
 
@@ -14,7 +17,8 @@ Order of writes: the group's zarr.json with all our attributes and ``state: crea
 half-created folder is recognisably ours and a rerun may replace it), then the arrays, then the state
 is dropped; then chunk data, each followed by its done mark; the completion marker after every mark.
 A missing chunk reads as NaN (the fill value), never as expression; readers (:func:`read_cube`) refuse
-a cube whose chunks are missing or unwritten unless asked for what is there. What a cube's metadata
+a cube whose chunks (of the expression or of a per-cell array) are missing or unwritten unless asked for
+what is there, and per-cell values infer never writes (:func:`read_cells`). What a cube's metadata
 must hold (safe codecs, our attributes, consistent arrays) is checked by :mod:`.cube_checks` first.
 """
 
@@ -37,8 +41,10 @@ from .cube_checks import (
     ATTR_KEY,
     DAMAGED,
     CubeLayout,
+    array_meta,
     attr_problem,
     cube_layout,
+    declared_trust,
     read_metadata,
     refuse_unsafe_nodes,
 )
@@ -46,6 +52,12 @@ from .errors import CubeIncompleteError, DataFormatError, InputNotFoundError, Ou
 
 #: Value of ``attrs[ATTR_KEY]["state"]`` while the group's arrays are being created.
 STATE_CREATING = "creating"
+
+#: ``attrs[ATTR_KEY][CELL_CHUNKS_KEY] == CELL_CHUNKS_ALWAYS``: every per-cell chunk of a done chunk over tissue
+#: is stored, also one that holds only its fill value (a ``qc`` chunk without flags). Cubes created before
+#: lack it: zarr skipped those chunks, so there an absent ``qc`` chunk may mean "no flags" and is not damage.
+CELL_CHUNKS_KEY = "cell_chunks"
+CELL_CHUNKS_ALWAYS = "always stored"
 
 
 def run_fingerprint(parts: dict[str, Any]) -> str:
@@ -157,6 +169,10 @@ class CubeStore:
         self.group = group
         self.expression: zarr.Array = group["expression"]  # type: ignore[assignment]
         self.done: zarr.Array = group["chunk_done"]  # type: ignore[assignment]
+        # zarr skips a chunk that holds only the fill value (a qc chunk without flags); stored anyway, an
+        # absent chunk of a done chunk is always damage (readers check it: CELL_CHUNKS_KEY)
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            self.cells: dict[str, zarr.Array] = {n: group[n] for n in CELL_ARRAYS if n in group}  # type: ignore[misc]
 
     # -- opening ------------------------------------------------------------------------------
     @staticmethod
@@ -241,6 +257,7 @@ class CubeStore:
             **attrs.get(ATTR_KEY, {}),
             "run_fingerprint": fingerprint,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            CELL_CHUNKS_KEY: CELL_CHUNKS_ALWAYS,
         }
         # The group's zarr.json, with our attributes, is the first thing written (one atomic write): if
         # anything after it fails, the folder is still recognisably ours and a rerun replaces it.
@@ -317,7 +334,7 @@ class CubeStore:
         done mark."""
         c = config.CHUNK_CELLS
         for name, values in (cells or {}).items():
-            self.group[name][cy * c : cy * c + values.shape[0], cx * c : cx * c + values.shape[1]] = values  # type: ignore[index]
+            self.cells[name][cy * c : cy * c + values.shape[0], cx * c : cx * c + values.shape[1]] = values
         if data is not None:
             self.expression[:, cy * c : cy * c + data.shape[1], cx * c : cx * c + data.shape[2]] = data
         self.done[cy, cx] = 1
@@ -375,13 +392,35 @@ def _chunk_key(doc: dict[str, Any], idx: tuple[int, ...]) -> str:
     return "c" + sep + sep.join(map(str, idx))
 
 
+#: Per-cell arrays a cube may hold besides the expression (``infer.cell_arrays_of``) and their data kinds.
+CELL_ARRAYS = {"novelty": "f", "uncertainty": "f", "qc": "u"}
+
+#: Zarr v3 data types of each kind of per-cell array.
+_CELL_DTYPES = {"f": {"float16", "float32", "float64"}, "u": {"uint8", "uint16", "uint32", "uint64"}}
+
+#: What the float per-cell arrays hold on a cell with expression: [lowest, highest] and what that means.
+#: Uncertainty is at most sqrt(exp(30)) ~ 3.3e6 (the model clamps its log MSE to ±30): beyond 1e7 it was not
+#: written by infer (and its square would overflow float32 in a bin's root mean square).
+CELL_RANGES = {
+    "novelty": (0.0, 2.0, "1 - a cosine similarity"),
+    "uncertainty": (0.0, 1e7, "an expected RMSE"),
+}
+
+#: Rounding a novelty may carry past its bounds (float32 cosines of a cell equal to a training spot).
+_NOVELTY_ROUNDING = 0.01
+
+#: The end of every message about a damaged array or chunk: what to do about it.
+_ARRAY_DAMAGED = "the cube is damaged, rerun `wsi-histosge infer` with --overwrite"
+
+
 @dataclass
 class Cube:
     """A cube opened for reading: checked metadata, its arrays, and which chunks hold what they should.
 
-    ``missing``: chunks marked done that should hold expression (tissue) but are absent from the store;
-    ``unwritten``: chunks without a done mark (a run that stopped early). Cells of either never read as
-    data: :meth:`read_expression` leaves them NaN.
+    ``missing``: chunks marked done that should hold data (tissue) but whose expression or per-cell array
+    (``missing_in`` says which) is absent from the store; ``unwritten``: chunks without a done mark (a run
+    that stopped early). Cells of either never read as data: :meth:`read_expression` leaves them NaN and
+    :func:`read_cells` NaN or 0, as if they were not predicted.
     """
 
     path: str
@@ -391,6 +430,10 @@ class Cube:
     marks: np.ndarray
     chunk_cells: tuple[int, int]
     missing: list[tuple[int, int]] = field(default_factory=list)
+    #: array name (expression, novelty, uncertainty, qc) -> its chunks marked done but absent from the store
+    missing_in: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    #: the per-cell arrays (of CELL_ARRAYS) the cube holds, their metadata checked against the tissue
+    cell_arrays: tuple[str, ...] = ()
 
     @property
     def completed(self) -> bool:
@@ -440,78 +483,130 @@ class Cube:
                 f"chunks not written): {fix}"
             )
         if self.missing:
+            what = ", ".join(
+                f"{len(chunks)} of {self.marks.size} {name} chunks" for name, chunks in self.missing_in.items()
+            )
+            # a chunk that lost a per-cell array is treated as one that lost its expression: not predicted
+            also = "" if list(self.missing_in) == ["expression"] else "; their cells count as not predicted"
             raise CubeIncompleteError(
-                f"{self.path}: {len(self.missing)} of {self.marks.size} expression chunks are missing on disk "
-                f"(e.g. {list(self.missing[0])}): {fix.replace('finish it', 'recompute them')}"
+                f"{self.path}: {what} are missing on disk (e.g. {list(self.missing[0])}{also}): "
+                f"{fix.replace('finish it', 'recompute them')}"
             )
 
     def read_expression(self, y0: int, y1: int, x0: int, x1: int, gene: int | None = None) -> np.ndarray:
         """float32 (genes, y, x) or (y, x) for one gene; NaN off tissue and in unreadable chunks.
 
         Chunks that are missing or not marked done are never decoded."""
+        lead = (slice(None),) if gene is None else (gene,)
+        data = self.read_usable("expression", y0, y1, x0, x1, lead=lead, dtype=np.float32)
+        data[..., ~self.tissue[y0:y1, x0:x1]] = np.nan
+        return data
+
+    def read_usable(
+        self, name: str, y0: int, y1: int, x0: int, x1: int, *, lead: tuple[Any, ...] = (), dtype: Any = None
+    ) -> np.ndarray:
+        """Cells y0:y1, x0:x1 of the array ``name`` (``lead`` selects along its leading axes: a gene, or all
+        with ``slice(None)``) as ``dtype`` (default: the array's), its fill value (NaN or 0) in chunks that are
+        not usable, which are never decoded. DataFormatError naming the array when a chunk does not decode."""
+        arr = self.group[name]
+        dtype = np.dtype(arr.dtype if dtype is None else dtype)
         ch, cw = self.chunk_cells
-        expr = self.group["expression"]
-        sel: Any = slice(None) if gene is None else gene
         cy0, cy1, cx0, cx1 = y0 // ch, -(-y1 // ch), x0 // cw, -(-x1 // cw)
         usable = self.usable_chunks()[cy0:cy1, cx0:cx1]
         try:
             if usable.all():
-                data = np.asarray(expr[sel, y0:y1, x0:x1], dtype=np.float32)
-            else:
-                lead = () if gene is not None else (expr.shape[0],)
-                data = np.full((*lead, y1 - y0, x1 - x0), np.nan, dtype=np.float32)
-                for iy, ix in np.argwhere(usable):
-                    ya, yb = max(y0, (cy0 + iy) * ch), min(y1, (cy0 + iy + 1) * ch)
-                    xa, xb = max(x0, (cx0 + ix) * cw), min(x1, (cx0 + ix + 1) * cw)
-                    data[..., ya - y0 : yb - y0, xa - x0 : xb - x0] = expr[sel, ya:yb, xa:xb]
+                return np.asarray(arr[(*lead, slice(y0, y1), slice(x0, x1))], dtype=dtype)
+            shape = [n for n, sel in zip(arr.shape, lead, strict=False) if isinstance(sel, slice)]
+            data = np.full((*shape, y1 - y0, x1 - x0), np.nan if dtype.kind == "f" else 0, dtype=dtype)
+            for iy, ix in np.argwhere(usable):
+                ya, yb = max(y0, (cy0 + iy) * ch), min(y1, (cy0 + iy + 1) * ch)
+                xa, xb = max(x0, (cx0 + ix) * cw), min(x1, (cx0 + ix + 1) * cw)
+                data[..., ya - y0 : yb - y0, xa - x0 : xb - x0] = arr[(*lead, slice(ya, yb), slice(xa, xb))]
         except (ValueError, RuntimeError, TypeError) as exc:  # a chunk that does not decode
+            reason = (str(exc).splitlines() or [""])[0]
             raise DataFormatError(
-                f"{self.path}/expression: cells y {y0}-{y1}, x {x0}-{x1} cannot be decoded ({type(exc).__name__}: "
-                f"{exc}); the cube is damaged, rerun `wsi-histosge infer` with --overwrite"
+                f"{self.path}/{name}: cells y {y0}-{y1}, x {x0}-{x1} cannot be decoded ({type(exc).__name__}: "
+                f"{reason}); {_ARRAY_DAMAGED}"
             ) from exc
-        data[..., ~self.tissue[y0:y1, x0:x1]] = np.nan
         return data
-
-
-#: Per-cell arrays a cube may hold besides the expression (``infer.cell_arrays_of``) and their data kinds.
-CELL_ARRAYS = {"novelty": "f", "uncertainty": "f", "qc": "u"}
 
 
 def read_cells(c: Cube, name: str) -> np.ndarray | None:
     """The cube's per-cell array ``name`` (y, x), or None when the cube has none (older cubes, models without
-    trust). Cells that are not usable (no tissue, chunk unwritten or missing) read NaN (float) or 0."""
-    declared = c.attrs.get("trust", {})
-    if name not in c.group:
-        # a cube whose attributes describe the array but lacks it was damaged: never read as "no flags"
-        if isinstance(declared, dict) and (name in declared or (name == "uncertainty" and "novelty" in declared)):
-            raise DataFormatError(
-                f"{c.path}/{name}: missing, though the cube's attributes describe it; the cube is damaged, rerun "
-                "`wsi-histosge infer` with --overwrite"
-            )
+    trust). Cells that are not usable (no tissue, chunk unwritten or missing) read NaN (float) or 0; their
+    chunks are never decoded.
+
+    DataFormatError naming the array when a chunk does not decode or a usable cell holds what infer never
+    writes: a novelty outside [0, 2], an uncertainty outside [0, 1e7], an infinite value, NaN on a cell that
+    has expression, or ``qc`` bits other than 1, 2 and 4."""
+    if name not in c.cell_arrays:
         return None
-    arr = c.group[name]
-    if tuple(arr.shape) != c.tissue.shape or np.dtype(arr.dtype).kind != CELL_ARRAYS.get(name, "?"):
-        raise DataFormatError(
-            f"{c.path}/{name}: shape {tuple(arr.shape)} / dtype {arr.dtype} do not fit the cube "
-            f"({c.tissue.shape}); the cube is damaged, rerun `wsi-histosge infer` with --overwrite"
-        )
-    values = np.asarray(arr[:])
+    ny, nx = c.tissue.shape
+    values = c.read_usable(name, 0, ny, 0, nx)
     usable = c.usable_cells()
-    if values.dtype.kind == "f" and np.isinf(values[usable]).any():
-        raise DataFormatError(
-            f"{c.path}/{name}: holds infinite values; the cube is damaged, rerun `wsi-histosge infer` with --overwrite"
-        )
+    problem = _cell_problem(c, name, values, usable)
+    if problem:
+        raise DataFormatError(f"{c.path}/{name}: {problem}; {_ARRAY_DAMAGED}")
     if values.dtype.kind == "f":
         return np.where(usable, values, np.nan).astype(np.float32)
     return np.where(usable, values, 0).astype(values.dtype)
+
+
+def _cell_problem(c: Cube, name: str, values: np.ndarray, usable: np.ndarray) -> str | None:
+    """What is wrong with the usable cells of the per-cell array ``name``, or None."""
+    cells = values[usable]
+    if values.dtype.kind != "f":
+        from .qc import QC_BLUR, QC_PEN
+        from .trust import QC_NOVEL
+
+        defined = np.asarray(QC_PEN | QC_BLUR | QC_NOVEL, dtype=values.dtype)
+        undefined = cells[(cells & ~defined) != 0]
+        if undefined.size:
+            return (
+                f"{undefined.size} cell(s) carry undefined quality flag bits (e.g. value {int(undefined[0])}); only "
+                f"{QC_PEN} (pen ink), {QC_BLUR} (out of focus) and {QC_NOVEL} (unlike training) are defined"
+            )
+        return None
+    if np.isinf(cells).any():
+        return "holds infinite values"
+    if name in CELL_RANGES:
+        lo, hi, meaning = CELL_RANGES[name]
+        slack = _NOVELTY_ROUNDING if name == "novelty" else 0.0
+        outside = cells[(cells < lo - slack) | (cells > hi + slack)]  # NaN compares False: checked below
+        if outside.size:
+            return (
+                f"{outside.size} cell(s) hold values outside [{lo:g}, {hi:g}] (e.g. {float(outside[0]):g}), "
+                f"impossible for {meaning}"
+            )
+    nan = usable & np.isnan(values)
+    if nan.any():
+        n = _cells_with_expression(c, nan)
+        if n:
+            return f"NaN on {n} cell(s) that have expression (infer gives every predicted cell one)"
+    return None
+
+
+def _cells_with_expression(c: Cube, cells: np.ndarray) -> int:
+    """How many of ``cells`` (y, x; usable cells) hold expression for some gene. Reads only the chunks that
+    hold one of them: cells never predicted (a corrupt tile skipped) are NaN in every array."""
+    ch, cw = c.chunk_cells
+    ny, nx = cells.shape
+    n = 0
+    ys, xs = np.nonzero(cells)
+    for cy, cx in np.unique(np.stack([ys // ch, xs // cw], axis=1), axis=0):
+        y0, y1, x0, x1 = cy * ch, min(ny, (cy + 1) * ch), cx * cw, min(nx, (cx + 1) * cw)
+        expr = c.read_expression(y0, y1, x0, x1)
+        n += int((np.isfinite(expr).any(axis=0) & cells[y0:y1, x0:x1]).sum())
+    return n
 
 
 def read_cube(path: str | Path) -> Cube:
     """Open a cube for reading, whatever its state; see :class:`Cube`.
 
     Raises InputNotFoundError (nothing at ``path``), DataFormatError (not a cube of this tool, malformed
-    metadata, unsafe codecs) and CubeIncompleteError (creation was interrupted: there are no arrays yet).
-    Reads metadata, the small tissue and done-mark arrays and a listing of the expression chunks."""
+    metadata, unsafe codecs, a per-cell array its attributes describe that is absent or does not fit) and
+    CubeIncompleteError (creation was interrupted: there are no arrays yet). Reads metadata, the small tissue
+    and done-mark arrays and a listing of the chunks of the expression and each per-cell array."""
     attrs = cube_attrs(path)
     if attrs[ATTR_KEY].get("state") == STATE_CREATING:
         raise CubeIncompleteError(
@@ -523,8 +618,20 @@ def read_cube(path: str | Path) -> Cube:
     n_genes = len(attrs["genes"])
     layout = cube_layout(fs, root, n_genes)
     group, tissue, marks = _open_small_arrays(path)
-    missing = _missing_chunks(fs, root, layout, tissue, marks, n_genes)
-    return Cube(str(path), attrs, group, tissue, marks, layout.chunk_cells, missing)
+    cells = _cell_array_metas(path, fs, root, attrs, tissue.shape)
+    missing_in: dict[str, list[tuple[int, int]]] = {}
+    lost = _missing_chunks(fs, root, layout, tissue, marks, n_genes)
+    if lost:
+        missing_in["expression"] = lost
+    every_chunk_stored = attrs[ATTR_KEY].get(CELL_CHUNKS_KEY) == CELL_CHUNKS_ALWAYS
+    for name, doc in cells.items():
+        if name == "qc" and not every_chunk_stored:  # an older cube: a chunk without flags was never stored
+            continue
+        lost = _missing_cell_chunks(fs, root, name, doc, layout.chunk_cells, tissue, marks)
+        if lost:
+            missing_in[name] = lost
+    missing = sorted({chunk for chunks in missing_in.values() for chunk in chunks})
+    return Cube(str(path), attrs, group, tissue, marks, layout.chunk_cells, missing, missing_in, tuple(cells))
 
 
 def _open_small_arrays(path: str | Path) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -538,13 +645,43 @@ def _open_small_arrays(path: str | Path) -> tuple[Any, np.ndarray, np.ndarray]:
     return group, tissue, marks
 
 
+def _cell_array_metas(
+    path: str | Path, fs: Any, root: str, attrs: dict[str, Any], shape: tuple[int, ...]
+) -> dict[str, dict[str, Any]]:
+    """Metadata of the per-cell arrays the cube holds or its ``trust`` attribute describes, checked: present,
+    2-d Zarr v3 of the tissue's shape and their kind's data types."""
+    declared = declared_trust(attrs)
+    out: dict[str, dict[str, Any]] = {}
+    for name, kind in CELL_ARRAYS.items():
+        described = name in declared or (name == "uncertainty" and "novelty" in declared)
+        if not fs.isfile(f"{root}/{name}/zarr.json"):
+            if described:  # a cube whose attributes describe the array but lacks it was damaged: never "no flags"
+                raise DataFormatError(
+                    f"{path}/{name}: missing, though the cube's attributes describe it; {_ARRAY_DAMAGED}"
+                )
+            continue
+        doc = array_meta(fs, root, name, 2, _CELL_DTYPES[kind])
+        if tuple(doc["shape"]) != tuple(shape):
+            raise DataFormatError(
+                f"{path}/{name}: shape {tuple(doc['shape'])} does not fit the cube's {tuple(shape)} cells; "
+                f"{_ARRAY_DAMAGED}"
+            )
+        out[name] = doc
+    return out
+
+
+def _stored_keys(fs: Any, root: str, name: str) -> set[str]:
+    """The chunk keys stored under the array ``name`` (one listing)."""
+    return {p[len(root) + len(name) + 2 :] for p in fs.find(f"{root}/{name}")}
+
+
 def _missing_chunks(
     fs: Any, root: str, layout: CubeLayout, tissue: np.ndarray, marks: np.ndarray, n_genes: int
 ) -> list[tuple[int, int]]:
     """Chunks marked done over tissue whose expression objects are absent (one listing of the store)."""
     ch, cw = layout.chunk_cells
     outer = layout.outer_chunk
-    present = {p[len(root) + len("/expression/") :] for p in fs.find(f"{root}/expression")}
+    present = _stored_keys(fs, root, "expression")
     n_gene_chunks = -(-n_genes // int(outer[0]))
     missing = []
     for cy, cx in np.argwhere(marks):
@@ -556,12 +693,44 @@ def _missing_chunks(
     return missing
 
 
+def _missing_cell_chunks(
+    fs: Any,
+    root: str,
+    name: str,
+    doc: dict[str, Any],
+    chunk_cells: tuple[int, int],
+    tissue: np.ndarray,
+    marks: np.ndarray,
+) -> list[tuple[int, int]]:
+    """Chunks marked done over tissue lacking a stored object of the per-cell array ``name`` over their
+    tissue (one listing of the array; its own chunk grid, which infer makes the expression's)."""
+    ch, cw = chunk_cells
+    ay, ax = (int(n) for n in doc["chunk_grid"]["configuration"]["chunk_shape"])
+    present = _stored_keys(fs, root, name)
+    missing = []
+    for cy, cx in np.argwhere(marks):
+        y0, y1, x0, x1 = cy * ch, (cy + 1) * ch, cx * cw, (cx + 1) * cw
+        objects = [(oy, ox) for oy in range(y0 // ay, -(-y1 // ay)) for ox in range(x0 // ax, -(-x1 // ax))]
+        for oy, ox in objects:
+            over = tissue[max(y0, oy * ay) : min(y1, (oy + 1) * ay), max(x0, ox * ax) : min(x1, (ox + 1) * ax)]
+            if over.any() and _chunk_key(doc, (oy, ox)) not in present:
+                missing.append((int(cy), int(cx)))
+                break
+    return missing
+
+
+#: What a chunk that lost a per-cell array reads as, for verify's message.
+_LOST_READS_AS = {"expression": "NaN", "novelty": "NaN", "uncertainty": "NaN", "qc": "no flags"}
+
+
 def verify_cube(path: str | Path) -> dict[str, Any]:
-    """Check a cube: completion marker, done marks, and that every chunk that should hold expression exists.
+    """Check a cube: completion marker, done marks, and that every chunk that should hold expression and
+    per-cell values (novelty, uncertainty, qc) exists.
 
     Returns a report with ``ok`` and the problems found; reads metadata and directory listings only.
     Raises InputNotFoundError when nothing is at ``path`` and DataFormatError when it is not a cube of
-    this tool (or its metadata is malformed)."""
+    this tool (or its metadata is malformed, or a per-cell array its attributes describe is absent or does
+    not fit)."""
     if cube_attrs(path)[ATTR_KEY].get("state") == STATE_CREATING:
         return {
             "path": str(path),
@@ -573,6 +742,7 @@ def verify_cube(path: str | Path) -> dict[str, Any]:
             "chunks": 0,
             "chunks_done": 0,
             "missing_chunks": [],
+            "missing_in": {},
         }
     cube = read_cube(path)
     problems: list[str] = []
@@ -582,12 +752,11 @@ def verify_cube(path: str | Path) -> dict[str, Any]:
             f"no completion marker: the run stopped early ({len(unwritten)} of {cube.marks.size} chunks not "
             "written); rerun `wsi-histosge infer` with the same options to resume"
         )
-    missing = cube.missing
-    if missing:
+    for name, lost in cube.missing_in.items():
         problems.append(
-            f"{len(missing)} expression chunk(s) marked done but missing on disk: "
-            f"{missing[:10]}{' ...' if len(missing) > 10 else ''} (they read as NaN); rerun `wsi-histosge infer` "
-            "with the same options to recompute them"
+            f"{len(lost)} {name} chunk(s) marked done but missing on disk: "
+            f"{lost[:10]}{' ...' if len(lost) > 10 else ''} (they read as {_LOST_READS_AS.get(name, 'NaN')}); rerun "
+            "`wsi-histosge infer` with the same options to recompute them"
         )
     if unwritten and cube.completed:
         problems.append(f"{len(unwritten)} chunk(s) without a done mark in a cube marked complete")
@@ -597,7 +766,8 @@ def verify_cube(path: str | Path) -> dict[str, Any]:
         "problems": problems,
         "chunks": int(cube.marks.size),
         "chunks_done": int(cube.marks.sum()),
-        "missing_chunks": missing,
+        "missing_chunks": cube.missing,
+        "missing_in": cube.missing_in,
     }
 
 
