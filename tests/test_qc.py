@@ -398,3 +398,18 @@ def test_focus_not_judged_is_said_not_counted_as_zero(tmp_path: Path) -> None:
     cmd2 = [sys.executable, "-m", "wsi_histosge.cli.app", "infer", str(sample), "--out", str(out2)]
     assert subprocess.run(cmd2, capture_output=True, text=True).returncode == 0
     assert json.loads(Path(report_path(out2)).read_text())["trust"]["out_of_focus"] == 0
+
+
+def test_focus_not_judged_reads_nan_in_anndata(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import anndata
+
+    out = tmp_path / "coarse.zarr"
+    sample = ROOT / "wsi_histosge" / "samples" / "cmu1-skin-crop.tif"
+    cli = [sys.executable, "-m", "wsi_histosge.cli.app"]
+    assert subprocess.run([*cli, "infer", str(sample), "--out", str(out), "--mpp", "1.5"]).returncode == 0
+    assert subprocess.run([*cli, "to-anndata", str(out), "--out", str(tmp_path / "a.h5ad")]).returncode == 0
+    obs = anndata.read_h5ad(tmp_path / "a.h5ad").obs
+    assert obs["out_of_focus_fraction"].isna().all() and obs["pen_ink_fraction"].notna().all()

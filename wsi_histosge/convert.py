@@ -533,6 +533,9 @@ def _cell_columns(c: Cube, mean: Callable[[np.ndarray], np.ndarray]) -> dict[str
         for name, bit in (("pen_ink", QC_PEN), ("out_of_focus", QC_BLUR), ("unlike_training", QC_NOVEL)):
             if bit == QC_NOVEL and novelty is None:
                 continue
+            if bit == QC_BLUR and declared_trust(c.attrs).get("qc", {}).get("focus_judged") is False:
+                out[f"{name}_fraction"] = mean(np.full(usable.shape, np.nan, np.float32)).astype(np.float32)
+                continue  # a slide read coarser than 1 µm/px: focus not judged, never "0% out of focus"
             flagged = np.where(usable, ((qc & bit) > 0).astype(np.float32), np.nan)
             out[f"{name}_fraction"] = mean(flagged).astype(np.float32)
     return out
