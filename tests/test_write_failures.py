@@ -190,3 +190,21 @@ def test_batch_replaces_only_its_own_summaries(cube: Path, tmp_path: Path, tiny_
     for _ in range(2):
         res = _cli("batch", slide, "--model", str(tiny_model), "--out", str(out))
         assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("command", ["plot", "to-anndata", "to-spatialdata"])
+def test_slide_option_must_be_the_cubes_slide(cube: Path, tmp_path: Path, command: str) -> None:
+    """--slide (the slide moved) is checked against the fingerprint the cube recorded: another slide is refused
+    instead of being drawn under or packed with the cube's predictions."""
+    import shutil
+
+    other = write_pyramid(tmp_path / "other.tif", synthetic_tissue(1600, 1400, seed=9), levels=2)
+    moved = tmp_path / "moved.tif"
+    shutil.copy(cube.parent / "s.tif", moved)
+    out = {"plot": "maps", "to-anndata": "a.h5ad", "to-spatialdata": "s.zarr"}[command]
+    res = _cli(command, str(cube), "--out", str(tmp_path / out), "--slide", str(other))
+    assert res.returncode == 2, res.stderr
+    assert f"--slide {other}: not the slide this cube was made from" in res.stderr
+    assert not (tmp_path / out).exists()
+    res = _cli(command, str(cube), "--out", str(tmp_path / out), "--slide", str(moved))
+    assert res.returncode == 0, res.stderr

@@ -308,12 +308,25 @@ def _h5_handle_errors() -> Iterator[list[OSError]]:
                 sys.stderr.write(part if i == 0 else marker + part)
 
 
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def _require_space(out: Path, nbytes: int) -> None:
     """OutputWriteError before HDF5 is involved when the disk cannot hold the file uncompressed (plus a
     margin): a full disk met inside HDF5 can leave the library in a state that crashes the process at
     exit, after the error was reported."""
     import shutil
 
+    if not os.access(out.parent, os.W_OK):  # read-only file system or no permission: say that, not "no space"
+        why = "Read-only file system" if _read_only(out.parent) else "Permission denied"
+        raise OutputWriteError(
+            f"{out}: writing failed ({why}); fix permissions or choose another --out, then rerun the command "
+            "(nothing was written)"
+        )
     need = int(nbytes * 1.05) + (1 << 20)
     free = shutil.disk_usage(out.parent).free
     if free < need:
@@ -404,7 +417,7 @@ def to_anndata(
     else:
         shaped, candidates = _layout_to_write(c, cube, layout, bin_um, lacking, band_mb, visium_positions)
         n_candidates = len(candidates)
-    slide_path = recorded_slide(meta["slide"]["path"], slide)  # a URL stays a URL
+    slide_path = recorded_slide(meta["slide"]["path"], slide, meta["slide"].get("fingerprint"))  # a URL stays a URL
     images, scales = _slide_images(slide_path, float(meta["mpp"]["x"]), tuple(meta["slide"]["dimensions"]))
 
     out.parent.mkdir(parents=True, exist_ok=True)

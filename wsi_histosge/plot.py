@@ -44,7 +44,7 @@ class _Canvas:
         self.lacking = self.cube.lacking() if not self.cube.completed or self.cube.missing else []
         self.attrs: dict[str, Any] = self.cube.attrs
         meta: dict[str, Any] = self.attrs[ATTR_KEY]
-        path = recorded_slide(meta["slide"]["path"], slide)  # a URL stays a URL
+        path = recorded_slide(meta["slide"]["path"], slide, meta["slide"].get("fingerprint"))  # a URL stays a URL
         self.slide: Slide = open_slide(path, mpp=float(meta["mpp"]["x"]))
         w0, h0 = self.slide.dimensions
         thumb_mpp = max(self.slide.mpp.x, max(w0, h0) * self.slide.mpp.x / max_px)

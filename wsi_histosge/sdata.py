@@ -303,7 +303,7 @@ def to_spatialdata(
             allow_incomplete=allow_incomplete,
         )
         meta = read_cube(cube).attrs[ATTR_KEY]
-        slide_path = recorded_slide(meta["slide"]["path"], slide)  # a URL stays a URL
+        slide_path = recorded_slide(meta["slide"]["path"], slide, meta["slide"].get("fingerprint"))  # a URL stays a URL
         mpp = (float(meta["mpp"]["x"]), float(meta["mpp"]["y"]))
         to_um = Scale([mpp[0], mpp[1]], axes=("x", "y"))
         with h5py.File(h5ad, "r") as h5, open_slide(slide_path, mpp=mpp[0]) as s:

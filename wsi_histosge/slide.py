@@ -32,6 +32,7 @@ from .errors import (
     MPPMissingError,
     SlideFormatError,
     SlideNotFoundError,
+    UsageError,
     check_range,
 )
 from .readers import (
@@ -127,12 +128,21 @@ def slide_location(value: str | os.PathLike[str] | SlideURL) -> Path | SlideURL:
     return remote.parse_slide_url(text) if remote.is_url(text) else Path(text)
 
 
-def recorded_slide(recorded: str, given: str | os.PathLike[str] | None = None) -> Path | SlideURL:
+def recorded_slide(
+    recorded: str, given: str | os.PathLike[str] | None = None, fingerprint: str | None = None
+) -> Path | SlideURL:
     """The slide a cube was made from: ``given`` (``--slide``, when it moved) or the location `infer` recorded.
-    A local one that is not there raises SlideNotFoundError naming ``--slide``; a URL is checked when opened."""
+    A local one that is not there raises SlideNotFoundError naming ``--slide``; a URL is checked when opened.
+    A ``given`` slide whose contents differ from the recorded ``fingerprint`` is another slide: UsageError."""
     where = slide_location(given if given is not None else recorded)
     if isinstance(where, Path) and not where.exists():  # a file, or a DICOM series folder
-        raise SlideNotFoundError(f"{where}: the cube's slide is not there (moved?); pass --slide PATH")
+        hint = "give the cube's slide" if given is not None else "pass --slide PATH"
+        raise SlideNotFoundError(f"{where}: the cube's slide is not there (moved?); {hint}")
+    if given is not None and isinstance(fingerprint, str) and Slide(where).fingerprint != fingerprint:
+        raise UsageError(
+            f"--slide {given}: not the slide this cube was made from (its contents differ from {recorded}, "
+            "whose size and first and last MiB the cube recorded); give that slide, moved or copied"
+        )
     return where
 
 
