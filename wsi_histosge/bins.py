@@ -255,6 +255,14 @@ def visium_from_positions(path: str | Path, attrs: dict[str, Any], shape: tuple[
             f"{path}: every spot lies outside the slide ({w0} x {h0} px); the positions are of another image; give "
             "those of a run on this slide's full-resolution image"
         )
+    if outside.any():
+        import warnings
+
+        warnings.warn(
+            f"{path}: {int(outside.sum())} of {len(outside)} spots lie outside the slide ({w0} x {h0} px) and get no "
+            "prediction (they are left out of the output)",
+            stacklevel=2,
+        )
     cells = np.linalg.inv(np.asarray(attrs["affine_level0"], dtype=np.float64)) @ np.stack(
         [x_px, y_px, np.ones(len(x_px))]
     )
