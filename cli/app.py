@@ -255,7 +255,7 @@ def infer(
         table.add_row("bytes read", f"{report['bytes_read']:,} of {report['file_size']:,} ({share:.1%} of the file)")
     for level, why in report.get("skipped_levels", {}).items():
         table.add_row(f"level {level} not used", escape(why))
-    if report.get("ink_excluded_mm2"):
+    if (report.get("ink_excluded_mm2") or 0.0) >= 0.0005:  # shown to 3 decimals: no "0.000" row
         table.add_row("pen ink left out of tissue (mm²)", f"{report['ink_excluded_mm2']:.3f}")
     for key, value in _trust_rows(report.get("trust", {})):
         table.add_row(key, value)
