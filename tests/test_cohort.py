@@ -369,3 +369,23 @@ def test_batch_option_values_are_checked_before_anything_is_written(tmp_path: Pa
     assert res.exit_code == 2, res.output
     assert flag in res.output and len(res.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_rerun_keeps_the_row_of_the_run_that_made_the_cube(tmp_path: Path, tiny_model: Path) -> None:
+    """`batch` run twice with its defaults: the second run computes nothing, and summary.csv keeps the first
+    run's time, tiles and speed (a new user saw them replaced by the no-op's 0 tiles and 2.8 s)."""
+    from typer.testing import CliRunner
+
+    from wsi_histosge.cli.app import app
+
+    slide = write_pyramid(tmp_path / "s.tif", synthetic_tissue(1200, 1200, seed=5), levels=2)
+    out = tmp_path / "results"
+    rows = []
+    for _ in range(2):
+        res = CliRunner().invoke(app, ["batch", str(slide), "--model", str(tiny_model), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        rows.append(next(csv.DictReader((out / "summary.csv").open())))
+    first, second = rows
+    assert first["result"] == "complete" and second["result"] == "already-complete"
+    assert int(second["tiles"]) == int(first["tiles"]) > 0
+    assert second["seconds"] == first["seconds"] and second["spots_per_s"] == first["spots_per_s"]

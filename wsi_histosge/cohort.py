@@ -428,6 +428,7 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
     if not lock.acquire():
         return {**base, "status": "locked", "error": f"another run is processing it ({lock.describe_holder()})"}
     started = time.time()
+    previous = read_state(spath)
     _atomic_json(
         spath, {**base, "status": "running", "pid": os.getpid(), "host": socket.gethostname(), "started": started}
     )
@@ -454,6 +455,12 @@ def run_slide(job: SlideJob, cfg: RunConfig) -> dict[str, Any]:
             "seconds": time.time() - started,
             "error": "",
         }
+        if (
+            result.status == "already-complete"
+            and previous.get("status") == "done"
+            and previous.get("options_key") == base["options_key"]
+        ):  # nothing was computed now: the row keeps the run that made the cube (its time, tiles, reads)
+            state.update({k: previous[k] for k in ("tiles", "spots_per_s", "seconds", "bytes_read") if k in previous})
     except OutputLockedError as exc:  # a plain `infer` is writing this output
         state = {**base, "status": "locked", "error": str(exc), "seconds": time.time() - started}
     except HistoSGEError as exc:
