@@ -47,6 +47,7 @@ from .errors import (
     OutputWriteError,
     UsageError,
 )
+from .owned import is_our_h5ad
 from .qc import QC_BLUR, QC_PEN
 from .slide import SlideURL, open_slide, recorded_slide
 from .store import ATTR_KEY, Cube, read_cells, read_cube
@@ -192,17 +193,6 @@ def _create_x(h5: Any, n_rows: int, n_genes: int) -> Any:
     x.attrs["encoding-type"] = "array"
     x.attrs["encoding-version"] = "0.2.0"
     return x
-
-
-def _written_by_us(path: Path) -> bool:
-    """Whether ``path`` is an HDF5 AnnData file carrying this tool's ``uns['wsi_histosge']``."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as h5:
-            return "uns" in h5 and "wsi_histosge" in h5["uns"]
-    except (OSError, ValueError):
-        return False
 
 
 def write_failed(exc: OSError, out: Path) -> BaseException:
@@ -398,7 +388,7 @@ def to_anndata(
         raise UsageError(f"{out}: is a folder; --out takes the path of the .h5ad file to write")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out}: exists; pass --overwrite or choose another --out")
-    if out.exists() and not _written_by_us(out):
+    if out.exists() and not is_our_h5ad(out):
         raise OutputExistsError(
             f"{out}: exists and is not an .h5ad written by `wsi-histosge to-anndata`; --overwrite replaces only "
             "those (nothing else is deleted): move it or choose another --out"

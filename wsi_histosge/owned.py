@@ -2,7 +2,8 @@
 replaced only when this tool wrote them: a user's file of the same name is refused, never lost.
 
 Every such file carries a mark: JSON objects a ``"generator": "wsi-histosge"`` member, PNGs a ``Software``
-text chunk, the cohort report a ``<meta name=generator>``; the CSV summary is recognised by its header.
+text chunk, the cohort report a ``<meta name=generator>``, AnnData files ``uns['wsi_histosge']``; the CSV
+summary is recognised by its header.
 Files written before the mark existed are recognised by their exact structure where that is unambiguous
 (a run report's keys, a tissue outline's single class).
 """
@@ -74,6 +75,17 @@ def _is_our_png(path: Path) -> bool:
         return False
 
 
+def is_our_h5ad(path: Path) -> bool:
+    """An HDF5 AnnData file carrying this tool's ``uns['wsi_histosge']`` (written by `to-anndata`)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return "uns" in h5 and "wsi_histosge" in h5["uns"]
+    except (OSError, ValueError):
+        return False
+
+
 def _head(path: Path, n: int = 4096) -> str:
     with path.open("rb") as fh:
         return fh.read(n).decode("utf-8", errors="replace")
@@ -89,6 +101,8 @@ def written_by_us(path: str | Path) -> bool:
         return _is_our_json(path)
     if suffix == ".png":
         return _is_our_png(path)
+    if suffix == ".h5ad":
+        return is_our_h5ad(path)
     if suffix == ".csv":
         return _head(path).startswith(CSV_HEADER)
     if suffix == ".html":
