@@ -31,7 +31,7 @@ _DEBUG = {"on": False}
 _WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
-def where_under(filename: Any, out: str | os.PathLike[str]) -> bool:
+def _where_under(filename: Any, out: str | os.PathLike[str]) -> bool:
     """Whether ``filename`` lies in the folder that holds ``out`` (the output, its temporaries, its contents)."""
     where = Path(os.path.abspath(os.fspath(filename)))
     return where.is_relative_to(Path(os.path.abspath(os.fspath(out))).parent)
@@ -48,10 +48,10 @@ def _write_failure(exc: BaseException, out: str | os.PathLike[str] | None) -> Hi
     if exc.errno not in _WRITE_ONLY_ERRNOS:
         if exc.errno not in (errno.EACCES, errno.EPERM) or exc.filename is None:
             return None
-        if not where_under(exc.filename, out):
+        if not _where_under(exc.filename, out):
             return None
     name = os.fspath(out)  # the output, not the temporary beside it that the failing write was making
-    if exc.filename is not None and not where_under(exc.filename, out):
+    if exc.filename is not None and not _where_under(exc.filename, out):
         name = os.fspath(exc.filename)
     return OutputWriteError(
         f"{name}: writing failed ({os.strerror(exc.errno)}); free space or fix permissions (or choose another "
