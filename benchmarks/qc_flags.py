@@ -31,7 +31,7 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from wsi_histosge import qc
+from wsi_histosge import config, qc
 from wsi_histosge.slide import Slide, open_slide
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def cost_section(boxes: list[float]) -> None:
     from wsi_histosge.loader import encode_tile, read_tile, tile_for_points
 
     slide = open_slide(CROP)
-    encoder = create_encoder("efficientnet-lite0").eval()
+    encoder = create_encoder(config.DEFAULT_ENCODER).eval()
     context_um = encoder.cfg.context_um
     step_um = 50.0
     c = qc.lattice_centres(slide, step_um)

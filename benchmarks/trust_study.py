@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from wsi_histosge import trust
+from wsi_histosge import config, trust
 from wsi_histosge.dataset import default_cache_dir, feature_scale, make_sets, top_variable
 from wsi_histosge.encoders import create_encoder
 from wsi_histosge.loader import encode_points
@@ -313,7 +313,7 @@ def main() -> None:
     if not (data / "her2st").is_dir():
         sys.exit(f"{data}/her2st not found: give --data the folder holding her2st/ and st-mob-stutility/")
     log(f"cores: {os.cpu_count()}, load: {os.getloadavg()[0]:.1f}")
-    encoder = create_encoder("efficientnet-lite0")
+    encoder = create_encoder(config.DEFAULT_ENCODER)
     sections = [her2st_section(data / "her2st", s) for s in SECTIONS]
     genes = measured_genes(sections, read_gene_list(data / "her2st" / "gene-lists" / "her_hvg_cut_1000.npy"))
     sets = make_sets(sections, genes, encoder, log=lambda m: None)

@@ -686,7 +686,7 @@ def test_shipped_model_still_loads_with_the_same_identity() -> None:
     from wsi_histosge.model import default_model_path, load_model
 
     model = load_model(default_model_path())
-    assert model.n_genes == 795 and model.head.cfg.in_dim == 1280
+    assert model.n_genes == 795 and model.head.cfg.in_dim == 3968
     # the identity as defined before these checks existed: sha256(weights file digest + sorted model.json
     # without its weights digest), recomputed here from the files
     import hashlib
