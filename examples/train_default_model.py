@@ -2,10 +2,10 @@
 
 Trains the HisToSGE head on HER2ST sections C2-C5 with the offline default encoder (``efficientnet-lite0-ms``:
 EfficientNet-Lite0 at two scales) and scores it on the held-out section C6, next to ridge and training-mean
-baselines on the same features, with the library's one training flow (``train.fit_and_score``). The number of epochs is chosen without looking
-at C6 (``train.choose_epochs``). Genes: the 785-gene HER2ST benchmark list plus the common breast-cancer
-markers it lacks that every training section measures (``MARKERS``; the others are named and skipped).
-``--tta`` sets the model's feature augmentation (``none`` or ``rot4``).
+baselines on the same features, with the library's one training flow (``train.fit_and_score``). The number of
+epochs is chosen without looking at C6 (``train.choose_epochs``). Genes: the 785-gene HER2ST benchmark list plus
+the common breast-cancer markers it lacks that every training section measures (``MARKERS``; the others are
+named and skipped). ``--tta`` sets the model's feature augmentation (``none`` or ``rot4``).
 
     python examples/train_default_model.py --data ../shared/data/her2st --out wsi_histosge/models/her2st-effnetlite0
 """
