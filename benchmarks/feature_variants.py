@@ -51,15 +51,14 @@ import torch
 from wsi_histosge import stats
 from wsi_histosge.baselines import ridge_baseline
 from wsi_histosge.dataset import TrainSet, lattice_groups, top_variable
-from wsi_histosge.encoders import Encoder, create_encoder
+from wsi_histosge.encoders import Encoder, create_encoder, stage_pools
 from wsi_histosge.loader import encode_points
 from wsi_histosge.model import HeadConfig
 from wsi_histosge.slide import open_slide
 from wsi_histosge.stdata import STSection, her2st_section
 from wsi_histosge.train import FitConfig, fit_and_score, measured_genes, read_gene_list, score_methods, seed_list
 
-#: Blocks of the EfficientNet-Lite0 trunk whose outputs end a stage (stages 4-7: 80, 112, 192, 320 channels).
-STAGE_ENDS = (7, 10, 14, 15)
+#: Channels of the outputs of the trunk's last four stages (``encoders.STAGE_ENDS``).
 STAGE_CHANNELS = (80, 112, 192, 320)
 FINAL = 1280
 
@@ -82,21 +81,6 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-def _features_and_stage_pools(trunk: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """EfficientNet-Lite0 ``extract_features`` (eval mode), also keeping the spatial mean of each stage's output:
-    (B, 1280 + 80 + 112 + 192 + 320), the final pool first (identical to the project's features)."""
-    net: Any = trunk
-    h = net._swish(net._bn0(net._conv_stem(x)))
-    pools = []
-    for idx, block in enumerate(net._blocks):
-        rate = net._global_params.drop_connect_rate
-        h = block(h, drop_connect_rate=rate * float(idx) / len(net._blocks) if rate else rate)
-        if idx in STAGE_ENDS:
-            pools.append(h.mean(dim=(2, 3)))
-    h = net._swish(net._bn1(net._conv_head(h)))
-    return torch.cat([h.mean(dim=(2, 3)), *pools], dim=1)
-
-
 def pass_encoder(base: Encoder, name: str) -> Encoder:
     """The encoder of one extraction pass: the project's (final pool, 0.5 µm/px) or the same weights with another
     pixel size and/or the stage pools; never registered, never cached in the project's feature cache."""
@@ -104,7 +88,7 @@ def pass_encoder(base: Encoder, name: str) -> Encoder:
     if not stages and mpp == base.cfg.mpp:
         return base
     cfg = replace(base.cfg, name=f"{base.cfg.name}[{name}]", mpp=mpp, embed_dim=sum(MULTI_BLOCKS) if stages else FINAL)
-    fn = _features_and_stage_pools if stages else base._forward_fn
+    fn = stage_pools if stages else base._forward_fn
     return Encoder(cfg, base.trunk, base.weights_hash, fn).eval()
 
 
