@@ -327,6 +327,7 @@ def info(
 @app.command()
 def encoders(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """The encoder registry: input contract, weight source, licence."""
+    from wsi_histosge.config import DEFAULT_ENCODER
     from wsi_histosge.encoders import list_encoders
 
     rows = list_encoders()
@@ -345,6 +346,7 @@ def encoders(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
                         "license": c.license,
                         "gated": c.gated,
                         "description": c.description,
+                        "default": c.name == DEFAULT_ENCODER,
                     }
                     for c in rows
                 ]
@@ -353,10 +355,10 @@ def encoders(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         return
     table = Table(title="encoders (also: timm:<architecture>)")
     for col in ("name", "dim", "input", "µm/px", "weights", "license", "description"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for c in rows:
         table.add_row(
-            c.name,
+            c.name + (" (default)" if c.name == DEFAULT_ENCODER else ""),
             str(c.embed_dim),
             f"{c.input_px}px",
             f"{c.mpp:g}",
@@ -435,7 +437,9 @@ def evaluate(
     protocol: Annotated[
         Optional[str], typer.Option(help="loso or recovery: train heads here instead of MODEL.")
     ] = None,
-    n_genes: Annotated[int, typer.Option(help="Top-N variable genes for a protocol run.")] = 1000,
+    n_genes: Annotated[
+        Optional[int], typer.Option(help="Top-N variable genes for a protocol run (default 1000).")
+    ] = None,
     genes: Annotated[Optional[Path], typer.Option(help="Gene list for a protocol run.")] = None,
     encoder: Annotated[
         Optional[str], typer.Option(help="Encoder for a protocol run (default efficientnet-lite0-ms).")
@@ -467,12 +471,14 @@ def evaluate(
     from wsi_histosge.stdata import read_section
 
     try:
-        if seeds is not None and seeds < 1:
-            raise UsageError(f"--seeds must be at least 1, got {seeds}")
-        if bootstrap is not None and (bootstrap < 0 or 0 < bootstrap < stats.MIN_REPLICATES):
+        if seeds is not None and not 1 <= seeds <= ev.MAX_SEEDS:
+            raise UsageError(f"--seeds must be between 1 and {ev.MAX_SEEDS} head fits per fold, got {seeds}")
+        if bootstrap is not None and (
+            bootstrap < 0 or 0 < bootstrap < stats.MIN_REPLICATES or bootstrap > stats.MAX_REPLICATES
+        ):
             raise UsageError(
-                f"--bootstrap must be 0 (no intervals) or at least {stats.MIN_REPLICATES} replicates (a 95% interval "
-                f"needs that many), got {bootstrap}"
+                f"--bootstrap must be 0 (no intervals) or {stats.MIN_REPLICATES}-{stats.MAX_REPLICATES} replicates "
+                f"(a 95% interval needs at least {stats.MIN_REPLICATES}), got {bootstrap}"
             )
         if not data:
             raise UsageError("give the sections to evaluate with --data")
@@ -482,6 +488,12 @@ def evaluate(
             )
         if seeds is not None and protocol is None:
             raise UsageError("--seeds is for --protocol loso/recovery (a trained MODEL has one set of weights)")
+        for value, flag in ((encoder, "--encoder"), (genes, "--genes"), (n_genes, "--n-genes")):
+            if value is not None and protocol is None:
+                raise UsageError(
+                    f"{flag} is for --protocol loso/recovery (a trained MODEL uses the encoder and genes in its "
+                    "model.json)"
+                )
         if tta is not None and protocol is None:
             raise UsageError(
                 "--tta is for --protocol loso/recovery (a trained MODEL uses the augmentation in its model.json)"
@@ -498,7 +510,7 @@ def evaluate(
                 protocol,
                 secs,
                 genes=genes,
-                n_genes=n_genes,
+                n_genes=ev.N_GENES if n_genes is None else n_genes,
                 encoder=encoder,
                 seeds=ev.SEEDS if seeds is None else seeds,
                 replicates=replicates,
@@ -577,6 +589,8 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
         out["seeds"] = len(result["seeds"])
     if "epoch_rule" in result:
         out["epoch_rule"] = result["epoch_rule"]
+    if "encoder" in result:
+        out["encoder"] = result["encoder"]["name"]
     if result.get("tta", "none") != "none":
         out["tta"] = result["tta"]
     for fold in result.get("folds", []):

@@ -58,7 +58,10 @@ def section_features(
         try:
             group: Any = zarr.open_group(str(cache), mode="r")
             if group.attrs.get("complete") and group.attrs.get("key") == key:
-                return np.asarray(group["features"][:], dtype=np.float32)
+                cached = np.asarray(group["features"][:], dtype=np.float32)
+                # a damaged chunk can decompress to other numbers: only the features as written are used
+                if group.attrs.get("sha256") == _digest(cached):
+                    return cached
         except Exception:
             pass
     feats = encode_points(slide, section.centres_level0, encoder, context_um=context_um, device=device, tta=tta)
@@ -74,10 +77,15 @@ def section_features(
             "context_um": context_um,
             "tta": tta,
             "image": str(section.image),
+            "sha256": _digest(feats),
             "complete": True,
         }
     )
     return feats
+
+
+def _digest(features: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(features, dtype=np.float32).tobytes()).hexdigest()
 
 
 def require_spots_on_image(section: STSection, dimensions: tuple[int, int]) -> None:

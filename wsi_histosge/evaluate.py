@@ -40,6 +40,7 @@ import numpy as np
 from . import stats
 from .baselines import ridge_baseline
 from .dataset import MIN_GENE_VARIANCE, TrainSet, make_sets, top_variable
+from .encoders import Encoder
 from .errors import DataFormatError
 from .metrics import pearson_per_gene, rasterise, score
 from .model import HeadConfig, Model
@@ -64,6 +65,16 @@ MIN_OVERLAP_GENES = 10
 #: took 312 s of CPU with one seed and 1252 s with five (pooled-inner-fold epochs, a shared 2-core machine),
 #: so three seeds, ~13 min of CPU; fewer seeds leave the SD too rough to read.
 SEEDS = 3
+#: Most head fits per fold a protocol run accepts (each is a full training).
+MAX_SEEDS = 100
+#: Genes of a protocol run without --genes: the most variable this many.
+N_GENES = 1000
+
+
+def encoder_record(encoder: Encoder) -> dict[str, Any]:
+    """What the features were made with, for the JSON and the report."""
+    return {"name": encoder.cfg.name, "weights_sha256": encoder.weights_hash, "embed_dim": encoder.cfg.embed_dim}
+
 
 OVERLAP_RULE = (
     f"a section must measure at least {MIN_OVERLAP_FRACTION:.0%} of the model's genes and at least "
@@ -208,6 +219,7 @@ def loso(
     return {
         "protocol": "leave-one-section-out",
         "tta": tta,
+        "encoder": encoder_record(encoder),
         "genes": genes,
         "seeds": seed_list(fit.seed, seeds),
         "epoch_rule": "each fold: "
@@ -288,6 +300,7 @@ def recovery(
     return {
         "protocol": "recovery (random half of the spots of one section)",
         "tta": tta,
+        "encoder": encoder_record(encoder),
         "section": section.name,
         "train_spots": len(tr_idx),
         "test_spots": len(te_idx),
@@ -388,6 +401,7 @@ def evaluate_model(
     return {
         "protocol": f"model {model.meta.name} on held-out sections",
         "tta": tta,
+        "encoder": encoder_record(encoder),
         "genes": genes,
         "model_genes": len(model_genes),
         "gene_overlap": {
@@ -682,7 +696,10 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
         )
         return f"<h3>{esc(title)}</h3><table>{head}{body}{pairs}</table>"
 
-    rows.append(f"{_HTML_MARK}<p>{esc(result['protocol'])}; {len(result['genes'])} genes</p>")
+    enc = result.get("encoder") or {}
+    features = f"; encoder {enc['name']} ({enc['weights_sha256'][:12]}…)" if enc else ""
+    tta = f", features averaged over {result['tta']}" if result.get("tta", "none") != "none" else ""
+    rows.append(f"{_HTML_MARK}<p>{esc(result['protocol'])}; {len(result['genes'])} genes{esc(features)}{esc(tta)}</p>")
     if result.get("folds"):
         rows.append(f"<img src='data:image/png;base64,{_folds_png(result)}'/>")
     rows.append(f"<p>{esc(_noise_note(result))}</p>")

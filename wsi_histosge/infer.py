@@ -87,7 +87,7 @@ class InferResult:
     spots_skipped_bad_tiles: int = 0
     patches_encoded: int = 0  # patches through the encoder: the spots, each once (more with reuse off)
     tta: str = "none"  # the model's test-time augmentation of features
-    encoder_passes: int = 0  # encoder forward passes: patches_encoded x the augmentation's passes per patch
+    encoder_passes: int = 0  # trunk forward passes: patches_encoded x the augmentation's turns x the encoder's views
     #: Cells predicted and how many carry each quality flag (the cube's ``qc`` array), the novelty threshold
     #: (training percentile) and the median uncertainty; empty for an interrupted run.
     trust: dict[str, Any] = field(default_factory=dict)
@@ -718,7 +718,7 @@ def _run(
         bad_tiles=counts.bad_tiles,
         spots_skipped_bad_tiles=counts.skipped_spots,
         patches_encoded=counts.patches,
-        encoder_passes=counts.patches * encoder_passes(plan.model.meta.tta),
+        encoder_passes=counts.patches * encoder_passes(plan.model.meta.tta, plan.encoder.cfg.views),
         trust=trust_summary(store.group),
         **base,
         **_slide_io(plan, counts.worker_bytes),
@@ -898,7 +898,7 @@ def _cube_attributes(
                 "input_px": encoder.cfg.input_px,
                 "mpp": encoder.cfg.mpp,
                 "tta": model.meta.tta,
-                "passes_per_patch": encoder_passes(model.meta.tta),
+                "passes_per_patch": encoder_passes(model.meta.tta, encoder.cfg.views),
             },
             "tissue": {"source": tissue.source, "area_mm2": tissue.area_um2 / 1e6},
             "precision": precision,

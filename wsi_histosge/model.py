@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import TTA_ROTATIONS
+from .encoders import TTA_ROTATIONS, get_encoder_cfg
 from .errors import DataFormatError, InputNotFoundError, ModelError
 from .trust import TENSOR_PREFIX, Trust, trust_from_checkpoint
 
@@ -511,6 +511,7 @@ def load_model(path: str | Path) -> Model:
     trust_tensors = {k: tensors.pop(k) for k in list(tensors) if k.startswith(TENSOR_PREFIX)}
     cfg = HeadConfig(**meta.head)
     head = _build_head(cfg, tensors, weights_path, meta_path)
+    _check_encoder(meta.encoder, cfg, meta_path)
     trust = None
     if meta.trust or trust_tensors:
         trust = trust_from_checkpoint(meta.trust, trust_tensors, cfg.in_dim, str(meta_path))
@@ -518,6 +519,26 @@ def load_model(path: str | Path) -> Model:
     # (genes, neighbour offsets, geometry, encoder): a changed JSON is a different model.
     identity = hashlib.sha256((actual + json.dumps(raw, sort_keys=True)).encode()).hexdigest()
     return Model(meta, head, source=str(path), sha256=identity, trust=trust)
+
+
+def _check_encoder(name: str, head_cfg: HeadConfig, meta_path: Path) -> None:
+    """The encoder model.json names is known and gives the features the head takes (``timm:`` names are checked
+    when the encoder is built, as building one here would be slow)."""
+    if name.lower().startswith("timm:"):
+        return
+    try:
+        enc = get_encoder_cfg(name)
+    except ModelError:
+        raise DataFormatError(
+            f"{meta_path}: 'encoder' {name!r} is not a known encoder (see `wsi-histosge encoders`); restore "
+            "model.json as training wrote it"
+        ) from None
+    if enc.embed_dim != head_cfg.in_dim:
+        raise ModelError(
+            f"{meta_path}: names encoder {name!r} ({enc.embed_dim}-d features) but its head takes "
+            f"{head_cfg.in_dim}-d features: model.json and model.safetensors do not belong together; restore the "
+            "model folder as training wrote it"
+        )
 
 
 def default_model_path() -> Path:

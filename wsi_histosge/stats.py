@@ -31,6 +31,8 @@ import numpy as np
 REPLICATES = 1000
 #: Fewer replicates than this give no usable 95% percentile interval (its tails are 2.5% each).
 MIN_REPLICATES = 100
+#: More than this is refused before any work (a billion replicates asked for 1.4 TiB, after the training).
+MAX_REPLICATES = 100_000
 #: Two-sided coverage of every interval.
 LEVEL = 0.95
 #: Seed of the spot resampling (combined with the fold's index, so sections resample independently).

@@ -237,8 +237,12 @@ def measured_genes(
     for section in sections:
         missing = set(section.missing(keep))
         if missing:
-            example = ", ".join(g for g in keep if g in missing)[:120]
-            say(f"section {section.name} lacks {len(missing)} of the {len(keep)} genes (e.g. {example}): dropped")
+            names = [g for g in keep if g in missing]
+            more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+            say(
+                f"section {section.name} lacks {len(missing)} of the {len(keep)} genes "
+                f"({', '.join(names[:10])}{more}): dropped"
+            )
             keep = [g for g in keep if g not in missing]
     if not keep:
         raise DataFormatError(
