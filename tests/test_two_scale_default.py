@@ -114,6 +114,14 @@ def test_evaluate_records_the_encoder_and_a_damaged_feature_cache_is_not_used(tm
         ["evaluate", str(default_model_path()), "--data", f"her2st:{root}:C6", "--bootstrap", "0", "--json", str(out)],
     )
     assert res.exit_code == 0, res.output
-    record = json.loads(out.read_text())["encoder"]
+    result = json.loads(out.read_text())
+    record = result["encoder"]
     assert record["name"] == "efficientnet-lite0-ms" and record["embed_dim"] == 3968
+    # without --train, the top 50 are still the training genes (model.json's list), so C6 scores as at training
+    assert result["top50_source"] == "the model's training sections (model.json)"
+    (stored,) = load_model(default_model_path()).meta.metrics["folds"]
+    (fold,) = result["folds"]
+    assert fold["scores"]["model"]["top50"]["mean_r"] == pytest.approx(
+        stored["scores"]["head"]["top50"]["mean_r"], abs=0.002
+    )
     assert json.loads(res.output[res.output.index("{") :])["encoder"] == "efficientnet-lite0-ms"
