@@ -233,7 +233,9 @@ def test_the_built_in_model_has_a_trust_part() -> None:
 
     model = load_model(default_model_path())
     assert model.trust is not None
-    assert len(model.trust.reference) == model.meta.training["spots"]
+    # a seeded sample of the training spots (examples/train_default_model.py keeps the file under 5 MiB)
+    assert len(model.trust.reference) == model.meta.trust["novelty"]["reference_spots"] == 640
+    assert model.meta.training["spots"] == 732
     assert model.meta.trust["novelty"]["k"] == trust.NOVELTY_K
 
 
@@ -303,3 +305,17 @@ def test_a_cube_with_damaged_trust_arrays_is_refused_not_read_as_unflagged(
     if damage in ("no-qc", "inf-uncertainty"):  # plot draws the flags from qc; it reads neither novelty nor calibration
         res = CliRunner().invoke(app, ["plot", str(cube), "--out", str(tmp_path / "png"), "--genes", "G0"])
         assert res.exit_code == 9, res.output
+
+
+def test_the_stored_reference_keeps_directions_to_a_thousandth() -> None:
+    """The novelty reference is stored as int8 directions: reloaded to unit rows, cosine scores against it
+    stay within 1e-3 of the float reference's."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(300, 3968, generator=gen).abs() * torch.linspace(0.1, 3.0, 3968)
+    reference = trust.unit_rows(rows)
+    stored = trust.quantised_directions(reference)
+    assert stored.dtype == torch.int8 and int(stored.abs().amax(dim=1).min()) == 127
+    query = torch.randn(200, 3968, generator=gen).abs() * torch.linspace(0.1, 3.0, 3968)
+    exact = trust.knn_cosine_distance(query, reference)
+    again = trust.knn_cosine_distance(query, trust.unit_rows(stored.float()))
+    assert np.abs(exact - again).max() < 1e-3

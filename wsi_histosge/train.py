@@ -764,8 +764,11 @@ def fit_model_trust(
     genes: list[str],
     epochs: int,
     log: Callable[[str], None],
+    *,
+    reference_max: int | None = None,
 ) -> Trust | None:
-    """The model's novelty reference and uncertainty model (``trust.fit_trust``); None with one section."""
+    """The model's novelty reference (at most ``reference_max`` training spots, default
+    ``trust.REFERENCE_MAX``) and uncertainty model (``trust.fit_trust``); None with one section."""
     from . import trust
 
     if len(train_sets) < 2:
@@ -780,7 +783,9 @@ def fit_model_trust(
         return fitted.head_predictions[0][0], top_variable(inner)
 
     libs = [trust.log_library_size(s.counts) for s in sections]
-    fitted = trust.fit_trust(train_sets, libs, head, fold_predict, log=log)
+    fitted = trust.fit_trust(
+        train_sets, libs, head, fold_predict, log=log, reference_max=reference_max or trust.REFERENCE_MAX
+    )
     rho = fitted.info["held_out_spearman_with_error"]
     log(f"trust: uncertainty vs held-out error, Spearman per training section {rho}")
     return fitted

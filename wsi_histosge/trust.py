@@ -148,7 +148,7 @@ class Trust:
     # checkpoint --------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
-            _REFERENCE: self.reference.detach().cpu().half().contiguous(),
+            _REFERENCE: quantised_directions(self.reference),
             _LIB_W: self.library_weight.detach().cpu().float().contiguous(),
             _LIB_B: torch.tensor([self.library_bias], dtype=torch.float32),
         }
@@ -170,6 +170,15 @@ class Trust:
             },
             **self.info,
         }
+
+
+def quantised_directions(rows: torch.Tensor) -> torch.Tensor:
+    """Rows as int8, each scaled so its largest magnitude is 127: only directions matter to the cosine score,
+    and loading scales the rows back to unit length (``unit_rows``). A quarter of float32's bytes, half of
+    float16's; the novelty of a held-out section moves by under 1e-3 (measured on the built-in model)."""
+    r = rows.detach().cpu().float()
+    peak = r.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    return (r / peak * 127.0).round().to(torch.int8).contiguous()
 
 
 def _finite_list(values: Any, n: int | None = None) -> bool:
@@ -258,13 +267,15 @@ def fit_trust(
     fold_predict: Any,
     *,
     log: Any = print,
+    reference_max: int = REFERENCE_MAX,
 ) -> Trust:
     """Fit the trust part of a model from its training sets (``dataset.TrainSet``), each spot's measured log
     library size, and the final ``head`` (whose feature standardisation the library read-out shares).
 
     ``fold_predict(inner_train, held_out) -> (predictions, top_genes)`` fits a head on ``inner_train`` the
     way training does and predicts ``held_out``: the error model is fitted on those held-out errors (leave
-    one training section out), never on training-set errors."""
+    one training section out), never on training-set errors. ``reference_max``: training spots kept as the
+    stored novelty reference (a seeded sample when there are more)."""
     from scipy.stats import spearmanr
     from sklearn.linear_model import LinearRegression
 
@@ -272,7 +283,7 @@ def fit_trust(
         raise ValueError("trust needs at least two training sections")
     feats = [t.centre_features for t in train]
     pooled = np.concatenate(feats)
-    reference = unit_rows(reference_sample(pooled))
+    reference = unit_rows(reference_sample(pooled, reference_max))
     held_out_novelty = loso_novelty(feats)
     calibration = np.percentile(np.concatenate(held_out_novelty), CALIBRATION_PERCENTILES)
     weight, bias = _library_readout(pooled, np.concatenate(log_libs), head)
