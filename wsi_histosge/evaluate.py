@@ -386,10 +386,10 @@ def evaluate_model(
     gene_means = model.meta.training.get("gene_means")
     folds, truth, reps = [], [], []
     preds: dict[str, list[list[np.ndarray]]] = {"model": []}
-    top_genes, top_source = _model_top_genes(model, genes, train_sets, sets)
+    top_genes, top_source = _model_top_genes(model, genes, train_sets)
     for i, (sec, ts) in enumerate(zip(sections, sets, strict=True)):
         p = _model_and_baselines(model, ts, cols, gene_means, train_sets)
-        top = top_genes
+        top = top_genes if top_genes is not None else top_variable([ts])
         scored = score_methods(p, ts, top, replicates=replicates, bootstrap_seed=[stats.SEED, i])
         folds.append({"section": sec.name, "spots": len(ts.targets), **scored.entries})
         if named:
@@ -415,23 +415,21 @@ def evaluate_model(
         "folds": folds,
         "mean_of_sections": mean_of_sections(folds, reps),
         "top50_source": top_source,
-        "pooled": _pooled(folds, preds, truth, top_genes),
+        "pooled": _pooled(folds, preds, truth, top_genes if top_genes is not None else top_variable(sets)),
         "maps": _maps_payload(sections[-1], sets[-1], {k: [v[-1][0]] for k, v in preds.items()}, genes),
         **_bootstrap_note(replicates),
     }
 
 
-def _model_top_genes(
-    model: Model, genes: list[str], train_sets: list[TrainSet], held_out: list[TrainSet]
-) -> tuple[np.ndarray, str]:
+def _model_top_genes(model: Model, genes: list[str], train_sets: list[TrainSet]) -> tuple[np.ndarray | None, str]:
     """The "50 most variable training genes" a MODEL is scored on: of the sections given with --train, else the
-    list its model.json stored at training, else (older models) the held-out sections' own, said so."""
+    list its model.json stored at training, else (older models: None) each held-out section's own, said so."""
     if train_sets:
         return top_variable(train_sets), "training sections given with --train"
     stored = model.meta.metrics.get("top50_genes") if isinstance(model.meta.metrics, dict) else None
     if isinstance(stored, list) and stored and all(isinstance(g, str) and g in genes for g in stored):
         return np.array([genes.index(g) for g in stored]), "the model's training sections (model.json)"
-    return top_variable(held_out), "the held-out sections' own (give --train: model.json lists none)"
+    return None, "the held-out sections' own (give --train: model.json lists none)"
 
 
 def per_gene_scores(
@@ -713,10 +711,12 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
 
     enc = result.get("encoder") or {}
     features = f"; encoder {enc['name']} ({enc['weights_sha256'][:12]}…)" if enc else ""
-    tta = f", features averaged over {result['tta']}" if result.get("tta", "none") != "none" else ""
+    notes = f", features averaged over {result['tta']}" if result.get("tta", "none") != "none" else ""
     if result.get("top50_source"):
-        tta += f"; top-50 genes from {result['top50_source']}"
-    rows.append(f"{_HTML_MARK}<p>{esc(result['protocol'])}; {len(result['genes'])} genes{esc(features)}{esc(tta)}</p>")
+        notes += f"; top-50 genes from {result['top50_source']}"
+    rows.append(
+        f"{_HTML_MARK}<p>{esc(result['protocol'])}; {len(result['genes'])} genes{esc(features)}{esc(notes)}</p>"
+    )
     if result.get("folds"):
         rows.append(f"<img src='data:image/png;base64,{_folds_png(result)}'/>")
     rows.append(f"<p>{esc(_noise_note(result))}</p>")
